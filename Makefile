@@ -1,0 +1,27 @@
+# The two commands of the README: `make run` and `make test`. Each creates .venv only when missing
+# (or when pyproject.toml changed), so a second run starts at once.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# On this project's CPU machines these two wheels come from local disk; on a GPU cluster, set
+# TORCH_SPEC to the build that fits its CUDA (or leave torch already installed in the venv).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CORES ?= 2
+
+.PHONY: run test setup clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+clean:
+	rm -rf results logs .snakemake

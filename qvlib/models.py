@@ -1,0 +1,132 @@
+"""timm ViT factory: architecture from a name plus overrides, backbone weights, freezing, fixed heads."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from .quant import QuantPolicy
+from .vectors import WeightVector
+
+# Keys a user may override on top of a timm architecture name.
+ARCH_OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+HEAD_PREFIX = "head."
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture of the grid: a timm model name, overrides, and where its backbone comes from.
+
+    ``backbone`` is one of ``{"source": "timm", "tag": "orig_in21k", "file": optional local weights}``,
+    ``{"source": "file", "path": "backbone.safetensors"}`` (a file written by ``qv pretrain`` or any
+    state dict with timm names), or ``{"source": "random"}`` (tests).
+    """
+
+    name: str
+    timm_name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    backbone: Mapping[str, Any] = field(default_factory=lambda: {"source": "random"})
+
+    def __post_init__(self) -> None:
+        bad = set(self.overrides) - set(ARCH_OVERRIDES)
+        if bad:
+            raise ValueError(f"arch {self.name!r}: unknown override(s) {sorted(bad)}; allowed: {', '.join(ARCH_OVERRIDES)}")
+        if not timm.is_model(self.timm_name):
+            raise ValueError(f"arch {self.name!r}: {self.timm_name!r} is not a timm model name (see timm.list_models('vit_*'))")
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "ArchSpec":
+        return cls(name=name, timm_name=cfg["timm_name"], overrides=dict(cfg.get("overrides", {})),
+                   backbone=dict(cfg.get("backbone", {"source": "random"})))
+
+
+def build_vit(arch: ArchSpec, num_classes: int = 0, seed: int = 0) -> VisionTransformer:
+    """A randomly initialised (seeded) timm ViT of ``arch`` with a ``num_classes`` head (0: no head)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch.timm_name, pretrained=False, num_classes=num_classes, **arch.overrides)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"arch {arch.name!r}: {arch.timm_name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+def backbone_state(arch: ArchSpec, root: str | Path = ".") -> dict[str, torch.Tensor]:
+    """The shared pretrained weights of ``arch`` without a head, from the source its config names."""
+    source = arch.backbone.get("source", "random")
+    if source == "random":
+        return {k: v for k, v in build_vit(arch, 0, seed=int(arch.backbone.get("seed", 0))).state_dict().items()}
+    if source == "file":
+        path = Path(root) / arch.backbone["path"]
+        state = dict(WeightVector.load(path))
+    elif source == "timm":
+        kwargs: dict[str, Any] = {}
+        if arch.backbone.get("file"):
+            kwargs["pretrained_cfg_overlay"] = {"file": str(Path(root) / arch.backbone["file"])}
+        tag = arch.backbone.get("tag")
+        name = f"{arch.timm_name}.{tag}" if tag else arch.timm_name
+        model = timm.create_model(name, pretrained=True, num_classes=0, **arch.overrides, **kwargs)
+        state = model.state_dict()
+    else:
+        raise ValueError(f"arch {arch.name!r}: unknown backbone source {source!r}; expected timm, file or random")
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+
+
+def load_backbone(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into every non-head tensor of ``model``; a missing or misshaped tensor is an error."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    for name, t in own.items():
+        if name not in state:
+            raise ValueError(f"backbone is missing tensor {name!r} (shape {tuple(t.shape)}) that the arch needs")
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise ValueError(f"backbone tensor {name!r} has shape {tuple(state[name].shape)}, the arch needs {tuple(t.shape)}")
+    extra = [k for k in state if k not in own and not k.startswith(HEAD_PREFIX)]
+    if extra:
+        raise ValueError(f"backbone has tensor {extra[0]!r} that the arch does not have")
+    model.load_state_dict({**model.state_dict(), **{k: state[k] for k in own}})
+
+
+def head_seed(task: str, seed: int) -> int:
+    """A stable per-(task, seed) seed for the fixed random head (crc32 does not vary between runs)."""
+    return (zlib.crc32(task.encode()) + 1_000_003 * seed) % (2**31)
+
+
+def set_fixed_head(model: VisionTransformer, task: str, seed: int) -> None:
+    """Overwrite the head with a random projection drawn from (task, seed) and zero bias, and freeze it."""
+    head = model.head
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError("the model has no classification head; build it with num_classes > 0")
+    gen = torch.Generator().manual_seed(head_seed(task, seed))
+    weight = torch.randn(head.weight.shape, generator=gen) / head.in_features**0.5
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.dtype))
+        head.bias.zero_()
+    head.requires_grad_(False)
+
+
+def freeze_except(model: torch.nn.Module, policy: QuantPolicy = QuantPolicy()) -> list[str]:
+    """Train only the parameters that ``policy`` selects; returns their names."""
+    names = set(policy.select_model(model))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    return [n for n, _ in model.named_parameters() if n in names]
+
+
+def task_model(arch: ArchSpec, backbone: Mapping[str, torch.Tensor], task: str, num_classes: int, seed: int) -> VisionTransformer:
+    """The starting point of every fine-tuning run: shared backbone + the task's fixed random head, frozen
+    except for the quantized linear weights."""
+    model = build_vit(arch, num_classes, seed=seed)
+    load_backbone(model, backbone)
+    set_fixed_head(model, task, seed)
+    freeze_except(model)
+    return model
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """timm's preprocessing for the model: input_size, mean, std, interpolation, crop_pct."""
+    return timm.data.resolve_data_config({}, model=model)

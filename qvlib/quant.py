@@ -1,0 +1,163 @@
+"""Symmetric weight fake quantization (the paper's Eq. 1-3) and which parameters it applies to.
+
+For a bit-width ``b`` the integer grid is ``[-2^(b-1), 2^(b-1) - 1]`` and the scale of a
+block (an output channel, a group of input columns, or the whole tensor) is
+``max|W_block| / (2^(b-1) - 1)``. At 3 bits that is ``absmax / 3`` with integers in
+``[-4, 3]``: the paper's operator, not torchao's ``absmax / 3.5``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal, Mapping
+
+import torch
+
+Granularity = Literal["channel", "group", "tensor"]
+GRANULARITIES: tuple[str, ...] = ("channel", "group", "tensor")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How weights are quantized: bit-width and the blocks that share one scale."""
+
+    bits: int = 3
+    granularity: Granularity = "channel"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"granularity 'group' needs a positive integer group_size, got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only valid with granularity 'group', not {self.granularity!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def tag(self) -> str:
+        """Short name used in file names and tables, e.g. ``w3-channel`` or ``w4-group128``."""
+        if self.granularity == "group":
+            return f"w{self.bits}-group{self.group_size}"
+        return f"w{self.bits}-{self.granularity}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping) -> "QuantSpec":
+        unknown = set(data) - {"bits", "granularity", "group_size"}
+        if unknown:
+            raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantSpec":
+        return cls.from_mapping(json.loads(text))
+
+
+def _blocks(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``w`` as (blocks, elements per block); every block gets one scale."""
+    if spec.granularity == "tensor":
+        return w.reshape(1, -1)
+    if w.dim() < 2:
+        raise ValueError(f"granularity {spec.granularity!r} needs a weight of 2+ dims, got shape {tuple(w.shape)}")
+    rows = w.reshape(w.shape[0], -1)
+    if spec.granularity == "channel":
+        return rows
+    if rows.shape[1] % spec.group_size:
+        raise ValueError(
+            f"group_size {spec.group_size} does not divide the {rows.shape[1]} input columns of a weight of shape {tuple(w.shape)}"
+        )
+    return rows.reshape(-1, spec.group_size)
+
+
+def _codes(blocks: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float integer codes and scales of a (blocks, elements) float32 view.
+
+    All-zero blocks get scale 1 so that their codes are 0 and they dequantize to exactly 0.
+    """
+    scale = blocks.abs().amax(dim=1, keepdim=True) / spec.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(blocks / scale), spec.qmin, spec.qmax), scale
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int8, shape of ``w``) and per-block scales (float32, shape (blocks, 1))."""
+    codes, scale = _codes(_blocks(w.detach(), spec).float(), spec)
+    return codes.to(torch.int8).reshape(w.shape), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (_blocks(codes, spec).float() * scale).reshape(codes.shape).to(dtype)
+
+
+def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in one pass: same shape and dtype as ``w``, no gradient."""
+    with torch.no_grad():
+        codes, scale = _codes(_blocks(w, spec).float(), spec)
+        return (codes * scale).reshape(w.shape).to(w.dtype)
+
+
+def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake quantization whose gradient is the identity (straight-through estimator)."""
+    return w + (fake_quant(w, spec) - w).detach()
+
+
+# Linear weights inside the transformer blocks of a timm ViT: attn.qkv, attn.proj, mlp.fc1, mlp.fc2.
+VIT_BLOCK_LINEARS = r"^blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))\.weight$"
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Which parameters are quantized (and, in this method, trained): a regex over parameter names.
+
+    Only 2-D tensors can match, so biases and norm parameters are excluded whatever the pattern.
+    """
+
+    pattern: str = VIT_BLOCK_LINEARS
+
+    def matches(self, name: str, tensor: torch.Tensor | None = None) -> bool:
+        if tensor is not None and tensor.dim() != 2:
+            return False
+        return re.search(self.pattern, name) is not None
+
+    def select(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Names of the matching tensors, in order, from a state dict or ``model.named_parameters()``."""
+        items = named.items() if isinstance(named, Mapping) else named
+        return [name for name, t in items if self.matches(name, t)]
+
+    def select_model(self, model: torch.nn.Module) -> list[str]:
+        names = self.select(model.named_parameters())
+        if not names:
+            raise ValueError(f"no parameter of {type(model).__name__} matches the quantization pattern {self.pattern!r}")
+        return names
+
+
+def layer_type(name: str) -> str:
+    """The layer kind of a block linear parameter name (``qkv``, ``proj``, ``fc1``, ``fc2``), else ``other``."""
+    match = re.search(r"\.(qkv|proj|fc1|fc2)\.weight$", name)
+    return match.group(1) if match else "other"
+
+
+def fake_quant_state(
+    state: Mapping[str, torch.Tensor], spec: QuantSpec, policy: QuantPolicy = QuantPolicy()
+) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with every policy-selected tensor fake-quantized, the rest unchanged."""
+    return {name: fake_quant(t, spec) if policy.matches(name, t) else t for name, t in state.items()}

@@ -1,0 +1,183 @@
+"""Arithmetic over named tensors (checkpoints, task and quantization vectors) and safetensors I/O.
+
+A :class:`WeightVector` is an ordered mapping from timm parameter names to tensors. Two
+operands must hold the same names with the same shapes; anything else is a ``ValueError``
+that names the first offending tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class WeightVector(Mapping[str, torch.Tensor]):
+    """Named tensors with ``+``, ``-``, scalar ``*``, norms and cosine similarity."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {name!r} holds non-finite values (NaN or inf)")
+        self._tensors = dict(tensors)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    # Mapping protocol
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"WeightVector({len(self)} tensors, {self.numel()} values)"
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+    def check_compatible(self, other: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``other`` holds exactly our names with our shapes."""
+        for name in self._tensors:
+            if name not in other:
+                raise ValueError(f"tensor {name!r} (shape {tuple(self[name].shape)}) is missing from the other operand")
+            if tuple(other[name].shape) != tuple(self[name].shape):
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(self[name].shape)} here but {tuple(other[name].shape)} in the other operand"
+                )
+        extra = [name for name in other if name not in self._tensors]
+        if extra:
+            raise ValueError(f"tensor {extra[0]!r} (shape {tuple(other[extra[0]].shape)}) is only in the other operand")
+
+    def _zip(self, other: Mapping[str, torch.Tensor], op) -> "WeightVector":
+        self.check_compatible(other)
+        return WeightVector({name: op(t, other[name]) for name, t in self._tensors.items()})
+
+    def __add__(self, other: Mapping[str, torch.Tensor]) -> "WeightVector":
+        return self._zip(other, torch.add)
+
+    def __sub__(self, other: Mapping[str, torch.Tensor]) -> "WeightVector":
+        return self._zip(other, torch.sub)
+
+    def __mul__(self, scalar: float) -> "WeightVector":
+        if not isinstance(scalar, (int, float)) or not math.isfinite(scalar):
+            raise ValueError(f"a vector can only be scaled by a finite number, got {scalar!r}")
+        return WeightVector({name: t * scalar for name, t in self._tensors.items()})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "WeightVector":
+        return self * -1.0
+
+    def dot(self, other: Mapping[str, torch.Tensor]) -> float:
+        self.check_compatible(other)
+        return float(sum((t.double() * other[name].double()).sum() for name, t in self._tensors.items()))
+
+    def norm(self) -> float:
+        """Euclidean norm over all tensors together (computed in float64)."""
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self._tensors.values()))
+
+    def tensor_norms(self) -> dict[str, float]:
+        return {name: float(t.double().norm()) for name, t in self._tensors.items()}
+
+    def cosine(self, other: Mapping[str, torch.Tensor]) -> float:
+        other = other if isinstance(other, WeightVector) else WeightVector(other)
+        denom = self.norm() * other.norm()
+        if denom == 0:
+            raise ValueError("cosine similarity is undefined for a zero vector")
+        return self.dot(other) / denom
+
+    def subset(self, names: Iterable[str]) -> "WeightVector":
+        names = list(names)
+        missing = [n for n in names if n not in self._tensors]
+        if missing:
+            raise ValueError(f"tensor {missing[0]!r} is not in this vector")
+        return WeightVector({n: self._tensors[n] for n in names}, self.metadata)
+
+    def to(self, device=None, dtype=None) -> "WeightVector":
+        return WeightVector({n: t.to(device=device, dtype=dtype) for n, t in self._tensors.items()}, self.metadata)
+
+    @staticmethod
+    def mean(vectors: Iterable[Mapping[str, torch.Tensor]]) -> "WeightVector":
+        vectors = [v if isinstance(v, WeightVector) else WeightVector(v) for v in vectors]
+        if not vectors:
+            raise ValueError("the mean of no vectors is undefined")
+        total = vectors[0]
+        for v in vectors[1:]:
+            total = total + v
+        return total * (1.0 / len(vectors))
+
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
+        """Write as safetensors (contiguous, CPU) with string metadata, atomically."""
+        meta = {**self.metadata, **encode_metadata(metadata or {})}
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self._tensors.items()}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "WeightVector":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no safetensors file at {path}")
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            metadata = f.metadata() or {}
+        return cls(tensors, metadata)
+
+
+def encode_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
+    """safetensors metadata must be str -> str: strings stay, everything else becomes JSON."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    If ``write`` raises, the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def quantization_vector(qat: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor], names: Iterable[str]) -> WeightVector:
+    """``rho = theta_QAT - theta_FT`` over ``names`` (the quantized linear weights)."""
+    names = list(names)
+    return WeightVector({n: _get(qat, n, "QAT") for n in names}) - WeightVector({n: _get(ft, n, "FT") for n in names})
+
+
+def patch(receiver: Mapping[str, torch.Tensor], vectors: Iterable[tuple[float, Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``theta_R + sum(lambda_i * v_i)``: a new state dict; tensors not in any vector are shared."""
+    out = dict(receiver)
+    for lam, vec in vectors:
+        for name, delta in vec.items():
+            base = _get(receiver, name, "receiver")
+            if tuple(base.shape) != tuple(delta.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(base.shape)} in the receiver but {tuple(delta.shape)} in the vector")
+            out[name] = out[name] + lam * delta.to(device=base.device, dtype=base.dtype)
+    return out
+
+
+def _get(state: Mapping[str, torch.Tensor], name: str, what: str) -> torch.Tensor:
+    if name not in state:
+        raise ValueError(f"tensor {name!r} is missing from the {what} checkpoint")
+    return state[name]

@@ -1,0 +1,86 @@
+"""The `qv` subcommands end to end, through a subprocess, on tiny checkpoints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvlib.models import build_vit, set_fixed_head
+from qvlib.quant import QuantSpec, fake_quant
+from qvlib.vectors import WeightVector
+
+QV = str(Path(sys.executable).parent / "qv")
+
+
+def qv(*args, check=True):
+    proc = subprocess.run([QV, *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def ckpts(tmp_path, tiny_arch):
+    model = build_vit(tiny_arch, 3, seed=0)
+    set_fixed_head(model, "t", 0)
+    ft = model.state_dict()
+    qat = {k: v + 0.01 * torch.randn_like(v) if k.endswith(("qkv.weight", "fc1.weight")) else v for k, v in ft.items()}
+    meta = {"arch": "tiny", "task": "t", "seed": 0, "quant": QuantSpec().to_json()}
+    WeightVector(ft).save(tmp_path / "ft.safetensors", {**meta, "mode": "ft"})
+    WeightVector(qat).save(tmp_path / "qat.safetensors", {**meta, "mode": "qat"})
+    return tmp_path, ft, qat
+
+
+def test_help_lists_subcommands():
+    out = qv("--help").stdout
+    for name in ("info", "extract", "patch", "quantize"):
+        assert name in out
+
+
+def test_extract_patch_quantize_info(ckpts):
+    d, ft, qat = ckpts
+    qv("extract", "--qat", d / "qat.safetensors", "--ft", d / "ft.safetensors", "-o", d / "rho.safetensors")
+    rho = WeightVector.load(d / "rho.safetensors")
+    assert len(rho) == 8  # 2 blocks x (qkv, proj, fc1, fc2)
+    assert torch.equal(rho["blocks.0.attn.qkv.weight"], qat["blocks.0.attn.qkv.weight"] - ft["blocks.0.attn.qkv.weight"])
+    assert torch.equal(rho["blocks.1.attn.proj.weight"], torch.zeros_like(ft["blocks.1.attn.proj.weight"]))
+    assert rho.metadata["mode"] == "qv" and rho.metadata["task"] == "t"
+
+    qv("patch", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--lambda", 1.0, "-o", d / "p.safetensors")
+    patched = WeightVector.load(d / "p.safetensors")
+    torch.testing.assert_close(patched["blocks.0.attn.qkv.weight"], qat["blocks.0.attn.qkv.weight"])
+    assert torch.equal(patched["head.weight"], ft["head.weight"])
+
+    qv("patch", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--vector", d / "rho.safetensors",
+       "--lambda", 0.5, "--lambda", -0.5, "-o", d / "p0.safetensors")
+    torch.testing.assert_close(WeightVector.load(d / "p0.safetensors")["blocks.0.mlp.fc1.weight"], ft["blocks.0.mlp.fc1.weight"])
+
+    qv("quantize", d / "ft.safetensors", "--bits", 2, "-o", d / "q.safetensors")
+    q = WeightVector.load(d / "q.safetensors")
+    assert torch.equal(q["blocks.1.mlp.fc2.weight"], fake_quant(ft["blocks.1.mlp.fc2.weight"], QuantSpec(bits=2)))
+    assert torch.equal(q["blocks.1.mlp.fc2.bias"], ft["blocks.1.mlp.fc2.bias"])
+    assert torch.equal(q["patch_embed.proj.weight"], ft["patch_embed.proj.weight"])
+
+    info = json.loads(qv("info", d / "rho.safetensors", "--json").stdout)
+    assert info["tensors"] == 8 and info["quantized_tensors"] == 8
+    assert info["norm_quantized"] == pytest.approx(rho.norm(), rel=1e-9)
+    assert "meta.arch" in qv("info", d / "ft.safetensors").stdout
+
+
+def test_bad_input_fails_clearly_and_writes_nothing(ckpts):
+    d, ft, _ = ckpts
+    other = {k: v for k, v in ft.items()}
+    other["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    WeightVector(other).save(d / "other.safetensors", {"task": "t"})
+    proc = qv("extract", "--qat", d / "other.safetensors", "--ft", d / "ft.safetensors", "-o", d / "bad.safetensors", check=False)
+    assert proc.returncode == 2
+    assert "blocks.0.attn.qkv.weight" in proc.stderr and "(5, 5)" in proc.stderr
+    assert not (d / "bad.safetensors").exists()
+    proc = qv("quantize", d / "ft.safetensors", "--bits", 9, "-o", d / "bad.safetensors", check=False)
+    assert proc.returncode == 2 and "bits must be an integer in 2..8" in proc.stderr
+    proc = qv("patch", "--receiver", d / "missing.safetensors", "--vector", d / "ft.safetensors", "-o", d / "bad.safetensors", check=False)
+    assert proc.returncode == 2 and "missing.safetensors" in proc.stderr
+    assert not (d / "bad.safetensors").exists()
