@@ -1,7 +1,22 @@
 # qvlib workflow: FT and QAT fine-tuning per (arch, task), quantization vectors, the donor x receiver
-# grid and its tables and figures. Rules live in workflow/rules/; method code lives in qvlib/.
-configfile: "config/config.yaml"
+# grid with controls, and its tables and figures. Rules are thin `qv` calls (workflow/rules/);
+# the method lives in qvlib/. Run: snakemake --cores 2  (or --configfile config/paper.yaml ...).
+
+# The embedded default, unless the user named a config (--configfile replaces it, never merges).
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/vectors.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
-    input: []
+    input:
+        final_outputs(),
+    default_target: True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable
@@ -143,6 +144,236 @@ def _quantize(args) -> int:
 register("quantize", "write the fake-quantized checkpoint (block linear weights only)", _quantize_args, _quantize)
 
 
+# ---------------------------------------------------------------- workflow steps
+def add_job_args(p, task: bool = False) -> None:
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="run configuration (YAML)")
+    p.add_argument("--arch", required=True, help="an arch name from the config")
+    if task:
+        p.add_argument("--task", required=True, help="a task name from the config")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (Snakemake passes {threads})")
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+def _pretrain_args(p):
+    add_job_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="backbone safetensors to write")
+
+
+def _pretrain(args) -> int:
+    from .config import Config
+    from .pipeline import pretrain, set_threads
+
+    set_threads(args.threads)
+    pretrain(Config.load(args.config), args.arch, args.output, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+register("pretrain", "train the demo backbone on the generated pretraining mixture", _pretrain_args, _pretrain)
+
+
+def _finetune_args(p):
+    add_job_args(p, task=True)
+    p.add_argument("--mode", required=True, choices=["ft", "qat"], help="plain fine-tuning or quantization-aware")
+    p.add_argument("--backbone", type=Path, default=None, help="backbone file (for archs pretrained by `qv pretrain`)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint safetensors to write")
+
+
+def _finetune(args) -> int:
+    from .config import Config
+    from .pipeline import finetune, set_threads
+
+    set_threads(args.threads)
+    finetune(Config.load(args.config), args.arch, args.task, args.mode, args.output, backbone=args.backbone,
+             device=args.device, progress=not args.no_progress)
+    return 0
+
+
+register("finetune", "fine-tune the block linear weights on one task, plainly (ft) or with QAT", _finetune_args, _finetune)
+
+
+def _cache_args(p):
+    add_job_args(p, task=True)
+    p.add_argument("--test", type=Path, required=True, help="cache file to write for the test split")
+    p.add_argument("--calib", type=Path, required=True, help="cache file to write for the calib split")
+
+
+def _cache(args) -> int:
+    from .config import Config
+    from .pipeline import cache_splits, set_threads
+
+    set_threads(args.threads)
+    cache_splits(Config.load(args.config), args.arch, args.task, {"test": args.test, "calib": args.calib})
+    return 0
+
+
+register("cache-splits", "store a task's preprocessed test and calib splits for fast evaluation", _cache_args, _cache)
+
+
+def add_cache_inputs(p) -> None:
+    p.add_argument("--test-cache", type=Path, required=True, help="cached test split (qv cache-splits)")
+    p.add_argument("--calib-cache", type=Path, default=None, help="cached calib split (optional)")
+
+
+def cache_inputs(args) -> dict:
+    caches = {"test": args.test_cache}
+    if args.calib_cache:
+        caches["calib"] = args.calib_cache
+    return caches
+
+
+def _baselines_args(p):
+    add_job_args(p, task=True)
+    p.add_argument("--ft", type=Path, required=True, help="the task's FT checkpoint")
+    p.add_argument("--qat", type=Path, required=True, help="the task's QAT checkpoint")
+    add_cache_inputs(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="parquet file to write")
+
+
+def _baselines(args) -> int:
+    from .config import Config
+    from .pipeline import evaluate_baselines, set_threads
+
+    set_threads(args.threads)
+    evaluate_baselines(Config.load(args.config), args.arch, args.task, args.ft, args.qat, cache_inputs(args),
+                       args.output, device=args.device)
+    return 0
+
+
+register("evaluate-baselines", "Top-1 of FT, PTQ(FT), QAT quantized and QAT on one task", _baselines_args, _baselines)
+
+
+def _transfer_args(p):
+    add_job_args(p)
+    p.add_argument("--receiver", required=True, help="receiver task name")
+    p.add_argument("--ft", type=Path, required=True, help="the receiver's FT checkpoint")
+    p.add_argument("--donor", action="append", required=True, metavar="NAME=VECTOR",
+                   help="a donor task and its quantization vector; repeat for several donors")
+    add_cache_inputs(p)
+    p.add_argument("-o", "--output", required=True,
+                   help="parquet file to write; with several donors it must contain {donor}")
+    p.add_argument("--no-controls", action="store_true", help="skip the norm-matched random-direction control")
+
+
+def _transfer(args) -> int:
+    from .config import Config
+    from .pipeline import evaluate_cell, set_threads
+
+    set_threads(args.threads)
+    donors = []
+    for item in args.donor:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--donor expects NAME=VECTOR, got {item!r}")
+        donors.append((name, Path(path)))
+    if len(donors) > 1 and "{donor}" not in args.output:
+        raise ValueError("with several --donor values, --output must contain {donor}")
+    cfg = Config.load(args.config)
+    for name, path in donors:
+        evaluate_cell(cfg, args.arch, args.receiver, name, args.ft, path, cache_inputs(args),
+                      Path(args.output.replace("{donor}", name)), device=args.device, controls=not args.no_controls)
+    return 0
+
+
+register("evaluate-transfer", "Top-1 of Q(receiver + lambda * donor vector) over the lambda sweep, with controls",
+         _transfer_args, _transfer)
+
+
+# ---------------------------------------------------------------- report
+def _tables_args(p):
+    p.add_argument("--baselines", type=Path, nargs="+", required=True, help="per-task baseline parquet files")
+    p.add_argument("--cells", type=Path, nargs="+", required=True, help="per-cell transfer parquet files")
+    for name in ("baselines", "transfer", "donor", "receiver"):
+        p.add_argument(f"--out-{name}", type=Path, required=True)
+
+
+def _tables(args) -> int:
+    from . import tables
+    from .pipeline import _write_parquet
+
+    baselines = tables.read_all(args.baselines)
+    transfer = tables.with_gain(tables.read_all(args.cells), baselines)
+    pair_rows = tables.pairs(transfer)
+    _write_parquet(baselines, args.out_baselines)
+    _write_parquet(transfer, args.out_transfer)
+    _write_parquet(tables.summary_donor(pair_rows), args.out_donor)
+    _write_parquet(tables.summary_receiver(pair_rows), args.out_receiver)
+    return 0
+
+
+register("tables", "assemble baselines, the transfer grid with gains, and donor/receiver summaries", _tables_args, _tables)
+
+
+def _diagnostics_args(p):
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    p.add_argument("--arch", required=True)
+    p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`)")
+    p.add_argument("--ft", type=Path, nargs="+", required=True, help="FT checkpoints (task taken from metadata)")
+    p.add_argument("--vectors", type=Path, nargs="+", required=True, help="quantization vectors (task from metadata)")
+    p.add_argument("--out-norms", type=Path, required=True)
+    p.add_argument("--out-cosine", type=Path, required=True)
+
+
+def _by_task(paths) -> dict:
+    from .vectors import WeightVector
+
+    out = {}
+    for path in paths:
+        vec = WeightVector.load(path)
+        task = vec.metadata.get("task")
+        if not task:
+            raise ValueError(f"{path} has no 'task' in its metadata")
+        out[task] = vec
+    return out
+
+
+def _diagnostics(args) -> int:
+    from .config import Config
+    from .diagnostics import cosine_table, norms_table
+    from .models import backbone_state
+    from .pipeline import _write_parquet
+
+    cfg = Config.load(args.config)
+    backbone = backbone_state(cfg.arch(args.arch, backbone_path=args.backbone))
+    fts, vectors = _by_task(args.ft), _by_task(args.vectors)
+    missing = sorted(set(vectors) - set(fts))
+    if missing:
+        raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
+    _write_parquet(norms_table(args.arch, backbone, fts, vectors), args.out_norms)
+    _write_parquet(cosine_table(args.arch, vectors), args.out_cosine)
+    return 0
+
+
+register("diagnostics", "relative norms of FT updates and vectors, and the cosine matrix of vectors", _diagnostics_args, _diagnostics)
+
+
+def _figures_args(p):
+    p.add_argument("--arch", required=True)
+    for name in ("baselines", "transfer", "donor", "receiver", "norms", "cosine"):
+        p.add_argument(f"--{name}", type=Path, required=True)
+    for name in ("gain", "cosine", "summary"):
+        p.add_argument(f"--out-{name}", type=Path, required=True)
+
+
+def _figures(args) -> int:
+    import polars as pl
+
+    from . import plots, tables
+    from .vectors import atomic_write
+
+    baselines, transfer = pl.read_parquet(args.baselines), pl.read_parquet(args.transfer)
+    pair_rows = tables.pairs(transfer)
+    plots.heatmap_gain(pair_rows, args.out_gain, title=f"{args.arch}: gain over PTQ (points)")
+    plots.heatmap_cosine(pl.read_parquet(args.cosine), args.out_cosine, title=f"{args.arch}: cosine of quantization vectors")
+    text = plots.summary_markdown(args.arch, baselines, pair_rows, pl.read_parquet(args.norms))
+    atomic_write(args.out_summary, lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    return 0
+
+
+register("figures", "gain and cosine heatmaps and the markdown summary", _figures_args, _figures)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qv", description="Quantization vectors for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -153,10 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     _, _, run = COMMANDS[args.command]
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as err:
         print(f"qv {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -72,8 +72,10 @@ def backbone_state(arch: ArchSpec, root: str | Path = ".") -> dict[str, torch.Te
         name = f"{arch.timm_name}.{tag}" if tag else arch.timm_name
         model = timm.create_model(name, pretrained=True, num_classes=0, **arch.overrides, **kwargs)
         state = model.state_dict()
+    elif source == "pretrain":
+        raise ValueError(f"arch {arch.name!r} is pretrained by `qv pretrain`; pass its output with --backbone")
     else:
-        raise ValueError(f"arch {arch.name!r}: unknown backbone source {source!r}; expected timm, file or random")
+        raise ValueError(f"arch {arch.name!r}: unknown backbone source {source!r}; expected timm, file, pretrain or random")
     return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
 
 

@@ -1,0 +1,119 @@
+"""The run configuration (the same YAML file Snakemake reads) turned into qvlib objects.
+
+The workflow validates the file against ``workflow/schemas/config.schema.yaml`` before any job
+starts; here each section is checked again by the object it becomes, so ``qv`` run by hand gives
+the same errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .data.base import Preprocess
+from .data.registry import LoadOptions
+from .models import ArchSpec
+from .quant import QuantSpec
+from .train import TrainConfig
+
+
+@dataclass
+class Config:
+    raw: dict
+    path: Path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at {path}")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the config must be a mapping")
+        for key in ("name", "archs", "tasks", "finetune"):
+            if key not in raw:
+                raise ValueError(f"{path}: missing required key {key!r}")
+        return cls(raw, path)
+
+    @property
+    def name(self) -> str:
+        return self.raw["name"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.raw.get("seed", 0))
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.raw.get("data_root", "data")).expanduser()
+
+    @property
+    def quant(self) -> QuantSpec:
+        return QuantSpec.from_mapping(self.raw.get("quant", {}))
+
+    @property
+    def lambdas(self) -> list[float]:
+        return [float(x) for x in self.raw.get("lambdas", [1.0])]
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.raw["tasks"])
+
+    @property
+    def arch_names(self) -> list[str]:
+        return list(self.raw["archs"])
+
+    def arch(self, name: str, backbone_path: str | Path | None = None) -> ArchSpec:
+        """The arch; a backbone of source 'pretrain' (trained by ``qv pretrain``) is read from ``backbone_path``."""
+        if name not in self.raw["archs"]:
+            raise ValueError(f"unknown arch {name!r}; this config has: {', '.join(self.arch_names)}")
+        cfg = dict(self.raw["archs"][name])
+        backbone = dict(cfg.get("backbone", {"source": "random"}))
+        if backbone.get("source") == "pretrain" and backbone_path is not None:
+            backbone = {"source": "file", "path": str(backbone_path)}
+        elif backbone.get("source") == "file" and backbone_path is not None:
+            backbone["path"] = str(backbone_path)
+        cfg["backbone"] = backbone
+        return ArchSpec.from_config(name, cfg)
+
+    def task(self, name: str) -> Mapping[str, Any]:
+        if name not in self.raw["tasks"]:
+            raise ValueError(f"unknown task {name!r}; this config has: {', '.join(self.task_names)}")
+        return self.raw["tasks"][name] or {}
+
+    def load_options(self, task: str, preprocess: Preprocess) -> LoadOptions:
+        opts = {**self.raw.get("task_defaults", {}), **self.task(task)}
+        opts.pop("train", None)
+        known = set(LoadOptions.__dataclass_fields__) - {"preprocess", "root", "seed"}
+        unknown = set(opts) - known
+        if unknown:
+            raise ValueError(f"task {task!r}: unknown option(s) {sorted(unknown)}; allowed: {sorted(known)} and train")
+        return LoadOptions(preprocess=preprocess, root=self.data_root, seed=self.seed,
+                           download=bool(self.raw.get("download", False)), **opts)
+
+    def finetune_train(self, task: str) -> TrainConfig:
+        base = dict(self.raw["finetune"])
+        return TrainConfig.from_mapping({"seed": self.seed, **base, **(self.task(task).get("train") or {})})
+
+    def pretrain_train(self) -> TrainConfig:
+        if "pretrain" not in self.raw:
+            raise ValueError(f"{self.path}: no 'pretrain' section, but an arch has backbone source 'pretrain'")
+        return TrainConfig.from_mapping({"seed": self.seed, **self.raw["pretrain"]["train"]})
+
+    def pretrain_mixture(self) -> tuple[list[str], int]:
+        section = self.raw["pretrain"]
+        return list(section["tasks"]), int(section.get("n_per_task", 4000))
+
+    def eval_batch_size(self) -> int:
+        return int(self.raw.get("evaluate", {}).get("batch_size", 512))
+
+    def digest(self, *sections: str) -> str:
+        """Short hash of the named sections, for checkpoint metadata."""
+        blob = json.dumps({k: self.raw.get(k) for k in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]

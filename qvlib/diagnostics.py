@@ -1,0 +1,54 @@
+"""How far fine-tuning and QAT move the quantized weights, and how aligned the vectors of tasks are."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import polars as pl
+import torch
+
+from .quant import QuantPolicy, layer_type
+from .vectors import WeightVector
+
+LAYER_TYPES = ("all", "qkv", "proj", "fc1", "fc2")
+
+
+def _sq(tensors: Mapping[str, torch.Tensor], names: list[str]) -> float:
+    return sum(float(tensors[n].double().pow(2).sum()) for n in names)
+
+
+def relative_norms(backbone: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor], rho: Mapping[str, torch.Tensor]) -> list[dict]:
+    """Per layer type (and all together): ||theta_FT - theta_0|| / ||theta_0|| and ||rho|| / ||theta_FT||."""
+    names = QuantPolicy().select(rho)
+    update = {n: ft[n] - backbone[n] for n in names}
+    rows = []
+    for kind in LAYER_TYPES:
+        sel = [n for n in names if kind == "all" or layer_type(n) == kind]
+        if not sel:
+            continue
+        rows.append({
+            "layer_type": kind,
+            "ft_update_rel": math.sqrt(_sq(update, sel) / _sq(backbone, sel)),
+            "qv_rel": math.sqrt(_sq(rho, sel) / _sq(ft, sel)),
+            "qv_norm": math.sqrt(_sq(rho, sel)),
+        })
+    return rows
+
+
+def norms_table(arch: str, backbone: Mapping[str, torch.Tensor], fts: Mapping[str, Mapping], vectors: Mapping[str, Mapping]) -> pl.DataFrame:
+    rows = []
+    for task, rho in vectors.items():
+        for row in relative_norms(backbone, fts[task], rho):
+            rows.append({"arch": arch, "task": task, **row})
+    return pl.DataFrame(rows)
+
+
+def cosine_table(arch: str, vectors: Mapping[str, Mapping]) -> pl.DataFrame:
+    """Cosine similarity of every ordered pair of vectors (the diagonal is 1)."""
+    vecs = {t: v if isinstance(v, WeightVector) else WeightVector(v) for t, v in vectors.items()}
+    rows = []
+    for a, va in vecs.items():
+        for b, vb in vecs.items():
+            rows.append({"arch": arch, "task_a": a, "task_b": b, "cosine": va.cosine(vb)})
+    return pl.DataFrame(rows)

@@ -1,0 +1,218 @@
+"""The steps of the workflow as functions of (config, names, paths): what each ``qv`` job does.
+
+Everything here only wires config, data, models, training and evaluation together; the method
+itself lives in the modules it calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data.base import Preprocess
+from .data.registry import load_task, pretrain_mixture
+from .models import backbone_state, build_vit, task_model
+from .quant import QuantPolicy
+from .train import train
+
+log = logging.getLogger("qvlib")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def pretrain(cfg: Config, arch_name: str, output: Path, device: str | None = None, progress: bool = True) -> None:
+    """Train the demo backbone (all parameters, a trainable head over the mixture's classes) and
+    save it without the head."""
+    arch = cfg.arch(arch_name)
+    tcfg = cfg.pretrain_train()
+    kinds, n_per_task = cfg.pretrain_mixture()
+    model = build_vit(arch, num_classes=1, seed=cfg.seed)  # head replaced below once classes are known
+    pre = Preprocess.from_model(model)
+    data, classes = pretrain_mixture(kinds, n_per_task, cfg.seed, pre)
+    model = build_vit(arch, num_classes=len(classes), seed=cfg.seed)
+    model.requires_grad_(True)
+    meta = {**_metadata(cfg, arch_name, "pretrain", "pretrain"), "pretrain_tasks": kinds, "pretrain_classes": len(classes)}
+    train(model, data, pre, tcfg, "pretrain", output, meta, device=device, progress=progress,
+          state_fn=lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith("head.")})
+
+
+def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Path, backbone: Path | None = None,
+             device: str | None = None, progress: bool = True) -> None:
+    """FT or QAT of the block linear weights from the shared backbone, with the task's fixed head."""
+    arch = cfg.arch(arch_name, backbone_path=backbone)
+    probe = build_vit(arch, num_classes=1)
+    pre = Preprocess.from_model(probe)
+    task = load_task(task_name, cfg.load_options(task_name, pre))
+    model = task_model(arch, backbone_state(arch), task_name, task.num_classes, seed=cfg.seed)
+    meta = {**_metadata(cfg, arch_name, task_name, mode), "num_classes": task.num_classes}
+    train(model, task.train, pre, cfg.finetune_train(task_name), mode, output, meta,
+          spec=cfg.quant if mode == "qat" else None, device=device, progress=progress)
+
+
+def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
+    return {"arch": arch, "task": task, "mode": mode, "seed": cfg.seed, "quant": cfg.quant.to_json(),
+            "config": cfg.name, "config_hash": cfg.digest("archs", "finetune", "pretrain", "quant", "seed"),
+            "policy": QuantPolicy().pattern}
+
+
+# ---------------------------------------------------------------- evaluation
+def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
+    """Write the preprocessed ``test`` and ``calib`` splits (``outputs``: split -> path)."""
+    from .data.cache import write_split_cache
+
+    pre = Preprocess.from_model(build_vit(cfg.arch(arch_name), num_classes=1))
+    task = load_task(task_name, cfg.load_options(task_name, pre))
+    for split, path in outputs.items():
+        write_split_cache(task, split, pre, path)
+
+
+def _engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | None):
+    from .evaluate import Engine
+    from .train import pick_device
+    from .vectors import WeightVector
+
+    ckpt = WeightVector.load(checkpoint)
+    meta_arch = ckpt.metadata.get("arch")
+    if meta_arch is not None and meta_arch != arch_name:
+        raise ValueError(f"{checkpoint} was trained for arch {meta_arch!r}, not {arch_name!r}")
+    num_classes = ckpt["head.weight"].shape[0] if "head.weight" in ckpt else None
+    if num_classes is None:
+        raise ValueError(f"{checkpoint} has no head.weight: not a fine-tuned checkpoint")
+    model = build_vit(cfg.arch(arch_name), num_classes=num_classes)
+    own = model.state_dict()
+    for name, t in own.items():
+        if name not in ckpt or tuple(ckpt[name].shape) != tuple(t.shape):
+            got = tuple(ckpt[name].shape) if name in ckpt else "missing"
+            raise ValueError(f"{checkpoint} does not fit arch {arch_name!r}: tensor {name!r} is {got}, expected {tuple(t.shape)}")
+    model.load_state_dict(dict(ckpt))
+    pre = Preprocess.from_model(model)
+    return Engine(model, pre, pick_device(device), cfg.eval_batch_size()), ckpt
+
+
+def _splits(engine, caches: dict[str, Path]):
+    from .data.cache import read_split_cache
+    from .evaluate import load_split
+
+    out = {}
+    for split, path in caches.items():
+        images, labels, meta = read_split_cache(path)
+        if images.shape[-1] != engine.preprocess.img_size:
+            raise ValueError(f"cached split {path} holds {images.shape[-1]}px images; the arch needs {engine.preprocess.img_size}px")
+        out[split] = load_split(images, labels, engine.device)
+    return out
+
+
+def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qat: Path, caches: dict[str, Path],
+                       output: Path, device: str | None = None) -> None:
+    """FT, PTQ(FT), QAT quantized and QAT unquantized on each cached split: one tidy row each."""
+    import polars as pl
+
+    from .evaluate import accuracy
+    from .quant import QuantPolicy
+    from .vectors import WeightVector
+
+    spec = cfg.quant
+    engine, _ = _engine(cfg, arch_name, ft, device)
+    names = QuantPolicy().select_model(engine.model)
+    qat_ckpt = WeightVector.load(qat)
+    _check_spec(qat_ckpt.metadata, spec, qat)
+    qat_weights = {n: qat_ckpt[n].to(engine.device) for n in names}
+    splits = _splits(engine, caches)
+    from .quant import fake_quant
+
+    models = {
+        "ft": {},
+        "ptq": engine.quantized(names, spec),
+        "qat": qat_weights,
+        "qat_ptq": {n: fake_quant(w, spec) for n, w in qat_weights.items()},
+    }
+    rows = []
+    for model_name, overrides in models.items():
+        for split, data in splits.items():
+            correct = engine.correct(overrides, data)
+            rows.append({"arch": arch_name, "task": task_name, "model": model_name, "quantized": model_name in ("ptq", "qat_ptq"),
+                         "bits": spec.bits, "granularity": spec.tag, "split": split, "correct": correct, "n": len(data),
+                         "accuracy": accuracy(correct, len(data))})
+    _write_parquet(pl.DataFrame(rows), output)
+
+
+def _check_spec(metadata: dict, spec, path) -> None:
+    from .quant import QuantSpec
+
+    recorded = metadata.get("quant")
+    if recorded:
+        other = QuantSpec.from_json(recorded)
+        if other != spec:
+            raise ValueError(f"{path} was made for quantization {other.tag} ({recorded}) but this run uses {spec.tag} ({spec.to_json()})")
+
+
+def random_like(vector, seed: int):
+    """A vector with the same per-tensor norms as ``vector`` and a random (seeded) direction."""
+    from .vectors import WeightVector
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in vector.items():
+        g = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        out[name] = (g * (t.double().norm() / g.norm())).to(t.dtype)
+    return WeightVector(out)
+
+
+def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiver_ft: Path, vector: Path,
+                  caches: dict[str, Path], output: Path, device: str | None = None, controls: bool = True) -> None:
+    """Q(theta_R + lambda * rho_D) for every lambda of the sweep on every cached split, plus an adaptive
+    oracle search on ``test``. Donor == receiver gives the 'self' control; otherwise (with ``controls``)
+    a norm-matched random direction is evaluated beside the donor as control 'random'."""
+    import polars as pl
+
+    from .data.registry import stable_seed
+    from .evaluate import accuracy, search_lambda
+    from .quant import QuantPolicy
+    from .vectors import WeightVector
+
+    spec = cfg.quant
+    engine, _ = _engine(cfg, arch_name, receiver_ft, device)
+    names = QuantPolicy().select_model(engine.model)
+    rho = WeightVector.load(vector)
+    _check_spec(rho.metadata, spec, vector)
+    if rho.metadata.get("arch") not in (None, arch_name):
+        raise ValueError(f"vector {vector} is for arch {rho.metadata.get('arch')!r}, the receiver is {arch_name!r}")
+    WeightVector({n: engine.base[n].cpu() for n in names}).check_compatible(rho)
+    splits = _splits(engine, caches)
+    variants = {"self" if donor == receiver else "none": rho}
+    random_seed = stable_seed("random-direction", donor, cfg.seed)
+    if controls and donor != receiver:
+        variants["random"] = random_like(rho, random_seed)
+    rows = []
+    base = {"arch": arch_name, "receiver": receiver, "donor": donor, "bits": spec.bits, "granularity": spec.tag}
+    for control, vec in variants.items():
+        vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
+
+        def score(lam: float, split: str) -> int:
+            return engine.correct(engine.quantized(names, spec, vec_dev, lam), splits[split])
+
+        for lam in cfg.lambdas:
+            for split in splits:
+                c = score(lam, split)
+                rows.append({**base, "control": control, "search": "sweep", "lambda": float(lam), "split": split,
+                             "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split])),
+                             "seed": random_seed if control == "random" else None})
+        if "test" in splits and cfg.raw.get("oracle_search", True):
+            found = search_lambda(lambda lam: score(lam, "test"))
+            c = found.best_correct
+            rows.append({**base, "control": control, "search": "adaptive", "lambda": found.best_lambda, "split": "test",
+                         "correct": c, "n": len(splits["test"]), "accuracy": accuracy(c, len(splits["test"])),
+                         "seed": random_seed if control == "random" else None})
+    _write_parquet(pl.DataFrame(rows), output)
+
+
+def _write_parquet(df, output: Path) -> None:
+    from .vectors import atomic_write
+
+    atomic_write(output, lambda tmp: df.write_parquet(tmp))

@@ -1,0 +1,275 @@
+"""One training run: fine-tuning (FT or QAT) of the block linear weights, or pretraining of the demo
+backbone. Resumable from an atomic state file, deterministic on the CPU for a given seed.
+
+Data order is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would have seen; the state file holds the trained tensors, the optimizer and
+scheduler state, the RNG state and the loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data.base import ArrayDataset, Preprocess
+from .quant import QuantSpec, fake_quant_ste
+from .vectors import WeightVector, atomic_write
+
+log = logging.getLogger("qvlib.train")
+MODES = ("ft", "qat", "pretrain")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyperparameters. Give ``steps`` or ``epochs`` (one of them)."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 50
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
+        for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training keys: {sorted(unknown)}")
+        return cls(**dict(data))
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = max(1, n_examples // (self.batch_size * self.grad_accum))
+        return max(1, math.ceil(self.epochs * per_epoch))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Example indices of micro-batch number ``step``: epochs are seeded permutations, tails dropped."""
+    size = min(batch_size, n)
+    per_epoch = max(1, n // size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[pos * size:(pos + 1) * size]
+
+
+class PlannedBatches(Sampler[list[int]]):
+    """Batch sampler for a DataLoader that yields the planned batches from micro-step ``start`` on."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.batch_size, self.seed, step).tolist()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def batches(ds: Dataset, cfg: TrainConfig, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(ds, ArrayDataset):  # in memory: index directly, no workers
+        for step in range(start, stop):
+            idx = batch_indices(len(ds), cfg.batch_size, cfg.seed, step)
+            yield ds.images[idx], ds.labels[idx]
+        return
+    loader = DataLoader(ds, batch_sampler=PlannedBatches(len(ds), cfg.batch_size, cfg.seed, start, stop),
+                        num_workers=cfg.num_workers, persistent_workers=False)
+    for x, y in loader:
+        yield x, torch.as_tensor(y)
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantized_forward(model: torch.nn.Module, names: list[str], spec: QuantSpec, x: torch.Tensor) -> torch.Tensor:
+    """Forward pass with every named weight replaced by its STE fake-quantized version."""
+    params = dict(model.named_parameters())
+    replaced = {n: fake_quant_ste(params[n], spec) for n in names}
+    return torch.func.functional_call(model, replaced, (x,), strict=False)
+
+
+@dataclass
+class RunResult:
+    steps: int
+    losses: list[float]
+    wall_s: float
+    images_per_s: float
+    resumed_from: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def train(
+    model: torch.nn.Module,
+    train_ds: Dataset,
+    preprocess: Preprocess,
+    cfg: TrainConfig,
+    mode: str,
+    output: str | Path,
+    metadata: Mapping[str, object],
+    spec: QuantSpec | None = None,
+    state_path: str | Path | None = None,
+    device: str | None = None,
+    state_fn: Callable[[torch.nn.Module], Mapping[str, torch.Tensor]] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train the parameters of ``model`` that require grad; write the final weights to ``output``.
+
+    ``mode`` 'qat' fake-quantizes the trained weights in the forward pass (straight-through
+    gradient). Writes ``output`` (safetensors: ``model.state_dict()``, or ``state_fn(model)``) and ``output``'s metrics JSON only at the end; ``state_path`` holds the
+    resumable state meanwhile and is removed on success.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "qat" and spec is None:
+        raise ValueError("mode 'qat' needs a QuantSpec")
+    from tqdm.auto import tqdm
+
+    dev = pick_device(device)
+    model.to(dev)
+    model.train()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trained:
+        raise ValueError("no parameter requires grad: nothing to train")
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.total_steps(len(train_ds))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
+    losses: list[float] = []
+    start = 0
+    torch.manual_seed(cfg.seed)
+    state_path = Path(state_path) if state_path else Path(str(output) + ".state.pt")
+    if state_path.exists():
+        start, losses = _load_state(state_path, model, opt, sched, trained)
+        log.info("resuming %s from step %d of %d (%s)", output, start, total, state_path)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    accum = cfg.grad_accum
+    t0 = time.perf_counter()
+    seen = 0
+    bar = tqdm(total=total, initial=start, desc=f"{metadata.get('task', '?')}/{mode}", disable=not progress, unit="step")
+    micro = batches(train_ds, cfg, start * accum, total * accum)
+    try:
+        for step in range(start, total):
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(accum):
+                x, y = next(micro)
+                x = preprocess.normalize(x.to(dev, non_blocking=True))
+                y = y.to(dev, non_blocking=True)
+                with autocast:
+                    logits = quantized_forward(model, trained, spec, x) if mode == "qat" else model(x)
+                    loss = torch.nn.functional.cross_entropy(logits.float(), y) / accum
+                loss.backward()
+                step_loss += float(loss.detach())
+                seen += len(y)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"non-finite loss ({step_loss}) at step {step + 1} of {total}; nothing was written")
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(step_loss)
+            done = step + 1
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.0f}")
+            if done % cfg.log_every == 0 or done == total:
+                log.info("%s/%s step %d/%d loss %.4f lr %.3g %.0f img/s", metadata.get("task", "?"), mode, done, total,
+                         step_loss, sched.get_last_lr()[0], rate)
+            if done % cfg.checkpoint_every == 0 and done < total:
+                _save_state(state_path, done, model, opt, sched, trained, losses)
+    except BaseException:
+        bar.close()
+        raise
+    bar.close()
+    wall = time.perf_counter() - t0
+    result = RunResult(steps=total, losses=losses, wall_s=wall, images_per_s=seen / max(wall, 1e-9), resumed_from=start)
+    model.eval()
+    state = state_fn(model) if state_fn is not None else model.state_dict()
+    meta = {**metadata, "mode": mode, "train": asdict(cfg), "quant": spec.to_json() if spec else ""}
+    WeightVector({k: v.detach().float().cpu() for k, v in state.items()}).save(output, meta)
+    write_json(metrics_path(output), {"mode": mode, "steps": total, "resumed_from": start, "loss": losses,
+                                      "final_loss": losses[-1] if losses else None, "images_per_s": result.images_per_s,
+                                      "wall_s": wall, "device": str(dev), "threads": torch.get_num_threads(), **metadata})
+    if state_path.exists():
+        state_path.unlink()
+    return result
+
+
+def metrics_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".safetensors") + ".metrics.json")
+
+
+def write_json(path: str | Path, data: object) -> Path:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+
+    return atomic_write(path, write)
+
+
+def _save_state(path: Path, step: int, model, opt, sched, trained, losses) -> None:
+    params = dict(model.named_parameters())
+    blob = {
+        "step": step,
+        "params": {n: params[n].detach().cpu() for n in trained},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": torch.get_rng_state(),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _load_state(path: Path, model, opt, sched, trained) -> tuple[int, list[float]]:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if sorted(blob["params"]) != sorted(trained):
+        raise ValueError(f"resume state {path} trains other tensors than this run; delete it to start over")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in trained:
+            params[n].copy_(blob["params"][n])
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"])
+    return int(blob["step"]), blob["losses"].tolist()

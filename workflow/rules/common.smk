@@ -1,0 +1,86 @@
+# Shared helpers: config validation, the effective config file every `qv` call reads, paths,
+# resources. Nothing here knows the method.
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+NAME = config["name"]
+OUT = f"results/{NAME}"
+LOGS = f"logs/{NAME}"
+ARCHS = list(config["archs"])
+TASKS = list(config["tasks"])
+
+
+def _write_effective_config():
+    """The validated config (defaults filled in) as one file, rewritten only when it changes."""
+    path = Path(OUT) / "config.yaml"
+    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
+CONFIG = _write_effective_config()
+
+wildcard_constraints:
+    arch="|".join(ARCHS),
+    task="|".join(TASKS),
+    receiver="|".join(TASKS),
+    donor="|".join(TASKS),
+    mode="ft|qat",
+
+
+def digest(*parts):
+    """Short hash of config sections: a changed section reruns exactly the jobs that read it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def res(step, key, default):
+    return config.get("resources", {}).get(step, {}).get(key, default)
+
+
+def threads_of(step):
+    return res(step, "threads", 1)
+
+
+def resources_of(step):
+    """mem_mb, runtime (minutes) and gpu for a step, from the config's `resources` section."""
+    return dict(
+        mem_mb=res(step, "mem_mb", 4000),
+        runtime=res(step, "runtime", 60),
+        gpu=res(step, "gpu", 0),
+    )
+
+
+def needs_pretrain(arch):
+    return config["archs"][arch].get("backbone", {}).get("source") == "pretrain"
+
+
+def backbone_input(wildcards):
+    return [f"{OUT}/{wildcards.arch}/backbone.safetensors"] if needs_pretrain(wildcards.arch) else []
+
+
+def backbone_flag(wildcards, input):
+    return f"--backbone {input.backbone}" if input.backbone else ""
+
+
+def arch_digest(arch):
+    return digest(config["archs"][arch], config.get("pretrain") if needs_pretrain(arch) else None)
+
+
+def task_digest(task):
+    return digest(config["tasks"][task], config.get("task_defaults"), config.get("data_root"), config.get("seed"))
+
+
+def final_outputs():
+    files = []
+    for arch in ARCHS:
+        base = f"{OUT}/{arch}"
+        files += [f"{base}/{name}" for name in REPORT_FILES]
+    return files

@@ -1,0 +1,14 @@
+rule extract_vector:
+    """rho_D = theta_QAT(D) - theta_FT(D)."""
+    input:
+        qat=f"{OUT}/{{arch}}/checkpoints/{{task}}.qat.safetensors",
+        ft=f"{OUT}/{{arch}}/checkpoints/{{task}}.ft.safetensors",
+    output:
+        f"{OUT}/{{arch}}/vectors/{{task}}.safetensors",
+    log:
+        f"{LOGS}/{{arch}}/vectors/{{task}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "qv extract --qat {input.qat} --ft {input.ft} -o {output} > {log} 2>&1"
