@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 # TORCH_SPEC to the build that fits its CUDA (or leave torch already installed in the venv).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CORES ?= 2
+# Rules call `qv`; make the venv's commands visible to them.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test setup clean
 setup: $(VENV)/.installed

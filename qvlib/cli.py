@@ -121,6 +121,28 @@ def _patch(args) -> int:
 register("patch", "receiver + lambda * vector(s): zero-shot patching, no data needed", _patch_args, _patch)
 
 
+# ---------------------------------------------------------------- random-direction control
+def _random_args(p):
+    p.add_argument("vector", type=Path, help="a quantization vector")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, required=True)
+
+
+def _random(args) -> int:
+    from .pipeline import random_like
+    from .vectors import WeightVector
+
+    rho = WeightVector.load(args.vector)
+    out = random_like(rho, args.seed)
+    out.save(args.output, {**rho.metadata, "control": "random", "random_seed": args.seed, "norms_of": str(args.vector)})
+    print(f"wrote {args.output}: random direction, per-tensor norms of {args.vector} (norm {out.norm():.6g})")
+    return 0
+
+
+register("random-direction", "control: a random vector with the same per-tensor norms as a given vector",
+         _random_args, _random)
+
+
 # ---------------------------------------------------------------- quantize
 def _quantize_args(p):
     p.add_argument("checkpoint", type=Path)

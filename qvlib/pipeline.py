@@ -203,7 +203,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
                 rows.append({**base, "control": control, "search": "sweep", "lambda": float(lam), "split": split,
                              "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split])),
                              "seed": random_seed if control == "random" else None})
-        if "test" in splits and cfg.raw.get("oracle_search", True):
+        if "test" in splits and control != "random" and cfg.raw.get("oracle_search", True):
             found = search_lambda(lambda lam: score(lam, "test"))
             c = found.best_correct
             rows.append({**base, "control": control, "search": "adaptive", "lambda": found.best_lambda, "split": "test",

@@ -10,6 +10,12 @@ from .tables import headline
 from .vectors import atomic_write
 
 CONTROL_COLUMNS = ("random", "self")
+DPI = 110
+
+
+def gain_figure_size(n_receivers: int, n_donors: int) -> tuple[float, float]:
+    """Inches of the gain heatmap figure (two panels of donors plus two control columns each)."""
+    return 2.0 + 1.6 * (n_donors + 2.5), 2.8 + 0.55 * n_receivers
 
 
 def _matplotlib():
@@ -50,7 +56,7 @@ def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -
     mats = [gain_matrices(pair_rows, col) for col, _ in panels]
     vmax = max(1.0, *(float(abs(m).max().max()) for pair in mats for m in pair if m.size))
     n_rows, n_cols = mats[0][0].shape
-    fig = plt.figure(figsize=(2.0 + 1.6 * (n_cols + 2.5), 1.2 + 0.55 * n_rows + 0.8))
+    fig = plt.figure(figsize=gain_figure_size(n_rows, n_cols))
     grid = fig.add_gridspec(1, 5, width_ratios=[n_cols, 2, 0.6, n_cols, 2], wspace=0.08)
     kw = dict(cmap="RdYlGn", center=0.0, vmin=-vmax, vmax=vmax, annot=True, fmt=".1f", cbar=False,
               linewidths=0.5, linecolor="white", annot_kws={"size": 8})
@@ -90,7 +96,7 @@ def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") ->
 def _save(fig, output: str | Path) -> Path:
     plt = _matplotlib()
     fig.tight_layout()
-    path = atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    path = atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     plt.close(fig)
     return path
 

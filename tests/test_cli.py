@@ -84,3 +84,14 @@ def test_bad_input_fails_clearly_and_writes_nothing(ckpts):
     proc = qv("patch", "--receiver", d / "missing.safetensors", "--vector", d / "ft.safetensors", "-o", d / "bad.safetensors", check=False)
     assert proc.returncode == 2 and "missing.safetensors" in proc.stderr
     assert not (d / "bad.safetensors").exists()
+
+
+def test_random_direction_control_keeps_per_tensor_norms(ckpts):
+    d, _, _ = ckpts
+    qv("extract", "--qat", d / "qat.safetensors", "--ft", d / "ft.safetensors", "-o", d / "rho.safetensors")
+    qv("random-direction", d / "rho.safetensors", "--seed", 3, "-o", d / "rand.safetensors")
+    rho, rand = WeightVector.load(d / "rho.safetensors"), WeightVector.load(d / "rand.safetensors")
+    for name, t in rho.items():
+        assert float(rand[name].double().norm()) == pytest.approx(float(t.double().norm()), rel=1e-6, abs=1e-12)
+    assert rand.metadata["control"] == "random" and rand.metadata["random_seed"] == "3"
+    assert abs(rand.cosine(rho)) < 0.5

@@ -1,0 +1,150 @@
+"""Evaluation engine against a plain reference loop, lambda = 0 == PTQ, controls, search, bad input."""
+
+import polars as pl
+import pytest
+import torch
+
+from helpers import mini_config, qv
+from qvlib.evaluate import Engine, accuracy, dense_grid, load_split, search_lambda
+from qvlib.pipeline import random_like
+from qvlib.quant import QuantPolicy, QuantSpec, fake_quant_state
+from qvlib.vectors import WeightVector, patch
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Two tasks fine-tuned (FT and QAT) on the tiny arch, their vectors and cached splits."""
+    d = tmp_path_factory.mktemp("grid")
+    cfg = mini_config(d / "c.yaml", pretrain=False, tasks=("shapes", "dots"))
+    for task in ("shapes", "dots"):
+        for mode in ("ft", "qat"):
+            qv("finetune", "--config", cfg, "--arch", "tiny", "--task", task, "--mode", mode, "--threads", "1",
+               "--no-progress", "-o", d / f"{task}.{mode}.safetensors")
+        qv("extract", "--qat", d / f"{task}.qat.safetensors", "--ft", d / f"{task}.ft.safetensors", "-o", d / f"{task}.qv.safetensors")
+        qv("cache-splits", "--config", cfg, "--arch", "tiny", "--task", task,
+           "--test", d / f"{task}.test.safetensors", "--calib", d / f"{task}.calib.safetensors")
+    return d, cfg
+
+
+def reference_correct(ckpt: dict, images, labels, spec, vector=None, lam=0.0):
+    """Load, patch, quantize, then evaluate image by image: the slow obvious way."""
+    from qvlib.data.base import Preprocess
+    from qvlib.models import ArchSpec, build_vit
+
+    from conftest import TINY
+
+    state = patch(ckpt, [(lam, vector)]) if vector is not None else dict(ckpt)
+    state = fake_quant_state(state, spec) if spec is not None else state
+    model = build_vit(ArchSpec("tiny", "vit_tiny_patch16_224", TINY), num_classes=ckpt["head.weight"].shape[0])
+    model.load_state_dict(state)
+    model.eval()
+    pre = Preprocess.from_model(model)
+    correct = 0
+    with torch.no_grad():
+        for x, y in zip(images, labels):
+            correct += int(model(pre.normalize(x[None])).argmax(1).item() == int(y))
+    return correct
+
+
+def test_engine_matches_reference_loop(grid):
+    from qvlib.config import Config
+    from qvlib.data.cache import read_split_cache
+    from qvlib.pipeline import _engine
+
+    d, cfg_path = grid
+    cfg = Config.load(cfg_path)
+    engine, ckpt = _engine(cfg, "tiny", d / "shapes.ft.safetensors", "cpu")
+    images, labels, _ = read_split_cache(d / "shapes.test.safetensors")
+    split = load_split(images, labels, engine.device)
+    names = QuantPolicy().select_model(engine.model)
+    rho = WeightVector.load(d / "dots.qv.safetensors")
+    spec = QuantSpec(bits=2)
+    for lam in (0.0, 1.0, 1.7):
+        got = engine.correct(engine.quantized(names, spec, dict(rho), lam), split)
+        assert got == reference_correct(dict(ckpt), images, labels, spec, rho, lam)
+    assert engine.correct({}, split) == reference_correct(dict(ckpt), images, labels, None)  # FT, unquantized
+    assert engine.passes == 4
+
+
+def test_transfer_rows_lambda0_equals_ptq_and_self_equals_qat(grid):
+    d, cfg = grid
+    common = ["--config", cfg, "--arch", "tiny", "--test-cache", d / "shapes.test.safetensors",
+              "--calib-cache", d / "shapes.calib.safetensors"]
+    qv("evaluate-baselines", "--task", "shapes", "--ft", d / "shapes.ft.safetensors", "--qat", d / "shapes.qat.safetensors",
+       "-o", d / "base.parquet", *common)
+    qv("evaluate-transfer", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
+       "--donor", f"dots={d / 'dots.qv.safetensors'}", "--donor", f"shapes={d / 'shapes.qv.safetensors'}",
+       "-o", str(d / "cell_{donor}.parquet"), *common)
+    base = pl.read_parquet(d / "base.parquet")
+    assert set(base["model"]) == {"ft", "ptq", "qat", "qat_ptq"} and set(base["split"]) == {"test", "calib"}
+    assert base.filter(pl.col("split") == "test")["n"].to_list() == [60] * 4
+    cell = pl.read_parquet(d / "cell_dots.parquet")
+    assert set(cell["control"]) == {"none", "random"}
+    assert {"arch", "receiver", "donor", "lambda", "bits", "granularity", "split", "correct", "n", "accuracy"} <= set(cell.columns)
+    for split in ("test", "calib"):
+        ptq = base.filter((pl.col("model") == "ptq") & (pl.col("split") == split))["correct"].item()
+        zero = cell.filter((pl.col("lambda") == 0.0) & (pl.col("split") == split) & (pl.col("search") == "sweep"))
+        assert zero["correct"].to_list() == [ptq, ptq]  # donor and random control both start at PTQ
+        own = pl.read_parquet(d / "cell_shapes.parquet")
+        assert set(own["control"]) == {"self"}
+        qat_q = base.filter((pl.col("model") == "qat_ptq") & (pl.col("split") == split))["correct"].item()
+        at_one = own.filter((pl.col("lambda") == 1.0) & (pl.col("split") == split) & (pl.col("search") == "sweep"))
+        assert at_one["correct"].item() == qat_q
+    adaptive = cell.filter(pl.col("search") == "adaptive")
+    assert len(adaptive) == 1 and set(adaptive["split"]) == {"test"} and set(adaptive["control"]) == {"none"}
+
+
+def test_random_control_has_exactly_the_donor_norms():
+    g = torch.Generator().manual_seed(0)
+    rho = WeightVector({"a": torch.randn(4, 5, generator=g), "b": torch.randn(3, 3, generator=g) * 7})
+    r = random_like(rho, seed=11)
+    for name in rho:
+        assert float(r[name].double().norm()) == pytest.approx(float(rho[name].double().norm()), rel=1e-6)
+    assert abs(r.cosine(rho)) < 0.9
+    assert all(torch.equal(r[n], random_like(rho, seed=11)[n]) for n in rho)
+    assert not torch.equal(r["a"], random_like(rho, seed=12)["a"])
+
+
+def test_adaptive_search_finds_dense_grid_best_with_fewer_passes():
+    grid = dense_grid()
+    assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 2.0 and grid[10] == 1.0
+    for peak in (0.0, 0.35, 0.8, 1.0, 1.25, 1.9, 2.0):
+        curve = {lam: int(1000 - 400 * (lam - peak) ** 2) for lam in grid}
+        calls = []
+        found = search_lambda(lambda lam: calls.append(lam) or curve[lam])
+        assert found.best_correct == max(curve.values())
+        assert len(calls) == len(set(calls)) <= 9
+    flat = search_lambda(lambda lam: 5)
+    assert flat.best_lambda == 1.0  # ties prefer lambda = 1
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(grid, tmp_path):
+    d, cfg = grid
+    common = ["--config", cfg, "--arch", "tiny", "--test-cache", d / "shapes.test.safetensors"]
+    out = tmp_path / "o.parquet"
+    # a vector made for another quantization spec
+    rho = WeightVector.load(d / "dots.qv.safetensors")
+    WeightVector(dict(rho)).save(tmp_path / "w4.safetensors", {**rho.metadata, "quant": QuantSpec(bits=4).to_json()})
+    proc = qv("evaluate-transfer", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
+              "--donor", f"dots={tmp_path / 'w4.safetensors'}", "-o", out, *common, check=False)
+    assert proc.returncode == 2 and "w4-channel" in proc.stderr and "w2-channel" in proc.stderr
+    # a vector of another shape
+    WeightVector({k: torch.zeros(2, 2) for k in rho}).save(tmp_path / "shape.safetensors", {"quant": QuantSpec(bits=2).to_json()})
+    proc = qv("evaluate-transfer", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
+              "--donor", f"dots={tmp_path / 'shape.safetensors'}", "-o", out, *common, check=False)
+    assert proc.returncode == 2 and "(2, 2)" in proc.stderr
+    # a receiver without cached splits
+    proc = qv("evaluate-transfer", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
+              "--donor", f"dots={d / 'dots.qv.safetensors'}", "-o", out, "--config", cfg, "--arch", "tiny",
+              "--test-cache", tmp_path / "none.safetensors", check=False)
+    assert proc.returncode == 2 and "no cached split" in proc.stderr
+    # a malformed donor
+    proc = qv("evaluate-transfer", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
+              "--donor", "dots", "-o", out, *common, check=False)
+    assert proc.returncode == 2 and "NAME=VECTOR" in proc.stderr
+    assert not out.exists()
+
+
+def test_accuracy_helper():
+    assert accuracy(3, 4) == 75.0
+    assert accuracy(0, 0) != accuracy(0, 0)  # nan

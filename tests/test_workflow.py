@@ -1,0 +1,144 @@
+"""The whole workflow through Snakemake on a miniature config: outputs, incremental reruns, the
+paper grid's DAG, and schema errors."""
+
+import re
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from PIL import Image
+
+from helpers import REPO, mini_config, snakemake
+from qvlib.plots import DPI, gain_figure_size
+
+pytestmark = pytest.mark.slow
+TASKS = ("shapes", "dots", "blur")
+REPORT = ["baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet",
+          "diagnostics.parquet", "cosine.parquet", "summary.md", "heatmap_gain.png", "heatmap_cosine.png"]
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wf")
+    cfg = mini_config(work / "mini.yaml", tasks=TASKS)
+    snakemake(work, cfg)
+    return work, cfg
+
+
+def test_every_output_exists_with_the_right_shape(finished):
+    work, _ = finished
+    out = work / "results" / "mini" / "tiny"
+    for name in REPORT:
+        assert (out / name).stat().st_size > 0, name
+    for task in TASKS:
+        for mode in ("ft", "qat"):
+            assert (out / "checkpoints" / f"{task}.{mode}.safetensors").exists()
+            assert (work / "logs" / "mini" / "tiny" / "finetune" / f"{task}.{mode}.log").exists()
+    assert (out / "backbone.safetensors").exists()
+
+    base = pl.read_parquet(out / "baselines.parquet")
+    assert len(base) == 3 * 4 * 2 and set(base["model"]) == {"ft", "ptq", "qat", "qat_ptq"}
+    transfer = pl.read_parquet(out / "transfer.parquet")
+    # per cell: 3 lambdas x 2 splits per variant, + 1 adaptive row for the donor (none) or self
+    assert transfer.filter(pl.col("control") == "none").height == 6 * (3 * 2 + 1)
+    assert transfer.filter(pl.col("control") == "random").height == 6 * 3 * 2
+    assert transfer.filter(pl.col("control") == "self").height == 3 * (3 * 2 + 1)
+    assert {"gain", "ptq_accuracy", "accuracy", "correct", "n", "lambda", "split", "granularity"} <= set(transfer.columns)
+
+    # lambda = 0 rows reproduce the PTQ baselines exactly
+    zero = transfer.filter((pl.col("lambda") == 0.0) & (pl.col("search") == "sweep"))
+    ptq = base.filter(pl.col("model") == "ptq").select("task", "split", pl.col("correct").alias("ptq_correct"))
+    joined = zero.join(ptq, left_on=["receiver", "split"], right_on=["task", "split"])
+    assert len(joined) == len(zero) > 0 and (joined["correct"] == joined["ptq_correct"]).all()
+    assert (zero["gain"] == 0).all()
+    # the self control at lambda = 1 is the QAT model quantized
+    own = transfer.filter((pl.col("control") == "self") & (pl.col("lambda") == 1.0) & (pl.col("search") == "sweep"))
+    qat = base.filter(pl.col("model") == "qat_ptq").select("task", "split", pl.col("correct").alias("qat_correct"))
+    joined = own.join(qat, left_on=["receiver", "split"], right_on=["task", "split"])
+    assert len(joined) == 6 and (joined["correct"] == joined["qat_correct"]).all()
+
+    donors = pl.read_parquet(out / "summary_donor.parquet")
+    assert set(donors["setting"]) == {"lambda=1", "oracle", "calib"} and set(donors["control"]) == {"none", "random"}
+    assert (donors["pairs"] == 2).all()
+    receivers = pl.read_parquet(out / "summary_receiver.parquet")
+    assert set(receivers["control"]) == {"none", "random", "self"}
+
+    diag = pl.read_parquet(out / "diagnostics.parquet")
+    assert len(diag) == 3 * 5 and (diag["ft_update_rel"] > 0).all()
+    cos = pl.read_parquet(out / "cosine.parquet")
+    assert len(cos) == 9
+    assert cos.filter(pl.col("task_a") == pl.col("task_b"))["cosine"].to_list() == pytest.approx([1.0] * 3)
+
+    with Image.open(out / "heatmap_gain.png") as im:
+        assert im.format == "PNG"
+        w, h = gain_figure_size(3, 3)
+        assert im.size == (round(w * DPI), round(h * DPI))
+    with Image.open(out / "heatmap_cosine.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    summary = (out / "summary.md").read_text()
+    assert "PTQ loses" in summary and "best_minus_random" in summary
+
+
+def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
+    work, cfg = finished
+    data = yaml.safe_load(cfg.read_text())
+    data["tasks"]["frequency"] = {}
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(yaml.safe_dump(data))
+    jobs = planned_jobs(snakemake(work, bigger, "--dry-run"))
+    assert jobs == {"finetune": 2, "extract_vector": 1, "cache_splits": 1, "baselines": 1,
+                    "transfer_cell": 4 + 3,  # its own row (3 donors + self) and one cell per other receiver
+                    "tables": 1, "diagnostics": 1, "figures": 1, "all": 1, "total": 16}
+
+
+def test_deleting_a_cell_reruns_only_that_cell(finished):
+    work, cfg = finished
+    snakemake(work, cfg)  # restore the original effective config after the dry run above
+    assert planned_jobs(snakemake(work, cfg, "--dry-run")) == {}
+    cell = work / "results" / "mini" / "tiny" / "transfer" / "dots" / "blur.parquet"
+    before = pl.read_parquet(cell)
+    cell.unlink()
+    jobs = planned_jobs(snakemake(work, cfg, "--dry-run"))
+    assert jobs == {"transfer_cell": 1, "tables": 1, "figures": 1, "all": 1, "total": 4}
+    snakemake(work, cfg)
+    assert pl.read_parquet(cell).equals(before)  # deterministic on the CPU
+
+
+def test_paper_config_dag(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / "paper.yaml", "--dry-run"))
+    assert jobs["finetune"] == 4 * 22 * 2
+    assert jobs["transfer_cell"] == 4 * 22 * 22
+    assert jobs["baselines"] == jobs["cache_splits"] == jobs["extract_vector"] == 4 * 22
+    assert jobs["tables"] == jobs["figures"] == jobs["diagnostics"] == 4
+    assert "pretrain" not in jobs
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"quant": {"bits": 9, "granularity": "channel"}}, "9"),
+    ({"learning_rate": 0.1}, "learning_rate"),
+    ({"finetune": {"steps": 10, "momentum": 0.9}}, "momentum"),
+])
+def test_schema_errors_stop_before_any_job(tmp_path, change, message):
+    cfg = mini_config(tmp_path / "bad.yaml", **change)
+    proc = snakemake(tmp_path, cfg, check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert message in text and "validat" in text.lower()
+    assert not (tmp_path / "results" / "mini" / "tiny").exists()
