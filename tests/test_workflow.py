@@ -89,7 +89,7 @@ def test_every_output_exists_with_the_right_shape(finished):
     with Image.open(out / "heatmap_gain.png") as im:
         assert im.format == "PNG"
         w, h = gain_figure_size(3, 3)
-        assert im.size == (round(w * DPI), round(h * DPI))
+        assert abs(im.size[0] - w * DPI) <= 1 and abs(im.size[1] - h * DPI) <= 1
     with Image.open(out / "heatmap_cosine.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     summary = (out / "summary.md").read_text()

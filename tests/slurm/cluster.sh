@@ -2,7 +2,7 @@
 # A single-node Slurm on localhost for the workflow's Slurm test: `cluster.sh start` / `cluster.sh stop`.
 # Needs root and Debian's slurmctld slurmd slurm-client munge (installed by .ci/run). Everything it
 # starts is recorded in pid files under $QV_SLURM_STATE and stopped by `cluster.sh stop`.
-# The daemons listen on ports 6817-6818; the test only talks to localhost.
+# Partitions "cpu" (default) and "gpu" match profiles/slurm/config.yaml. The daemons listen on ports 6817-6818; the test only talks to localhost.
 set -euo pipefail
 STATE=${QV_SLURM_STATE:-/tmp/qvlib-slurm}
 CONF=/etc/slurm/slurm.conf
@@ -37,7 +37,7 @@ start() {
   munged --force --key-file="$STATE/munge-key/munge.key" --socket="$STATE/munge-run/munge.socket" \
     --pid-file="$STATE/munged.pid" --log-file="$STATE/log/munged.log" --seed-file="$STATE/munge.seed"
   mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
-  cpus=$(nproc)
+  cpus=$(getconf _NPROCESSORS_ONLN)
   cat > "$CONF" <<CONF
 ClusterName=qvlib-test
 SlurmctldHost=localhost
@@ -65,7 +65,7 @@ SlurmctldPort=6817
 SlurmdPort=6818
 GresTypes=gpu
 NodeName=localhost CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
-PartitionName=main Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 CONF
   # Fake GPUs: enough for Slurm to hand out --gpus and set CUDA_VISIBLE_DEVICES.

@@ -79,8 +79,14 @@ def task_digest(task):
 
 
 def final_outputs():
+    """Every per-task and per-cell result as well as the reports: a deleted intermediate file is then
+    a missing target, so rerunning recomputes exactly it and what is derived from it."""
     files = []
     for arch in ARCHS:
         base = f"{OUT}/{arch}"
         files += [f"{base}/{name}" for name in REPORT_FILES]
+        files += [f"{base}/checkpoints/{task}.{mode}.safetensors" for task in TASKS for mode in ("ft", "qat")]
+        files += [f"{base}/vectors/{task}.safetensors" for task in TASKS]
+        files += [f"{base}/baselines/{task}.parquet" for task in TASKS]
+        files += [f"{base}/transfer/{r}/{d}.parquet" for r in TASKS for d in TASKS]
     return files

@@ -17,10 +17,10 @@ rule tables:
         baselines=expand(f"{OUT}/{{{{arch}}}}/baselines/{{task}}.parquet", task=TASKS),
         cells=expand(f"{OUT}/{{{{arch}}}}/transfer/{{receiver}}/{{donor}}.parquet", receiver=TASKS, donor=TASKS),
     output:
-        baselines=report(f"{OUT}/{{arch}}/baselines.parquet", category="Tables"),
+        baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",
-        donor=report(f"{OUT}/{{arch}}/summary_donor.parquet", category="Tables"),
-        receiver=report(f"{OUT}/{{arch}}/summary_receiver.parquet", category="Tables"),
+        donor=f"{OUT}/{{arch}}/summary_donor.parquet",
+        receiver=f"{OUT}/{{arch}}/summary_receiver.parquet",
     log:
         f"{LOGS}/{{arch}}/tables.log",
     shell:
@@ -35,7 +35,7 @@ rule diagnostics:
         ft=expand(f"{OUT}/{{{{arch}}}}/checkpoints/{{task}}.ft.safetensors", task=TASKS),
         vectors=expand(f"{OUT}/{{{{arch}}}}/vectors/{{task}}.safetensors", task=TASKS),
     output:
-        norms=report(f"{OUT}/{{arch}}/diagnostics.parquet", category="Diagnostics"),
+        norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
     log:
         f"{LOGS}/{{arch}}/diagnostics.log",
