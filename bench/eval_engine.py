@@ -135,11 +135,10 @@ def main():
 
 def search_report(folder: Path, device, threads):
     """Adaptive search against the dense 21-point grid on every real pair of a finished run."""
-    import yaml
 
     from qvlib.config import Config
     from qvlib.data.cache import read_split_cache
-    from qvlib.pipeline import _engine
+    from qvlib.pipeline import load_engine
 
     cfg_path = folder.parent / "config.yaml"
     cfg = Config.load(cfg_path)
@@ -147,7 +146,7 @@ def search_report(folder: Path, device, threads):
     tasks = cfg.task_names
     worst, passes, pairs = 0.0, [], 0
     for receiver in tasks:
-        engine, _ = _engine(cfg, arch, folder / "checkpoints" / f"{receiver}.ft.safetensors", str(device))
+        engine, _ = load_engine(cfg, arch, folder / "checkpoints" / f"{receiver}.ft.safetensors", str(device))
         images, labels, _ = read_split_cache(folder / "cache" / f"{receiver}.test.safetensors")
         split = load_split(images, labels, engine.device)
         names = QuantPolicy().select_model(engine.model)

@@ -311,15 +311,15 @@ def _tables_args(p):
 
 def _tables(args) -> int:
     from . import tables
-    from .pipeline import _write_parquet
+    from .pipeline import write_parquet
 
     baselines = tables.read_all(args.baselines)
     transfer = tables.with_gain(tables.read_all(args.cells), baselines)
     pair_rows = tables.pairs(transfer)
-    _write_parquet(baselines, args.out_baselines)
-    _write_parquet(transfer, args.out_transfer)
-    _write_parquet(tables.summary_donor(pair_rows), args.out_donor)
-    _write_parquet(tables.summary_receiver(pair_rows), args.out_receiver)
+    write_parquet(baselines, args.out_baselines)
+    write_parquet(transfer, args.out_transfer)
+    write_parquet(tables.summary_donor(pair_rows), args.out_donor)
+    write_parquet(tables.summary_receiver(pair_rows), args.out_receiver)
     return 0
 
 
@@ -353,7 +353,7 @@ def _diagnostics(args) -> int:
     from .config import Config
     from .diagnostics import cosine_table, norms_table
     from .models import backbone_state
-    from .pipeline import _write_parquet
+    from .pipeline import write_parquet
 
     cfg = Config.load(args.config)
     backbone = backbone_state(cfg.arch(args.arch, backbone_path=args.backbone))
@@ -361,8 +361,8 @@ def _diagnostics(args) -> int:
     missing = sorted(set(vectors) - set(fts))
     if missing:
         raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
-    _write_parquet(norms_table(args.arch, backbone, fts, vectors), args.out_norms)
-    _write_parquet(cosine_table(args.arch, vectors), args.out_cosine)
+    write_parquet(norms_table(args.arch, backbone, fts, vectors), args.out_norms)
+    write_parquet(cosine_table(args.arch, vectors), args.out_cosine)
     return 0
 
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from .config import Config
 from .data.base import Preprocess
-from .data.registry import load_task, pretrain_mixture
+from .data.cache import read_split_cache, write_split_cache
+from .data.registry import load_task, pretrain_mixture, stable_seed
+from .evaluate import Engine, accuracy, load_split, search_lambda
 from .models import backbone_state, build_vit, task_model
-from .quant import QuantPolicy
-from .train import train
+from .quant import QuantPolicy, QuantSpec, fake_quant
+from .train import pick_device, train
+from .vectors import WeightVector, atomic_write
 
 log = logging.getLogger("qvlib")
 
@@ -64,19 +68,14 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
 # ---------------------------------------------------------------- evaluation
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
     """Write the preprocessed ``test`` and ``calib`` splits (``outputs``: split -> path)."""
-    from .data.cache import write_split_cache
-
     pre = Preprocess.from_model(build_vit(cfg.arch(arch_name), num_classes=1))
     task = load_task(task_name, cfg.load_options(task_name, pre))
     for split, path in outputs.items():
         write_split_cache(task, split, pre, path)
 
 
-def _engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | None):
-    from .evaluate import Engine
-    from .train import pick_device
-    from .vectors import WeightVector
-
+def load_engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | None) -> tuple[Engine, WeightVector]:
+    """The evaluation engine around a fine-tuned checkpoint, which must fit the arch tensor by tensor."""
     ckpt = WeightVector.load(checkpoint)
     meta_arch = ckpt.metadata.get("arch")
     if meta_arch is not None and meta_arch != arch_name:
@@ -95,10 +94,8 @@ def _engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | None):
     return Engine(model, pre, pick_device(device), cfg.eval_batch_size()), ckpt
 
 
-def _splits(engine, caches: dict[str, Path]):
-    from .data.cache import read_split_cache
-    from .evaluate import load_split
-
+def _splits(engine: Engine, caches: dict[str, Path]) -> dict:
+    """Cached splits loaded onto the engine's device, checked against the arch's input size."""
     out = {}
     for split, path in caches.items():
         images, labels, meta = read_split_cache(path)
@@ -111,20 +108,13 @@ def _splits(engine, caches: dict[str, Path]):
 def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qat: Path, caches: dict[str, Path],
                        output: Path, device: str | None = None) -> None:
     """FT, PTQ(FT), QAT quantized and QAT unquantized on each cached split: one tidy row each."""
-    import polars as pl
-
-    from .evaluate import accuracy
-    from .quant import QuantPolicy
-    from .vectors import WeightVector
-
     spec = cfg.quant
-    engine, _ = _engine(cfg, arch_name, ft, device)
+    engine, _ = load_engine(cfg, arch_name, ft, device)
     names = QuantPolicy().select_model(engine.model)
     qat_ckpt = WeightVector.load(qat)
     _check_spec(qat_ckpt.metadata, spec, qat)
     qat_weights = {n: qat_ckpt[n].to(engine.device) for n in names}
     splits = _splits(engine, caches)
-    from .quant import fake_quant
 
     models = {
         "ft": {},
@@ -139,12 +129,10 @@ def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qa
             rows.append({"arch": arch_name, "task": task_name, "model": model_name, "quantized": model_name in ("ptq", "qat_ptq"),
                          "bits": spec.bits, "granularity": spec.tag, "split": split, "correct": correct, "n": len(data),
                          "accuracy": accuracy(correct, len(data))})
-    _write_parquet(pl.DataFrame(rows), output)
+    write_parquet(pl.DataFrame(rows), output)
 
 
 def _check_spec(metadata: dict, spec, path) -> None:
-    from .quant import QuantSpec
-
     recorded = metadata.get("quant")
     if recorded:
         other = QuantSpec.from_json(recorded)
@@ -154,8 +142,6 @@ def _check_spec(metadata: dict, spec, path) -> None:
 
 def random_like(vector, seed: int):
     """A vector with the same per-tensor norms as ``vector`` and a random (seeded) direction."""
-    from .vectors import WeightVector
-
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in vector.items():
@@ -169,15 +155,8 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     """Q(theta_R + lambda * rho_D) for every lambda of the sweep on every cached split, plus an adaptive
     oracle search on ``test``. Donor == receiver gives the 'self' control; otherwise (with ``controls``)
     a norm-matched random direction is evaluated beside the donor as control 'random'."""
-    import polars as pl
-
-    from .data.registry import stable_seed
-    from .evaluate import accuracy, search_lambda
-    from .quant import QuantPolicy
-    from .vectors import WeightVector
-
     spec = cfg.quant
-    engine, _ = _engine(cfg, arch_name, receiver_ft, device)
+    engine, _ = load_engine(cfg, arch_name, receiver_ft, device)
     names = QuantPolicy().select_model(engine.model)
     rho = WeightVector.load(vector)
     _check_spec(rho.metadata, spec, vector)
@@ -209,10 +188,8 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
             rows.append({**base, "control": control, "search": "adaptive", "lambda": found.best_lambda, "split": "test",
                          "correct": c, "n": len(splits["test"]), "accuracy": accuracy(c, len(splits["test"])),
                          "seed": random_seed if control == "random" else None})
-    _write_parquet(pl.DataFrame(rows), output)
+    write_parquet(pl.DataFrame(rows), output)
 
 
-def _write_parquet(df, output: Path) -> None:
-    from .vectors import atomic_write
-
+def write_parquet(df, output: Path) -> None:
     atomic_write(output, lambda tmp: df.write_parquet(tmp))

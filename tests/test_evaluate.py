@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import mini_config, qv
-from qvlib.evaluate import Engine, accuracy, dense_grid, load_split, search_lambda
+from qvlib.evaluate import accuracy, dense_grid, load_split, search_lambda
 from qvlib.pipeline import random_like
 from qvlib.quant import QuantPolicy, QuantSpec, fake_quant_state
 from qvlib.vectors import WeightVector, patch
@@ -49,11 +49,11 @@ def reference_correct(ckpt: dict, images, labels, spec, vector=None, lam=0.0):
 def test_engine_matches_reference_loop(grid):
     from qvlib.config import Config
     from qvlib.data.cache import read_split_cache
-    from qvlib.pipeline import _engine
+    from qvlib.pipeline import load_engine
 
     d, cfg_path = grid
     cfg = Config.load(cfg_path)
-    engine, ckpt = _engine(cfg, "tiny", d / "shapes.ft.safetensors", "cpu")
+    engine, ckpt = load_engine(cfg, "tiny", d / "shapes.ft.safetensors", "cpu")
     images, labels, _ = read_split_cache(d / "shapes.test.safetensors")
     split = load_split(images, labels, engine.device)
     names = QuantPolicy().select_model(engine.model)

@@ -2,8 +2,6 @@
 paper grid's DAG, and schema errors."""
 
 import re
-import shutil
-from pathlib import Path
 
 import polars as pl
 import pytest
