@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .quant import QuantPolicy, QuantSpec, fake_quant_state
+from .vectors import WeightVector, atomic_write, patch, quantization_vector, random_direction
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -37,7 +38,6 @@ def _info_args(p):
 
 
 def _info(args) -> int:
-    from .vectors import WeightVector
 
     vec = WeightVector.load(args.checkpoint)
     quantized = QuantPolicy().select(vec)
@@ -72,7 +72,6 @@ def _extract_args(p):
 
 
 def _extract(args) -> int:
-    from .vectors import WeightVector, quantization_vector
 
     qat, ft = WeightVector.load(args.qat), WeightVector.load(args.ft)
     for key in ("arch", "task"):
@@ -103,7 +102,6 @@ def _patch_args(p):
 
 
 def _patch(args) -> int:
-    from .vectors import WeightVector, patch
 
     lambdas = args.lambdas or [1.0]
     if len(lambdas) == 1:
@@ -129,11 +127,9 @@ def _random_args(p):
 
 
 def _random(args) -> int:
-    from .pipeline import random_like
-    from .vectors import WeightVector
 
     rho = WeightVector.load(args.vector)
-    out = random_like(rho, args.seed)
+    out = random_direction(rho, args.seed)
     out.save(args.output, {**rho.metadata, "control": "random", "random_seed": args.seed, "norms_of": str(args.vector)})
     print(f"wrote {args.output}: random direction, per-tensor norms of {args.vector} (norm {out.norm():.6g})")
     return 0
@@ -151,7 +147,6 @@ def _quantize_args(p):
 
 
 def _quantize(args) -> int:
-    from .vectors import WeightVector
 
     spec = quant_spec(args)
     ckpt = WeightVector.load(args.checkpoint)
@@ -337,7 +332,6 @@ def _diagnostics_args(p):
 
 
 def _by_task(paths) -> dict:
-    from .vectors import WeightVector
 
     out = {}
     for path in paths:
@@ -381,7 +375,6 @@ def _figures(args) -> int:
     import polars as pl
 
     from . import plots, tables
-    from .vectors import atomic_write
 
     baselines, transfer = pl.read_parquet(args.baselines), pl.read_parquet(args.transfer)
     pair_rows = tables.pairs(transfer)

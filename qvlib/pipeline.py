@@ -20,7 +20,7 @@ from .evaluate import Engine, accuracy, load_split, search_lambda
 from .models import backbone_state, build_vit, task_model
 from .quant import QuantPolicy, QuantSpec, fake_quant
 from .train import pick_device, train
-from .vectors import WeightVector, atomic_write
+from .vectors import WeightVector, atomic_write, random_direction
 
 log = logging.getLogger("qvlib")
 
@@ -140,16 +140,6 @@ def _check_spec(metadata: dict, spec, path) -> None:
             raise ValueError(f"{path} was made for quantization {other.tag} ({recorded}) but this run uses {spec.tag} ({spec.to_json()})")
 
 
-def random_like(vector, seed: int):
-    """A vector with the same per-tensor norms as ``vector`` and a random (seeded) direction."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in vector.items():
-        g = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-        out[name] = (g * (t.double().norm() / g.norm())).to(t.dtype)
-    return WeightVector(out)
-
-
 def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiver_ft: Path, vector: Path,
                   caches: dict[str, Path], output: Path, device: str | None = None, controls: bool = True) -> None:
     """Q(theta_R + lambda * rho_D) for every lambda of the sweep on every cached split, plus an adaptive
@@ -167,7 +157,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     variants = {"self" if donor == receiver else "none": rho}
     random_seed = stable_seed("random-direction", donor, cfg.seed)
     if controls and donor != receiver:
-        variants["random"] = random_like(rho, random_seed)
+        variants["random"] = random_direction(rho, random_seed)
     rows = []
     base = {"arch": arch_name, "receiver": receiver, "donor": donor, "bits": spec.bits, "granularity": spec.tag}
     for control, vec in variants.items():

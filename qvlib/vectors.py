@@ -165,6 +165,16 @@ def quantization_vector(qat: Mapping[str, torch.Tensor], ft: Mapping[str, torch.
     return WeightVector({n: _get(qat, n, "QAT") for n in names}) - WeightVector({n: _get(ft, n, "FT") for n in names})
 
 
+def random_direction(vector: Mapping[str, torch.Tensor], seed: int) -> WeightVector:
+    """The control for a vector: same per-tensor norms, random (seeded Gaussian) direction."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in vector.items():
+        g = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        out[name] = (g * (t.double().norm() / g.norm())).to(t.dtype)
+    return WeightVector(out)
+
+
 def patch(receiver: Mapping[str, torch.Tensor], vectors: Iterable[tuple[float, Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """``theta_R + sum(lambda_i * v_i)``: a new state dict; tensors not in any vector are shared."""
     out = dict(receiver)

@@ -6,9 +6,8 @@ import torch
 
 from helpers import mini_config, qv
 from qvlib.evaluate import accuracy, dense_grid, load_split, search_lambda
-from qvlib.pipeline import random_like
 from qvlib.quant import QuantPolicy, QuantSpec, fake_quant_state
-from qvlib.vectors import WeightVector, patch
+from qvlib.vectors import WeightVector, patch, random_direction
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +96,12 @@ def test_transfer_rows_lambda0_equals_ptq_and_self_equals_qat(grid):
 def test_random_control_has_exactly_the_donor_norms():
     g = torch.Generator().manual_seed(0)
     rho = WeightVector({"a": torch.randn(4, 5, generator=g), "b": torch.randn(3, 3, generator=g) * 7})
-    r = random_like(rho, seed=11)
+    r = random_direction(rho, seed=11)
     for name in rho:
         assert float(r[name].double().norm()) == pytest.approx(float(rho[name].double().norm()), rel=1e-6)
     assert abs(r.cosine(rho)) < 0.9
-    assert all(torch.equal(r[n], random_like(rho, seed=11)[n]) for n in rho)
-    assert not torch.equal(r["a"], random_like(rho, seed=12)["a"])
+    assert all(torch.equal(r[n], random_direction(rho, seed=11)[n]) for n in rho)
+    assert not torch.equal(r["a"], random_direction(rho, seed=12)["a"])
 
 
 def test_adaptive_search_finds_dense_grid_best_with_fewer_passes():
