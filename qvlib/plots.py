@@ -66,6 +66,7 @@ def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -
         ax.set_title(label)
         ax.set_xlabel("donor")
         ax.set_ylabel("receiver" if k == 0 else "")
+        ax.tick_params(axis="y", rotation=0)
         if k:
             ax.set_yticklabels([])
         cax = fig.add_subplot(grid[0, 3 * k + 1])
@@ -75,7 +76,8 @@ def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -
         cax.set_title("controls", fontsize=9)
     if title:
         fig.suptitle(title)
-    return _save(fig, output)
+    fig.subplots_adjust(left=1.6 / fig.get_figwidth(), right=0.98, top=1 - 0.9 / fig.get_figheight(), bottom=1.3 / fig.get_figheight())
+    return _save(fig, output, tight=False)
 
 
 def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") -> Path:
@@ -93,9 +95,10 @@ def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") ->
     return _save(fig, output)
 
 
-def _save(fig, output: str | Path) -> Path:
+def _save(fig, output: str | Path, tight: bool = True) -> Path:
     plt = _matplotlib()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     path = atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     plt.close(fig)
     return path
