@@ -6,7 +6,6 @@ itself lives in the modules it calls.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import polars as pl
@@ -22,12 +21,14 @@ from .quant import QuantPolicy, QuantSpec, fake_quant
 from .train import pick_device, train
 from .vectors import WeightVector, atomic_write, random_direction
 
-log = logging.getLogger("qvlib")
-
-
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
+
+
+def arch_preprocess(arch) -> Preprocess:
+    """Preprocessing of an arch (timm data config at the arch's own input size), from a headless build."""
+    return Preprocess.from_model(build_vit(arch, num_classes=0))
 
 
 def pretrain(cfg: Config, arch_name: str, output: Path, device: str | None = None, progress: bool = True) -> None:
@@ -36,8 +37,7 @@ def pretrain(cfg: Config, arch_name: str, output: Path, device: str | None = Non
     arch = cfg.arch(arch_name)
     tcfg = cfg.pretrain_train()
     kinds, n_per_task = cfg.pretrain_mixture()
-    model = build_vit(arch, num_classes=1, seed=cfg.seed)  # head replaced below once classes are known
-    pre = Preprocess.from_model(model)
+    pre = arch_preprocess(arch)
     data, classes = pretrain_mixture(kinds, n_per_task, cfg.seed, pre)
     model = build_vit(arch, num_classes=len(classes), seed=cfg.seed)
     model.requires_grad_(True)
@@ -50,8 +50,7 @@ def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Pat
              device: str | None = None, progress: bool = True) -> None:
     """FT or QAT of the block linear weights from the shared backbone, with the task's fixed head."""
     arch = cfg.arch(arch_name, backbone_path=backbone)
-    probe = build_vit(arch, num_classes=1)
-    pre = Preprocess.from_model(probe)
+    pre = arch_preprocess(arch)
     task = load_task(task_name, cfg.load_options(task_name, pre))
     model = task_model(arch, backbone_state(arch), task_name, task.num_classes, seed=cfg.seed)
     meta = {**_metadata(cfg, arch_name, task_name, mode), "num_classes": task.num_classes}
@@ -68,7 +67,7 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
 # ---------------------------------------------------------------- evaluation
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
     """Write the preprocessed ``test`` and ``calib`` splits (``outputs``: split -> path)."""
-    pre = Preprocess.from_model(build_vit(cfg.arch(arch_name), num_classes=1))
+    pre = arch_preprocess(cfg.arch(arch_name))
     task = load_task(task_name, cfg.load_options(task_name, pre))
     for split, path in outputs.items():
         write_split_cache(task, split, pre, path)
@@ -98,7 +97,7 @@ def _splits(engine: Engine, caches: dict[str, Path]) -> dict:
     """Cached splits loaded onto the engine's device, checked against the arch's input size."""
     out = {}
     for split, path in caches.items():
-        images, labels, meta = read_split_cache(path)
+        images, labels, _ = read_split_cache(path)
         if images.shape[-1] != engine.preprocess.img_size:
             raise ValueError(f"cached split {path} holds {images.shape[-1]}px images; the arch needs {engine.preprocess.img_size}px")
         out[split] = load_split(images, labels, engine.device)

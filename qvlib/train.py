@@ -216,10 +216,8 @@ def train(
                          step_loss, sched.get_last_lr()[0], rate)
             if done % cfg.checkpoint_every == 0 and done < total:
                 _save_state(state_path, done, model, opt, sched, trained, losses)
-    except BaseException:
+    finally:
         bar.close()
-        raise
-    bar.close()
     wall = time.perf_counter() - t0
     result = RunResult(steps=total, losses=losses, wall_s=wall, images_per_s=seen / max(wall, 1e-9), resumed_from=start)
     model.eval()
