@@ -12,6 +12,7 @@ from typing import Callable
 
 from .quant import QuantPolicy, QuantSpec, fake_quant_state
 from .vectors import WeightVector, atomic_write, patch, quantization_vector, random_direction
+from .vocab import FINETUNE_MODES, Split
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -167,9 +168,17 @@ def add_job_args(p, task: bool = False) -> None:
     p.add_argument("--arch", required=True, help="an arch name from the config")
     if task:
         p.add_argument("--task", required=True, help="a task name from the config")
+    p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (Snakemake passes {threads})")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+def load_config(args: argparse.Namespace):
+    """The run config at the replicate seed a job names (``--seed``)."""
+    from .config import Config
+
+    return Config.load(args.config).with_seed(getattr(args, "seed", None))
 
 
 def _pretrain_args(p):
@@ -178,11 +187,10 @@ def _pretrain_args(p):
 
 
 def _pretrain(args) -> int:
-    from .config import Config
     from .pipeline import pretrain, set_threads
 
     set_threads(args.threads)
-    pretrain(Config.load(args.config), args.arch, args.output, device=args.device, progress=not args.no_progress)
+    pretrain(load_config(args), args.arch, args.output, device=args.device, progress=not args.no_progress)
     return 0
 
 
@@ -191,17 +199,16 @@ register("pretrain", "train the demo backbone on the generated pretraining mixtu
 
 def _finetune_args(p):
     add_job_args(p, task=True)
-    p.add_argument("--mode", required=True, choices=["ft", "qat"], help="plain fine-tuning or quantization-aware")
+    p.add_argument("--mode", required=True, choices=[str(m) for m in FINETUNE_MODES], help="plain fine-tuning or quantization-aware")
     p.add_argument("--backbone", type=Path, default=None, help="backbone file (for archs pretrained by `qv pretrain`)")
     p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint safetensors to write")
 
 
 def _finetune(args) -> int:
-    from .config import Config
     from .pipeline import finetune, set_threads
 
     set_threads(args.threads)
-    finetune(Config.load(args.config), args.arch, args.task, args.mode, args.output, backbone=args.backbone,
+    finetune(load_config(args), args.arch, args.task, args.mode, args.output, backbone=args.backbone,
              device=args.device, progress=not args.no_progress)
     return 0
 
@@ -216,11 +223,10 @@ def _cache_args(p):
 
 
 def _cache(args) -> int:
-    from .config import Config
     from .pipeline import cache_splits, set_threads
 
     set_threads(args.threads)
-    cache_splits(Config.load(args.config), args.arch, args.task, {"test": args.test, "calib": args.calib})
+    cache_splits(load_config(args), args.arch, args.task, {Split.TEST: args.test, Split.CALIB: args.calib})
     return 0
 
 
@@ -233,9 +239,9 @@ def add_cache_inputs(p) -> None:
 
 
 def cache_inputs(args) -> dict:
-    caches = {"test": args.test_cache}
+    caches = {Split.TEST: args.test_cache}
     if args.calib_cache:
-        caches["calib"] = args.calib_cache
+        caches[Split.CALIB] = args.calib_cache
     return caches
 
 
@@ -248,11 +254,10 @@ def _baselines_args(p):
 
 
 def _baselines(args) -> int:
-    from .config import Config
     from .pipeline import evaluate_baselines, set_threads
 
     set_threads(args.threads)
-    evaluate_baselines(Config.load(args.config), args.arch, args.task, args.ft, args.qat, cache_inputs(args),
+    evaluate_baselines(load_config(args), args.arch, args.task, args.ft, args.qat, cache_inputs(args),
                        args.output, device=args.device)
     return 0
 
@@ -273,7 +278,6 @@ def _transfer_args(p):
 
 
 def _transfer(args) -> int:
-    from .config import Config
     from .pipeline import evaluate_cell, set_threads
 
     set_threads(args.threads)
@@ -285,7 +289,7 @@ def _transfer(args) -> int:
         donors.append((name, Path(path)))
     if len(donors) > 1 and "{donor}" not in args.output:
         raise ValueError("with several --donor values, --output must contain {donor}")
-    cfg = Config.load(args.config)
+    cfg = load_config(args)
     for name, path in donors:
         evaluate_cell(cfg, args.arch, args.receiver, name, args.ft, path, cache_inputs(args),
                       Path(args.output.replace("{donor}", name)), device=args.device, controls=not args.no_controls)
@@ -300,7 +304,9 @@ register("evaluate-transfer", "Top-1 of Q(receiver + lambda * donor vector) over
 def _tables_args(p):
     p.add_argument("--baselines", type=Path, nargs="+", required=True, help="per-task baseline parquet files")
     p.add_argument("--cells", type=Path, nargs="+", required=True, help="per-cell transfer parquet files")
-    for name in ("baselines", "transfer", "donor", "receiver"):
+    p.add_argument("--norms", type=Path, nargs="+", required=True, help="per-seed diagnostics parquet files")
+    p.add_argument("--cosine", type=Path, nargs="+", required=True, help="per-seed cosine parquet files")
+    for name in ("baselines", "transfer", "donor", "receiver", "specific", "summary-specific", "norms", "cosine"):
         p.add_argument(f"--out-{name}", type=Path, required=True)
 
 
@@ -311,19 +317,26 @@ def _tables(args) -> int:
     baselines = tables.read_all(args.baselines)
     transfer = tables.with_gain(tables.read_all(args.cells), baselines)
     pair_rows = tables.pairs(transfer)
+    specific = tables.specific(pair_rows)
     write_parquet(baselines, args.out_baselines)
     write_parquet(transfer, args.out_transfer)
     write_parquet(tables.summary_donor(pair_rows), args.out_donor)
     write_parquet(tables.summary_receiver(pair_rows), args.out_receiver)
+    write_parquet(specific, args.out_specific)
+    write_parquet(tables.summary_specific(specific), args.out_summary_specific)
+    write_parquet(tables.read_all(args.norms), args.out_norms)
+    write_parquet(tables.read_all(args.cosine), args.out_cosine)
     return 0
 
 
-register("tables", "assemble baselines, the transfer grid with gains, and donor/receiver summaries", _tables_args, _tables)
+register("tables", "assemble baselines, the transfer grid with gains, specific gains over random controls, and summaries",
+         _tables_args, _tables)
 
 
 def _diagnostics_args(p):
     p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     p.add_argument("--arch", required=True)
+    p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
     p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`)")
     p.add_argument("--ft", type=Path, nargs="+", required=True, help="FT checkpoints (task taken from metadata)")
     p.add_argument("--vectors", type=Path, nargs="+", required=True, help="quantization vectors (task from metadata)")
@@ -344,19 +357,18 @@ def _by_task(paths) -> dict:
 
 
 def _diagnostics(args) -> int:
-    from .config import Config
     from .diagnostics import cosine_table, norms_table
     from .models import backbone_state
     from .pipeline import write_parquet
 
-    cfg = Config.load(args.config)
+    cfg = load_config(args)
     backbone = backbone_state(cfg.arch(args.arch, backbone_path=args.backbone))
     fts, vectors = _by_task(args.ft), _by_task(args.vectors)
     missing = sorted(set(vectors) - set(fts))
     if missing:
         raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
-    write_parquet(norms_table(args.arch, backbone, fts, vectors), args.out_norms)
-    write_parquet(cosine_table(args.arch, vectors), args.out_cosine)
+    write_parquet(norms_table(args.arch, cfg.seed, backbone, fts, vectors), args.out_norms)
+    write_parquet(cosine_table(args.arch, cfg.seed, vectors), args.out_cosine)
     return 0
 
 
@@ -365,7 +377,7 @@ register("diagnostics", "relative norms of FT updates and vectors, and the cosin
 
 def _figures_args(p):
     p.add_argument("--arch", required=True)
-    for name in ("baselines", "transfer", "donor", "receiver", "norms", "cosine"):
+    for name in ("baselines", "transfer", "summary-specific", "norms", "cosine"):
         p.add_argument(f"--{name}", type=Path, required=True)
     for name in ("gain", "cosine", "summary"):
         p.add_argument(f"--out-{name}", type=Path, required=True)
@@ -380,7 +392,8 @@ def _figures(args) -> int:
     pair_rows = tables.pairs(transfer)
     plots.heatmap_gain(pair_rows, args.out_gain, title=f"{args.arch}: gain over PTQ (points)")
     plots.heatmap_cosine(pl.read_parquet(args.cosine), args.out_cosine, title=f"{args.arch}: cosine of quantization vectors")
-    text = plots.summary_markdown(args.arch, baselines, pair_rows, pl.read_parquet(args.norms))
+    text = plots.summary_markdown(args.arch, baselines, pair_rows, pl.read_parquet(args.summary_specific),
+                                  pl.read_parquet(args.norms))
     atomic_write(args.out_summary, lambda tmp: Path(tmp).write_text(text))
     print(text)
     return 0

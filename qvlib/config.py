@@ -24,8 +24,11 @@ from .train import TrainConfig
 
 @dataclass
 class Config:
+    """A run configuration at one replicate seed (``seed``; default: the first of ``seeds``)."""
+
     raw: dict
     path: Path
+    replicate: int | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -39,15 +42,38 @@ class Config:
         for key in ("name", "archs", "tasks", "finetune"):
             if key not in raw:
                 raise ValueError(f"{path}: missing required key {key!r}")
+        if "seed" in raw:
+            raise ValueError(f"{path}: 'seed' is now 'seeds', a list of replicate seeds: write seeds: [{raw['seed']}]")
         return cls(raw, path)
+
+    def with_seed(self, seed: int | None) -> "Config":
+        """This config at replicate ``seed`` (None: the first of ``seeds``), which must be one of ``seeds``."""
+        if seed is not None and int(seed) not in self.seeds:
+            raise ValueError(f"seed {seed} is not one of this config's seeds {self.seeds}")
+        return Config(self.raw, self.path, None if seed is None else int(seed))
 
     @property
     def name(self) -> str:
         return self.raw["name"]
 
     @property
+    def seeds(self) -> list[int]:
+        """Replicate seeds: each runs the whole chain (backbone pretraining, heads, data order, controls)."""
+        return [int(s) for s in self.raw.get("seeds", [0])]
+
+    @property
     def seed(self) -> int:
-        return int(self.raw.get("seed", 0))
+        return self.seeds[0] if self.replicate is None else self.replicate
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of generated data and subsampling: the same for every replicate, so all see one dataset."""
+        return int(self.raw.get("data_seed", 0))
+
+    @property
+    def random_controls(self) -> int:
+        """Norm-matched random directions evaluated beside each donor (their gains are averaged)."""
+        return int(self.raw.get("random_controls", 1))
 
     @property
     def data_root(self) -> Path:
@@ -94,7 +120,7 @@ class Config:
         unknown = set(opts) - known
         if unknown:
             raise ValueError(f"task {task!r}: unknown option(s) {sorted(unknown)}; allowed: {sorted(known)} and train")
-        return LoadOptions(preprocess=preprocess, root=self.data_root, seed=self.seed,
+        return LoadOptions(preprocess=preprocess, root=self.data_root, seed=self.data_seed,
                            download=bool(self.raw.get("download", False)), **opts)
 
     def finetune_train(self, task: str) -> TrainConfig:

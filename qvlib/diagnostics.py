@@ -36,19 +36,20 @@ def relative_norms(backbone: Mapping[str, torch.Tensor], ft: Mapping[str, torch.
     return rows
 
 
-def norms_table(arch: str, backbone: Mapping[str, torch.Tensor], fts: Mapping[str, Mapping], vectors: Mapping[str, Mapping]) -> pl.DataFrame:
+def norms_table(arch: str, seed: int, backbone: Mapping[str, torch.Tensor], fts: Mapping[str, Mapping],
+                vectors: Mapping[str, Mapping]) -> pl.DataFrame:
     rows = []
     for task, rho in vectors.items():
         for row in relative_norms(backbone, fts[task], rho):
-            rows.append({"arch": arch, "task": task, **row})
+            rows.append({"arch": arch, "seed": seed, "task": task, **row})
     return pl.DataFrame(rows)
 
 
-def cosine_table(arch: str, vectors: Mapping[str, Mapping]) -> pl.DataFrame:
+def cosine_table(arch: str, seed: int, vectors: Mapping[str, Mapping]) -> pl.DataFrame:
     """Cosine similarity of every ordered pair of vectors (the diagonal is 1)."""
     vecs = {t: v if isinstance(v, WeightVector) else WeightVector(v) for t, v in vectors.items()}
     rows = []
     for a, va in vecs.items():
         for b, vb in vecs.items():
-            rows.append({"arch": arch, "task_a": a, "task_b": b, "cosine": va.cosine(vb)})
+            rows.append({"arch": arch, "seed": seed, "task_a": a, "task_b": b, "cosine": va.cosine(vb)})
     return pl.DataFrame(rows)

@@ -20,6 +20,7 @@ from .models import backbone_state, build_vit, task_model
 from .quant import QuantPolicy, QuantSpec, fake_quant
 from .train import pick_device, train
 from .vectors import WeightVector, atomic_write, random_direction
+from .vocab import QUANTIZED_VARIANTS, Control, Search, Split, Variant
 
 def set_threads(threads: int | None) -> None:
     if threads:
@@ -38,7 +39,7 @@ def pretrain(cfg: Config, arch_name: str, output: Path, device: str | None = Non
     tcfg = cfg.pretrain_train()
     kinds, n_per_task = cfg.pretrain_mixture()
     pre = arch_preprocess(arch)
-    data, classes = pretrain_mixture(kinds, n_per_task, cfg.seed, pre)
+    data, classes = pretrain_mixture(kinds, n_per_task, cfg.data_seed, pre)
     model = build_vit(arch, num_classes=len(classes), seed=cfg.seed)
     model.requires_grad_(True)
     meta = {**_metadata(cfg, arch_name, "pretrain", "pretrain"), "pretrain_tasks": kinds, "pretrain_classes": len(classes)}
@@ -60,7 +61,7 @@ def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Pat
 
 def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
     return {"arch": arch, "task": task, "mode": mode, "seed": cfg.seed, "quant": cfg.quant.to_json(),
-            "config": cfg.name, "config_hash": cfg.digest("archs", "finetune", "pretrain", "quant", "seed"),
+            "config": cfg.name, "config_hash": cfg.digest("archs", "finetune", "pretrain", "quant", "data_seed"),
             "policy": QuantPolicy().pattern}
 
 
@@ -116,18 +117,18 @@ def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qa
     splits = _splits(engine, caches)
 
     models = {
-        "ft": {},
-        "ptq": engine.quantized(names, spec),
-        "qat": qat_weights,
-        "qat_ptq": {n: fake_quant(w, spec) for n, w in qat_weights.items()},
+        Variant.FT: {},
+        Variant.PTQ: engine.quantized(names, spec),
+        Variant.QAT: qat_weights,
+        Variant.QAT_PTQ: {n: fake_quant(w, spec) for n, w in qat_weights.items()},
     }
     rows = []
     for model_name, overrides in models.items():
         for split, data in splits.items():
             correct = engine.correct(overrides, data)
-            rows.append({"arch": arch_name, "task": task_name, "model": model_name, "quantized": model_name in ("ptq", "qat_ptq"),
-                         "bits": spec.bits, "granularity": spec.tag, "split": split, "correct": correct, "n": len(data),
-                         "accuracy": accuracy(correct, len(data))})
+            rows.append({"arch": arch_name, "quant": spec.tag, "seed": cfg.seed, "task": task_name, "model": str(model_name),
+                         "quantized": model_name in QUANTIZED_VARIANTS, "bits": spec.bits, "split": str(split),
+                         "correct": correct, "n": len(data), "accuracy": accuracy(correct, len(data))})
     write_parquet(pl.DataFrame(rows), output)
 
 
@@ -139,11 +140,17 @@ def _check_spec(metadata: dict, spec, path) -> None:
             raise ValueError(f"{path} was made for quantization {other.tag} ({recorded}) but this run uses {spec.tag} ({spec.to_json()})")
 
 
+def random_control_seeds(cfg: Config, donor: str) -> list[int]:
+    """Seeds of the donor's random directions at this replicate: one per ``random_controls``,
+    independent of the receiver, so every receiver of a donor sees the same controls."""
+    return [stable_seed("random-direction", donor, cfg.seed, k) for k in range(cfg.random_controls)]
+
+
 def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiver_ft: Path, vector: Path,
                   caches: dict[str, Path], output: Path, device: str | None = None, controls: bool = True) -> None:
     """Q(theta_R + lambda * rho_D) for every lambda of the sweep on every cached split, plus an adaptive
     oracle search on ``test``. Donor == receiver gives the 'self' control; otherwise (with ``controls``)
-    a norm-matched random direction is evaluated beside the donor as control 'random'."""
+    ``cfg.random_controls`` norm-matched random directions are evaluated beside the donor."""
     spec = cfg.quant
     engine, _ = load_engine(cfg, arch_name, receiver_ft, device)
     names = QuantPolicy().select_model(engine.model)
@@ -153,14 +160,14 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
         raise ValueError(f"vector {vector} is for arch {rho.metadata.get('arch')!r}, the receiver is {arch_name!r}")
     WeightVector({n: engine.base[n].cpu() for n in names}).check_compatible(rho)
     splits = _splits(engine, caches)
-    variants = {"self" if donor == receiver else "none": rho}
-    random_seed = stable_seed("random-direction", donor, cfg.seed)
+    variants = [(Control.SELF if donor == receiver else Control.DONOR, None, rho)]
     if controls and donor != receiver:
-        variants["random"] = random_direction(rho, random_seed)
+        variants += [(Control.RANDOM, s, random_direction(rho, s)) for s in random_control_seeds(cfg, donor)]
     rows = []
-    base = {"arch": arch_name, "receiver": receiver, "donor": donor, "bits": spec.bits, "granularity": spec.tag}
-    for control, vec in variants.items():
+    base = {"arch": arch_name, "quant": spec.tag, "seed": cfg.seed, "receiver": receiver, "donor": donor, "bits": spec.bits}
+    for control, control_seed, vec in variants:
         vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
+        row = {**base, "control": str(control), "control_seed": control_seed}
 
         def score(lam: float, split: str) -> int:
             return engine.correct(engine.quantized(names, spec, vec_dev, lam), splits[split])
@@ -168,16 +175,14 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
         for lam in cfg.lambdas:
             for split in splits:
                 c = score(lam, split)
-                rows.append({**base, "control": control, "search": "sweep", "lambda": float(lam), "split": split,
-                             "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split])),
-                             "seed": random_seed if control == "random" else None})
-        if "test" in splits and control != "random" and cfg.raw.get("oracle_search", True):
-            found = search_lambda(lambda lam: score(lam, "test"))
-            c = found.best_correct
-            rows.append({**base, "control": control, "search": "adaptive", "lambda": found.best_lambda, "split": "test",
-                         "correct": c, "n": len(splits["test"]), "accuracy": accuracy(c, len(splits["test"])),
-                         "seed": random_seed if control == "random" else None})
-    write_parquet(pl.DataFrame(rows), output)
+                rows.append({**row, "search": str(Search.SWEEP), "lambda": float(lam), "split": str(split),
+                             "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split]))})
+        if Split.TEST in splits and control != Control.RANDOM and cfg.raw.get("oracle_search", True):
+            found = search_lambda(lambda lam: score(lam, Split.TEST))
+            c, n = found.best_correct, len(splits[Split.TEST])
+            rows.append({**row, "search": str(Search.ADAPTIVE), "lambda": found.best_lambda, "split": str(Split.TEST),
+                         "correct": c, "n": n, "accuracy": accuracy(c, n)})
+    write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}), output)
 
 
 def write_parquet(df, output: Path) -> None:

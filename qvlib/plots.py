@@ -6,10 +6,12 @@ from pathlib import Path
 
 import polars as pl
 
+from .provenance import machine_line
 from .tables import headline
 from .vectors import atomic_write
+from .vocab import RULE_COLUMNS, Control, Rule, Split, Variant
 
-CONTROL_COLUMNS = ("random", "self")
+CONTROL_COLUMNS = (Control.RANDOM, Control.SELF)
 DPI = 110
 
 
@@ -28,26 +30,28 @@ def _matplotlib():
 
 
 def gain_matrices(pair_rows: pl.DataFrame, column: str):
-    """(donor grid, control columns) as pandas frames indexed by receiver, for one gain column."""
-    real = pair_rows.filter(pl.col("control") == "none")
+    """(donor grid, control columns) as pandas frames indexed by receiver, for one gain column,
+    each cell the mean over seeds."""
+    pair_rows = pair_rows.group_by("receiver", "donor", "control").agg(pl.col(column).mean())
+    real = pair_rows.filter(pl.col("control") == Control.DONOR)
     receivers = sorted(set(pair_rows["receiver"].to_list()))
     donors = sorted(set(real["donor"].to_list()) | set(receivers))
     grid = (real.pivot(on="donor", index="receiver", values=column).to_pandas().set_index("receiver")
             .reindex(index=receivers, columns=donors))
     controls = {}
-    rand = pair_rows.filter(pl.col("control") == "random").group_by("receiver").agg(pl.col(column).mean())
-    controls["random"] = dict(zip(rand["receiver"].to_list(), rand[column].to_list()))
-    own = pair_rows.filter(pl.col("control") == "self")
-    controls["self"] = dict(zip(own["receiver"].to_list(), own[column].to_list()))
+    rand = pair_rows.filter(pl.col("control") == Control.RANDOM).group_by("receiver").agg(pl.col(column).mean())
+    controls[Control.RANDOM] = dict(zip(rand["receiver"].to_list(), rand[column].to_list()))
+    own = pair_rows.filter(pl.col("control") == Control.SELF)
+    controls[Control.SELF] = dict(zip(own["receiver"].to_list(), own[column].to_list()))
     import pandas as pd
 
-    ctrl = pd.DataFrame({c: [controls[c].get(r) for r in receivers] for c in CONTROL_COLUMNS}, index=receivers, dtype=float)
+    ctrl = pd.DataFrame({str(c): [controls[c].get(r) for r in receivers] for c in CONTROL_COLUMNS}, index=receivers, dtype=float)
     return grid, ctrl
 
 
 def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -> Path:
-    """Gain over PTQ at lambda = 1 and at the best lambda (test-set oracle), side by side; rows are
-    receivers, columns donors; the random-direction control (mean over donors) and the receiver's
+    """Gain over PTQ at lambda = 1 and at the best lambda (test-set oracle), side by side, mean over
+    seeds; rows are receivers, columns donors; the random-direction control (mean over donors) and the receiver's
     own vector ('self') are separate columns on the right of each panel."""
     import seaborn as sns
 
@@ -84,7 +88,8 @@ def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") ->
     import seaborn as sns
 
     plt = _matplotlib()
-    mat = cosine.pivot(on="task_b", index="task_a", values="cosine").to_pandas().set_index("task_a")
+    mean = cosine.group_by("task_a", "task_b").agg(pl.col("cosine").mean())
+    mat = mean.pivot(on="task_b", index="task_a", values="cosine").to_pandas().set_index("task_a")
     order = sorted(mat.index)
     mat = mat.reindex(index=order, columns=order)
     fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(order), 1.0 + 0.55 * len(order)))
@@ -104,6 +109,9 @@ def _save(fig, output: str | Path, tight: bool = True) -> Path:
     return path
 
 
+README_START, README_END = "<!-- readme:start -->", "<!-- readme:end -->"
+
+
 def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -115,52 +123,168 @@ def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame, norms: pl.DataFrame) -> str:
-    h = headline(baselines, pair_rows)
-    test = (baselines.filter(pl.col("split") == "test")
+RULE_LABELS = {Rule.LAMBDA1: "lambda = 1", Rule.ORACLE: "best lambda (oracle on test)",
+               Rule.CALIB: "lambda chosen on calib (deployable)"}
+
+
+def _ci(row: dict) -> str:
+    return f"{row['specific_gain']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]"
+
+
+def verdict_lines(summary_specific: pl.DataFrame) -> list[str]:
+    """One line per lambda rule, pooled over seeds: verdict, specific gain with its interval, share."""
+    pooled = summary_specific.filter((pl.col("scope") == "overall") & pl.col("seed").is_null())
+    lines = []
+    for rule in Rule:
+        rows = pooled.filter(pl.col("rule") == rule).to_dicts()
+        if rows:
+            r = rows[0]
+            lines.append(f"- {RULE_LABELS[rule]}: **{r['verdict']}**; specific gain {_ci(r)} points (95% bootstrap interval over "
+                         f"{r['pairs']} pairs from {r['seeds']} seed(s)); the donor beats its random control in "
+                         f"{100 * r['share_donor_beats_random']:.0f}% of pairs (donor {r['donor_gain']:+.1f}, random {r['random_gain']:+.1f}).")
+    return lines
+
+
+def per_seed_table(heads: pl.DataFrame, summary_specific: pl.DataFrame) -> pl.DataFrame:
+    """One row per seed and a last row with the mean and the standard deviation over seeds."""
+    overall = summary_specific.filter(pl.col("scope") == "overall")
+    cols = {"seed": [], "PTQ loss": [], "QAT recovers %": []}
+    for rule in Rule:
+        cols[f"donor {rule}"] = []
+        cols[f"random {rule}"] = []
+    for rule in (Rule.ORACLE, Rule.CALIB):
+        cols[f"specific {rule} [95% CI]"] = []
+        cols[f"donor > random {rule} %"] = []
+    for h in heads.to_dicts():
+        cols["seed"].append(str(h["seed"]))
+        cols["PTQ loss"].append(f"{h['ptq_loss_mean']:.1f}")
+        cols["QAT recovers %"].append("n/a" if h["qat_recovery"] is None else f"{100 * h['qat_recovery']:.0f}")
+        for rule, col in RULE_COLUMNS.items():
+            key = col.removeprefix("gain_")
+            cols[f"donor {rule}"].append(f"{h[f'{key}_mean']:+.1f}")
+            cols[f"random {rule}"].append(f"{h[f'{key}_random_mean']:+.1f}")
+        for rule in (Rule.ORACLE, Rule.CALIB):
+            r = overall.filter((pl.col("rule") == rule) & (pl.col("seed") == h["seed"])).to_dicts()[0]
+            cols[f"specific {rule} [95% CI]"].append(_ci(r))
+            cols[f"donor > random {rule} %"].append(f"{100 * r['share_donor_beats_random']:.0f}")
+    if len(heads) > 1:
+        def mean_sd(values, scale=1.0, sign=True):
+            values = values.drop_nulls()
+            if values.is_empty():
+                return "n/a"
+            m, sd = float(values.mean()) * scale, float(values.std()) * scale
+            return f"{m:+.1f} ± {sd:.1f}" if sign else f"{m:.1f} ± {sd:.1f}"
+
+        cols["seed"].append("mean ± sd")
+        cols["PTQ loss"].append(mean_sd(heads["ptq_loss_mean"], sign=False))
+        cols["QAT recovers %"].append(mean_sd(heads["qat_recovery"], 100, sign=False))
+        for rule, col in RULE_COLUMNS.items():
+            key = col.removeprefix("gain_")
+            cols[f"donor {rule}"].append(mean_sd(heads[f"{key}_mean"]))
+            cols[f"random {rule}"].append(mean_sd(heads[f"{key}_random_mean"]))
+        for rule in (Rule.ORACLE, Rule.CALIB):
+            r = overall.filter((pl.col("rule") == rule) & pl.col("seed").is_null()).to_dicts()[0]
+            cols[f"specific {rule} [95% CI]"].append(_ci(r) + " pooled")
+            per = overall.filter((pl.col("rule") == rule) & pl.col("seed").is_not_null())["share_donor_beats_random"]
+            cols[f"donor > random {rule} %"].append(mean_sd(per, 100, sign=False))
+    return pl.DataFrame(cols)
+
+
+def _specific_by(summary_specific: pl.DataFrame, scope: str) -> pl.DataFrame:
+    """Pooled specific gain of each task (as receiver or donor), one column per rule."""
+    rows = summary_specific.filter((pl.col("scope") == scope) & pl.col("seed").is_null())
+    out = None
+    for rule in Rule:
+        part = rows.filter(pl.col("rule") == rule).select(
+            pl.col("task"),
+            pl.struct("specific_gain", "ci_low", "ci_high").map_elements(_ci, return_dtype=pl.Utf8).alias(f"{rule} [95% CI]"),
+            (100 * pl.col("share_donor_beats_random")).round(0).cast(pl.Int64).alias(f"{rule} wins %"))
+        out = part if out is None else out.join(part, on="task", how="full", coalesce=True)
+    return out.sort("task")
+
+
+def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame, summary_specific: pl.DataFrame,
+                     norms: pl.DataFrame) -> str:
+    heads = headline(baselines, pair_rows)
+    seeds = heads["seed"].to_list()
+    directions = pair_rows.filter(pl.col("control") == Control.RANDOM)["directions"]
+    test = (baselines.filter(pl.col("split") == Split.TEST)
+            .group_by("task", "model").agg(pl.col("accuracy").mean())
             .pivot(on="model", index="task", values="accuracy")
-            .select("task", "ft", "ptq", "qat_ptq", "qat").sort("task"))
-    real = pair_rows.filter(pl.col("control") == "none")
-    rand = pair_rows.filter(pl.col("control") == "random").group_by("receiver").agg(
+            .select("task", *(str(v) for v in Variant)).sort("task"))
+    mean = pair_rows.group_by("receiver", "donor", "control").agg(pl.col("gain_lambda1", "gain_oracle", "gain_calib").mean())
+    real = mean.filter(pl.col("control") == Control.DONOR)
+    rand = mean.filter(pl.col("control") == Control.RANDOM).group_by("receiver").agg(
         pl.col("gain_lambda1").mean().alias("random_lambda1"), pl.col("gain_oracle").mean().alias("random_oracle"))
-    own = pair_rows.filter(pl.col("control") == "self").select("receiver", pl.col("gain_lambda1").alias("self_lambda1"))
+    own = mean.filter(pl.col("control") == Control.SELF).select("receiver", pl.col("gain_lambda1").alias("self_lambda1"))
     per_receiver = (real.sort("gain_oracle", descending=True).group_by("receiver", maintain_order=True)
                     .agg(pl.col("donor").first().alias("best_donor"), pl.col("gain_oracle").max().alias("best_oracle"),
                          pl.col("gain_lambda1").max().alias("best_lambda1"), pl.col("gain_calib").mean().alias("mean_calib"))
                     .join(rand, on="receiver", how="left").join(own, on="receiver", how="left")
                     .with_columns((pl.col("best_oracle") - pl.col("random_oracle")).alias("best_minus_random"))
                     .sort("receiver"))
-    qv = norms.filter(pl.col("layer_type") == "all").select("task", "ft_update_rel", "qv_rel").sort("task")
+    qv = (norms.filter(pl.col("layer_type") == "all").group_by("task")
+          .agg(pl.col("ft_update_rel").mean(), pl.col("qv_rel").mean()).sort("task"))
+    n_pairs = int(heads["pairs"][0]) if len(heads) else 0
     return "\n".join([
         f"# {arch}: quantization-vector transfer",
         "",
-        f"{int(h['tasks'])} tasks, {int(h['pairs'])} donor-receiver pairs. Accuracies are Top-1 (%) on each task's test split;",
-        "gains are points over the receiver's PTQ accuracy.",
+        f"{int(heads['tasks'][0])} tasks, {n_pairs} donor-receiver pairs per seed; seeds: {', '.join(map(str, seeds))}; "
+        f"norm-matched random directions per donor: {int(directions.max()) if len(directions) else 0}. Accuracies are Top-1 (%) "
+        "on each task's test split; gains are points over the receiver's PTQ accuracy; the *specific gain* of a pair is the "
+        "donor's gain minus the mean gain of its own random directions under the same lambda rule.",
         "",
-        f"- PTQ loses {h['ptq_loss_mean']:.1f} points on average (FT {h['ft_mean']:.1f} -> PTQ {h['ptq_mean']:.1f});"
-        f" QAT recovers {100 * h['qat_recovery']:.0f}% of that loss (QAT quantized {h['qat_ptq_mean']:.1f}).",
-        f"- lambda = 1: mean gain {h['lambda1_mean']:+.1f}, {100 * h['lambda1_positive']:.0f}% of pairs positive, best {h['lambda1_best']:+.1f}"
-        + (f"; random direction {h['lambda1_random_mean']:+.1f}." if "lambda1_random_mean" in h else "."),
-        f"- best lambda (oracle on test): mean gain {h['oracle_mean']:+.1f}, {100 * h['oracle_positive']:.0f}% positive, best {h['oracle_best']:+.1f}"
-        + (f"; random direction {h['oracle_random_mean']:+.1f}." if "oracle_random_mean" in h else "."),
-        f"- lambda chosen on calib (deployable): mean gain {h['calib_mean']:+.1f}, {100 * h['calib_positive']:.0f}% positive"
-        + (f"; random direction {h['calib_random_mean']:+.1f}." if "calib_random_mean" in h else "."),
+        README_START,
+        "**Transfer beyond a random direction** (pooled over seeds):",
         "",
-        "## Baselines (test Top-1)",
+        *verdict_lines(summary_specific),
+        "",
+        "Per seed (gains are means over pairs; the last row is the mean and standard deviation over seeds):",
+        "",
+        markdown_table(per_seed_table(heads, summary_specific)),
+        "",
+        f"Summary written on: {machine_line()}.",
+        README_END,
+        "",
+        "## Specific gain per receiver (pooled over seeds)",
+        "",
+        markdown_table(_specific_by(summary_specific, "receiver")),
+        "",
+        "## Specific gain per donor (pooled over seeds)",
+        "",
+        markdown_table(_specific_by(summary_specific, "donor")),
+        "",
+        "## Baselines (test Top-1, mean over seeds)",
         "",
         markdown_table(test),
         "",
-        "## Per receiver: best donor against the controls",
+        "## Per receiver: best donor against the controls (mean over seeds)",
         "",
         "`best_minus_random` is the best donor's oracle gain minus the mean gain of norm-matched random directions;",
         "`self_lambda1` is the receiver's own vector at lambda = 1 (its QAT model), the upper bound.",
         "",
         markdown_table(per_receiver),
         "",
-        "## Size of the moves (quantized weights)",
+        "## Size of the moves (quantized weights, mean over seeds)",
         "",
         "`ft_update_rel` = ||theta_FT - theta_0|| / ||theta_0||, `qv_rel` = ||rho|| / ||theta_FT||.",
         "",
         markdown_table(qv, digits=3),
         "",
     ])
+
+
+def readme_block(summary: str) -> str:
+    """The part of a summary between the readme markers, markers included."""
+    if README_START not in summary or README_END not in summary:
+        raise ValueError(f"the summary has no {README_START} ... {README_END} block")
+    start = summary.index(README_START)
+    return summary[start:summary.index(README_END) + len(README_END)]
+
+
+def replace_readme_block(readme: str, block: str) -> str:
+    """``readme`` with its readme-marker block replaced by ``block``."""
+    if README_START not in readme or README_END not in readme:
+        raise ValueError(f"the README has no {README_START} ... {README_END} block to replace")
+    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
+    return readme[:start] + block + readme[end:]

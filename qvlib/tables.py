@@ -1,7 +1,9 @@
-"""Tables of the grid, with polars: baselines, every cell with its gain, one row per pair, summaries.
+"""Tables of the grid, with polars: baselines, every cell with its gain, one row per pair, the
+specific gain of every donor over its random control, and summaries with intervals.
 
 Gains are derived here from the stored accuracies (gain = accuracy - PTQ accuracy of the receiver
-on the same split), never stored by the evaluation jobs.
+on the same split and seed), never stored by the evaluation jobs. Every table carries ``seed``
+(the replicate); summaries have one row per seed and a pooled row with ``seed`` null.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Iterable
 
 import polars as pl
 
-# How lambda is chosen for a pair: fixed at 1 (the paper's Fig. 2 left), the best on the test
-# split (oracle, Fig. 2 right), or the best on the calib split, then scored on test (deployable).
-SETTINGS = ("lambda=1", "oracle", "calib")
+from .stats import bootstrap_mean, verdict
+from .vocab import RULE_COLUMNS, Control, Rule, Search, Split, Variant
+
+RUN_KEYS = ["arch", "quant", "seed"]  # one replicate of one grid
+PAIR_KEYS = [*RUN_KEYS, "receiver", "donor"]
 
 
 def read_all(paths: Iterable[str | Path]) -> pl.DataFrame:
@@ -24,61 +28,121 @@ def read_all(paths: Iterable[str | Path]) -> pl.DataFrame:
 
 
 def with_gain(cells: pl.DataFrame, baselines: pl.DataFrame) -> pl.DataFrame:
-    """Each cell joined with its receiver's PTQ accuracy on the same split, and the gain over it."""
-    ptq = (baselines.filter(pl.col("model") == "ptq")
-           .select("arch", pl.col("task").alias("receiver"), "split", pl.col("accuracy").alias("ptq_accuracy")))
-    out = cells.join(ptq, on=["arch", "receiver", "split"], how="left")
+    """Each cell joined with its receiver's PTQ accuracy on the same split and seed, and the gain over it."""
+    ptq = (baselines.filter(pl.col("model") == Variant.PTQ)
+           .select(*RUN_KEYS, pl.col("task").alias("receiver"), "split", pl.col("accuracy").alias("ptq_accuracy")))
+    out = cells.join(ptq, on=[*RUN_KEYS, "receiver", "split"], how="left")
     missing = out.filter(pl.col("ptq_accuracy").is_null())
     if len(missing):
         row = missing.row(0, named=True)
-        raise ValueError(f"no PTQ baseline for receiver {row['receiver']!r} ({row['arch']}, split {row['split']})")
+        raise ValueError(f"no PTQ baseline for receiver {row['receiver']!r} ({row['arch']}, seed {row['seed']}, split {row['split']})")
     return out.with_columns((pl.col("accuracy") - pl.col("ptq_accuracy")).alias("gain"))
 
 
-def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
-    """One row per (arch, receiver, donor, control): the gain under each way of choosing lambda."""
-    keys = ["arch", "receiver", "donor", "control"]
-    sweep = transfer.filter(pl.col("search") == "sweep")
-    test = sweep.filter(pl.col("split") == "test")
-    at_one = test.filter(pl.col("lambda") == 1.0).select(*keys, pl.col("gain").alias("gain_lambda1"))
+def _best(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The row of highest accuracy per key; ties go to the lambda nearest 1, then the smaller."""
     near_one = (pl.col("lambda") - 1.0).abs()
-    oracle = (test.sort([*keys, "accuracy", near_one], descending=[False] * 4 + [True, False])
-              .group_by(keys, maintain_order=True).first()
-              .select(*keys, pl.col("gain").alias("gain_oracle"), pl.col("lambda").alias("lambda_oracle")))
-    calib_pick = (sweep.filter(pl.col("split") == "calib")
-                  .sort([*keys, "accuracy", near_one], descending=[False] * 4 + [True, False])
-                  .group_by(keys, maintain_order=True).first()
-                  .select(*keys, pl.col("lambda").alias("lambda_calib")))
+    return (rows.sort([*keys, "accuracy", near_one, "lambda"], descending=[False] * len(keys) + [True, False, False])
+            .group_by(keys, maintain_order=True).first())
+
+
+def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
+    """One row per (arch, quant, seed, receiver, donor, control): the gain under each lambda rule.
+
+    Each random direction picks its own best lambda (oracle, calib) like a donor does; a pair's
+    several random directions are then averaged (``directions`` counts them)."""
+    keys = [*PAIR_KEYS, "control", "control_seed"]
+    sweep = transfer.filter(pl.col("search") == Search.SWEEP).with_columns(pl.col("control_seed").fill_null(-1))
+    test = sweep.filter(pl.col("split") == Split.TEST)
+    at_one = test.filter(pl.col("lambda") == 1.0).select(*keys, pl.col("gain").alias("gain_lambda1"))
+    oracle = _best(test, keys).select(*keys, pl.col("gain").alias("gain_oracle"), pl.col("lambda").alias("lambda_oracle"))
+    calib_pick = _best(sweep.filter(pl.col("split") == Split.CALIB), keys).select(*keys, pl.col("lambda").alias("lambda_calib"))
     calib = (calib_pick.join(test.select(*keys, "lambda", "gain"), left_on=[*keys, "lambda_calib"], right_on=[*keys, "lambda"])
              .rename({"gain": "gain_calib"}))
     out = at_one.join(oracle, on=keys, how="full", coalesce=True).join(calib, on=keys, how="left")
-    adaptive = transfer.filter((pl.col("search") == "adaptive") & (pl.col("split") == "test"))
+    adaptive = transfer.filter((pl.col("search") == Search.ADAPTIVE) & (pl.col("split") == Split.TEST))
     if len(adaptive):
+        adaptive = adaptive.with_columns(pl.col("control_seed").fill_null(-1))
         out = out.join(adaptive.select(*keys, pl.col("gain").alias("gain_adaptive"), pl.col("lambda").alias("lambda_adaptive")),
                        on=keys, how="left")
-    return out.sort(keys)
+    values = [c for c in out.columns if c not in keys]
+    return (out.group_by([*PAIR_KEYS, "control"])
+            .agg(*(pl.col(c).mean() for c in values), pl.len().cast(pl.Int64).alias("directions"))
+            .sort([*PAIR_KEYS, "control"]))
+
+
+def specific(pair_rows: pl.DataFrame) -> pl.DataFrame:
+    """Per donor pair and lambda rule: donor gain, random-control gain and their difference
+    (``specific_gain``): what the donor's direction adds beyond a perturbation of the same size."""
+    donor = pair_rows.filter(pl.col("control") == Control.DONOR)
+    rand = pair_rows.filter(pl.col("control") == Control.RANDOM)
+    frames = []
+    for rule, col in RULE_COLUMNS.items():
+        frames.append(donor.select(*PAIR_KEYS, pl.col(col).alias("donor_gain"))
+                      .join(rand.select(*PAIR_KEYS, pl.col(col).alias("random_gain"), "directions"), on=PAIR_KEYS, how="inner")
+                      .with_columns(pl.lit(str(rule)).alias("rule"),
+                                    (pl.col("donor_gain") - pl.col("random_gain")).alias("specific_gain")))
+    if not frames or not sum(len(f) for f in frames):
+        raise ValueError("no donor pair has a random control: run the grid with random_controls >= 1")
+    return pl.concat(frames).select(*PAIR_KEYS, "rule", "donor_gain", "random_gain", "specific_gain", "directions")
+
+
+def _interval_row(rows: pl.DataFrame, pooled: bool) -> dict:
+    spec = rows["specific_gain"].to_list()
+    ci = bootstrap_mean(spec, rows["seed"].to_list() if pooled else None)
+    return {"donor_gain": float(rows["donor_gain"].mean()), "random_gain": float(rows["random_gain"].mean()),
+            "specific_gain": ci.mean, "ci_low": ci.low, "ci_high": ci.high,
+            "share_donor_beats_random": float((rows["specific_gain"] > 0).mean()),
+            "pairs": len(rows), "seeds": rows["seed"].n_unique(), "verdict": str(verdict(ci))}
+
+
+def summary_specific(spec_rows: pl.DataFrame) -> pl.DataFrame:
+    """Specific gain overall, per receiver and per donor, for each lambda rule: mean, bootstrap 95%
+    interval over pairs (over seeds and pairs for the pooled rows, ``seed`` null), share of pairs
+    where the donor beats its random control, and the verdict."""
+    out = []
+    for scope, by in (("overall", None), ("receiver", "receiver"), ("donor", "donor")):
+        keys = ["arch", "quant", "rule"] + ([by] if by else [])
+        for key, rows in spec_rows.group_by(keys, maintain_order=True):
+            named = dict(zip(keys, key))
+            base = {"arch": named["arch"], "quant": named["quant"], "rule": named["rule"], "scope": scope,
+                    "task": named.get(by) if by else None}
+            for seed, seed_rows in rows.group_by("seed", maintain_order=True):
+                out.append({**base, "seed": seed[0], **_interval_row(seed_rows, pooled=False)})
+            out.append({**base, "seed": None, **_interval_row(rows, pooled=True)})
+    order = {str(r): i for i, r in enumerate(Rule)}
+    return (pl.DataFrame(out, schema_overrides={"seed": pl.Int64, "task": pl.Utf8})
+            .with_columns(pl.col("rule").replace_strict(order).alias("_order"))
+            .sort(["arch", "quant", "scope", "task", "_order", "seed"], nulls_last=True).drop("_order"))
 
 
 def _summary(pair_rows: pl.DataFrame, by: str) -> pl.DataFrame:
+    """Per seed and pooled (``seed`` null: the mean of the per-seed figures and ``mean_gain_sd``,
+    their standard deviation over seeds)."""
     rows = []
-    columns = {"lambda=1": "gain_lambda1", "oracle": "gain_oracle", "calib": "gain_calib"}
-    for setting, col in columns.items():
+    for rule, col in RULE_COLUMNS.items():
         if col not in pair_rows.columns:
             continue
-        rows.append(pair_rows.group_by(["arch", by, "control"]).agg(
-            pl.lit(setting).alias("setting"),
+        rows.append(pair_rows.group_by([*RUN_KEYS, by, "control"]).agg(
+            pl.lit(str(rule)).alias("rule"),
             pl.col(col).mean().alias("mean_gain"),
             pl.col(col).max().alias("best_gain"),
             pl.col(col).min().alias("worst_gain"),
             (pl.col(col) > 0).mean().alias("share_positive"),
             pl.col(col).count().alias("pairs"),
         ))
-    return pl.concat(rows).sort(["arch", by, "control", "setting"])
+    per_seed = pl.concat(rows)
+    stats = ["mean_gain", "best_gain", "worst_gain", "share_positive"]
+    pooled = (per_seed.group_by(["arch", "quant", by, "control", "rule"])
+              .agg(*(pl.col(c).mean() for c in stats), pl.col("mean_gain").std().alias("mean_gain_sd"), pl.col("pairs").sum())
+              .with_columns(pl.lit(None, dtype=per_seed.schema["seed"]).alias("seed")))
+    return (pl.concat([per_seed, pooled], how="diagonal_relaxed")
+            .sort(["arch", "quant", by, "control", "rule", "seed"], nulls_last=True))
 
 
 def summary_donor(pair_rows: pl.DataFrame) -> pl.DataFrame:
     """Per donor over its receivers (self excluded): how good a robustness injector it is."""
-    return _summary(pair_rows.filter(pl.col("control") != "self"), "donor")
+    return _summary(pair_rows.filter(pl.col("control") != Control.SELF), "donor")
 
 
 def summary_receiver(pair_rows: pl.DataFrame) -> pl.DataFrame:
@@ -86,26 +150,26 @@ def summary_receiver(pair_rows: pl.DataFrame) -> pl.DataFrame:
     return _summary(pair_rows, "receiver")
 
 
-def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> dict[str, float]:
-    """The figures the README quotes: PTQ loss, QAT recovery, gains over real donor pairs."""
-    test = baselines.filter(pl.col("split") == "test").pivot(on="model", index=["arch", "task"], values="accuracy")
-    loss = test["ft"] - test["ptq"]
-    recovered = (test["qat_ptq"] - test["ptq"]).sum() / max(loss.sum(), 1e-9)
-    real = pair_rows.filter(pl.col("control") == "none")
-    rand = pair_rows.filter(pl.col("control") == "random")
-    out = {
-        "tasks": float(len(test)),
-        "ft_mean": float(test["ft"].mean()),
-        "ptq_mean": float(test["ptq"].mean()),
-        "qat_ptq_mean": float(test["qat_ptq"].mean()),
-        "ptq_loss_mean": float(loss.mean()),
-        "qat_recovery": float(recovered),
-        "pairs": float(len(real)),
-    }
-    for setting, col in (("lambda1", "gain_lambda1"), ("oracle", "gain_oracle"), ("calib", "gain_calib")):
-        out[f"{setting}_mean"] = float(real[col].mean())
-        out[f"{setting}_positive"] = float((real[col] > 0).mean())
-        out[f"{setting}_best"] = float(real[col].max())
-        if len(rand):
-            out[f"{setting}_random_mean"] = float(rand[col].mean())
-    return out
+def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
+    """Per seed, the figures the README quotes: PTQ loss, QAT recovery, donor and random gains."""
+    test = baselines.filter(pl.col("split") == Split.TEST).pivot(on="model", index=[*RUN_KEYS, "task"], values="accuracy")
+    base = test.group_by(RUN_KEYS).agg(
+        pl.len().alias("tasks"),
+        pl.col(Variant.FT).mean().alias("ft_mean"),
+        pl.col(Variant.PTQ).mean().alias("ptq_mean"),
+        pl.col(Variant.QAT_PTQ).mean().alias("qat_ptq_mean"),
+        (pl.col(Variant.FT) - pl.col(Variant.PTQ)).mean().alias("ptq_loss_mean"),
+        # share of the PTQ loss that QAT recovers; undefined (null) where PTQ loses nothing
+        pl.when((pl.col(Variant.FT) - pl.col(Variant.PTQ)).sum() > 0)
+        .then((pl.col(Variant.QAT_PTQ) - pl.col(Variant.PTQ)).sum() / (pl.col(Variant.FT) - pl.col(Variant.PTQ)).sum())
+        .alias("qat_recovery"),
+    )
+    gains = []
+    for rule, col in RULE_COLUMNS.items():
+        key = col.removeprefix("gain_")
+        gains += [pl.col(col).filter(pl.col("control") == Control.DONOR).mean().alias(f"{key}_mean"),
+                  (pl.col(col).filter(pl.col("control") == Control.DONOR) > 0).mean().alias(f"{key}_positive"),
+                  pl.col(col).filter(pl.col("control") == Control.DONOR).max().alias(f"{key}_best"),
+                  pl.col(col).filter(pl.col("control") == Control.RANDOM).mean().alias(f"{key}_random_mean")]
+    pairs_n = (pl.col("control") == Control.DONOR).sum().alias("pairs")
+    return base.join(pair_rows.group_by(RUN_KEYS).agg(pairs_n, *gains), on=RUN_KEYS, how="left").sort(RUN_KEYS)

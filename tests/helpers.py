@@ -23,7 +23,7 @@ def mini_config(path: Path, name="mini", tasks=("shapes", "dots", "blur"), pretr
     """A whole grid that runs in about a minute on one CPU core."""
     cfg = {
         "name": name,
-        "seed": 0,
+        "seeds": [0],
         "data_root": str(path.parent / "data"),
         "quant": {"bits": 2, "granularity": "channel"},
         "archs": {"tiny": {

@@ -79,7 +79,7 @@ def test_transfer_rows_lambda0_equals_ptq_and_self_equals_qat(grid):
     assert base.filter(pl.col("split") == "test")["n"].to_list() == [60] * 4
     cell = pl.read_parquet(d / "cell_dots.parquet")
     assert set(cell["control"]) == {"none", "random"}
-    assert {"arch", "receiver", "donor", "lambda", "bits", "granularity", "split", "correct", "n", "accuracy"} <= set(cell.columns)
+    assert {"arch", "quant", "seed", "receiver", "donor", "control_seed", "lambda", "bits", "split", "correct", "n", "accuracy"} <= set(cell.columns)
     for split in ("test", "calib"):
         ptq = base.filter((pl.col("model") == "ptq") & (pl.col("split") == split))["correct"].item()
         zero = cell.filter((pl.col("lambda") == 0.0) & (pl.col("split") == split) & (pl.col("search") == "sweep"))

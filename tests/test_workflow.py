@@ -13,8 +13,9 @@ from qvlib.plots import DPI, gain_figure_size
 
 pytestmark = pytest.mark.slow
 TASKS = ("shapes", "dots", "blur")
-REPORT = ["baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet",
-          "diagnostics.parquet", "cosine.parquet", "summary.md", "heatmap_gain.png", "heatmap_cosine.png"]
+REPORT = ["baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet", "specific.parquet",
+          "summary_specific.parquet", "diagnostics.parquet", "cosine.parquet", "summary.md", "heatmap_gain.png",
+          "heatmap_cosine.png"]
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -35,7 +36,7 @@ def planned_jobs(proc) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
-    cfg = mini_config(work / "mini.yaml", tasks=TASKS)
+    cfg = mini_config(work / "mini.yaml", tasks=TASKS, random_controls=2)
     snakemake(work, cfg)
     return work, cfg
 
@@ -47,18 +48,22 @@ def test_every_output_exists_with_the_right_shape(finished):
         assert (out / name).stat().st_size > 0, name
     for task in TASKS:
         for mode in ("ft", "qat"):
-            assert (out / "checkpoints" / f"{task}.{mode}.safetensors").exists()
-            assert (work / "logs" / "mini" / "tiny" / "finetune" / f"{task}.{mode}.log").exists()
-    assert (out / "backbone.safetensors").exists()
+            assert (out / "seed0" / "checkpoints" / f"{task}.{mode}.safetensors").exists()
+            assert (work / "logs" / "mini" / "tiny" / "seed0" / "finetune" / f"{task}.{mode}.log").exists()
+        assert (out / "cache" / f"{task}.test.safetensors").exists()  # shared by every seed
+    assert (out / "seed0" / "backbone.safetensors").exists()
 
     base = pl.read_parquet(out / "baselines.parquet")
     assert len(base) == 3 * 4 * 2 and set(base["model"]) == {"ft", "ptq", "qat", "qat_ptq"}
+    assert set(base["seed"]) == {0} and set(base["quant"]) == {"w2-channel"}
     transfer = pl.read_parquet(out / "transfer.parquet")
     # per cell: 3 lambdas x 2 splits per variant, + 1 adaptive row for the donor (none) or self
     assert transfer.filter(pl.col("control") == "none").height == 6 * (3 * 2 + 1)
-    assert transfer.filter(pl.col("control") == "random").height == 6 * 3 * 2
+    random = transfer.filter(pl.col("control") == "random")
+    assert random.height == 6 * 2 * 3 * 2  # two random directions per donor
+    assert (random.group_by("donor").agg(pl.col("control_seed").n_unique())["control_seed"] == 2).all()
     assert transfer.filter(pl.col("control") == "self").height == 3 * (3 * 2 + 1)
-    assert {"gain", "ptq_accuracy", "accuracy", "correct", "n", "lambda", "split", "granularity"} <= set(transfer.columns)
+    assert {"gain", "ptq_accuracy", "accuracy", "correct", "n", "lambda", "split", "quant", "seed", "control_seed"} <= set(transfer.columns)
 
     # lambda = 0 rows reproduce the PTQ baselines exactly
     zero = transfer.filter((pl.col("lambda") == 0.0) & (pl.col("search") == "sweep"))
@@ -73,8 +78,15 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert len(joined) == 6 and (joined["correct"] == joined["qat_correct"]).all()
 
     donors = pl.read_parquet(out / "summary_donor.parquet")
-    assert set(donors["setting"]) == {"lambda=1", "oracle", "calib"} and set(donors["control"]) == {"none", "random"}
+    assert set(donors["rule"]) == {"lambda=1", "oracle", "calib"} and set(donors["control"]) == {"none", "random"}
     assert (donors["pairs"] == 2).all()
+    specific = pl.read_parquet(out / "specific.parquet")
+    assert specific.height == 6 * 3 and (specific["directions"] == 2).all()
+    summary = pl.read_parquet(out / "summary_specific.parquet")
+    overall = summary.filter(pl.col("scope") == "overall")
+    assert overall.height == 3 * 2  # per rule: seed 0 and pooled
+    assert set(summary["verdict"]) <= {"yes", "no", "inconclusive"}
+    assert (summary["ci_low"] <= summary["specific_gain"]).all() and (summary["specific_gain"] <= summary["ci_high"]).all()
     receivers = pl.read_parquet(out / "summary_receiver.parquet")
     assert set(receivers["control"]) == {"none", "random", "self"}
 
@@ -91,7 +103,8 @@ def test_every_output_exists_with_the_right_shape(finished):
     with Image.open(out / "heatmap_cosine.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     summary = (out / "summary.md").read_text()
-    assert "PTQ loses" in summary and "best_minus_random" in summary
+    assert "Transfer beyond a random direction" in summary and "best_minus_random" in summary
+    assert "Summary written on:" in summary and "<!-- readme:start -->" in summary
 
 
 def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
@@ -110,13 +123,27 @@ def test_deleting_a_cell_reruns_only_that_cell(finished):
     work, cfg = finished
     snakemake(work, cfg)  # restore the original effective config after the dry run above
     assert planned_jobs(snakemake(work, cfg, "--dry-run")) == {}
-    cell = work / "results" / "mini" / "tiny" / "transfer" / "dots" / "blur.parquet"
+    cell = work / "results" / "mini" / "tiny" / "seed0" / "transfer" / "dots" / "blur.parquet"
     before = pl.read_parquet(cell)
     cell.unlink()
     jobs = planned_jobs(snakemake(work, cfg, "--dry-run"))
     assert jobs == {"transfer_cell": 1, "tables": 1, "figures": 1, "all": 1, "total": 4}
     snakemake(work, cfg)
     assert pl.read_parquet(cell).equals(before)  # deterministic on the CPU
+
+
+def test_adding_a_seed_plans_only_its_jobs(finished, tmp_path):
+    work, cfg = finished
+    data = yaml.safe_load(cfg.read_text())
+    data["seeds"] = [0, 1]
+    more = tmp_path / "more.yaml"
+    more.write_text(yaml.safe_dump(data))
+    jobs = planned_jobs(snakemake(work, more, "--dry-run"))
+    assert jobs == {"pretrain": 1, "finetune": 6, "extract_vector": 3, "baselines": 3, "transfer_cell": 9,
+                    "diagnostics": 1, "tables": 1, "figures": 1, "all": 1, "total": 26}  # no cache: data is shared
+    # the same from the command line, as the README's three-seed study runs it
+    jobs = planned_jobs(snakemake(work, cfg, "--dry-run", "--config", "seeds=[0,1]"))
+    assert jobs["pretrain"] == 1 and jobs["transfer_cell"] == 9
 
 
 def test_paper_config_dag(tmp_path):

@@ -7,6 +7,10 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from qvlib.vocab import FINETUNE_MODES
+
+if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
+    config["seeds"] = [int(s) if isinstance(s, str) and s.lstrip("-").isdigit() else s for s in config["seeds"]]
 validate(config, "../schemas/config.schema.yaml")
 
 NAME = config["name"]
@@ -14,6 +18,10 @@ OUT = f"results/{NAME}"
 LOGS = f"logs/{NAME}"
 ARCHS = list(config["archs"])
 TASKS = list(config["tasks"])
+SEEDS = list(config["seeds"])
+# Per replicate: everything trained or evaluated at one seed. Caches hold data only and are shared.
+RUN = f"{OUT}/{{arch}}/seed{{seed}}"
+RUN_LOGS = f"{LOGS}/{{arch}}/seed{{seed}}"
 
 
 def _write_effective_config():
@@ -33,7 +41,8 @@ wildcard_constraints:
     task="|".join(TASKS),
     receiver="|".join(TASKS),
     donor="|".join(TASKS),
-    mode="ft|qat",
+    mode="|".join(FINETUNE_MODES),
+    seed=r"-?\d+",
 
 
 def digest(*parts):
@@ -63,7 +72,7 @@ def needs_pretrain(arch):
 
 
 def backbone_input(wildcards):
-    return [f"{OUT}/{wildcards.arch}/backbone.safetensors"] if needs_pretrain(wildcards.arch) else []
+    return [f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/backbone.safetensors"] if needs_pretrain(wildcards.arch) else []
 
 
 def backbone_flag(wildcards, input):
@@ -75,7 +84,7 @@ def arch_digest(arch):
 
 
 def task_digest(task):
-    return digest(config["tasks"][task], config.get("task_defaults"), config.get("data_root"), config.get("seed"))
+    return digest(config["tasks"][task], config.get("task_defaults"), config.get("data_root"), config.get("data_seed"))
 
 
 def final_outputs():
@@ -83,10 +92,11 @@ def final_outputs():
     a missing target, so rerunning recomputes exactly it and what is derived from it."""
     files = []
     for arch in ARCHS:
-        base = f"{OUT}/{arch}"
-        files += [f"{base}/{name}" for name in REPORT_FILES]
-        files += [f"{base}/checkpoints/{task}.{mode}.safetensors" for task in TASKS for mode in ("ft", "qat")]
-        files += [f"{base}/vectors/{task}.safetensors" for task in TASKS]
-        files += [f"{base}/baselines/{task}.parquet" for task in TASKS]
-        files += [f"{base}/transfer/{r}/{d}.parquet" for r in TASKS for d in TASKS]
+        files += [f"{OUT}/{arch}/{name}" for name in REPORT_FILES]
+        for seed in SEEDS:
+            run = f"{OUT}/{arch}/seed{seed}"
+            files += [f"{run}/checkpoints/{task}.{mode}.safetensors" for task in TASKS for mode in FINETUNE_MODES]
+            files += [f"{run}/vectors/{task}.safetensors" for task in TASKS]
+            files += [f"{run}/baselines/{task}.parquet" for task in TASKS]
+            files += [f"{run}/transfer/{r}/{d}.parquet" for r in TASKS for d in TASKS]
     return files

@@ -1,18 +1,18 @@
 rule finetune:
-    """FT or QAT of one task's block linear weights from the shared backbone."""
+    """FT or QAT of one task's block linear weights from the shared backbone, at one replicate seed."""
     input:
         backbone=backbone_input,
     output:
-        ckpt=f"{OUT}/{{arch}}/checkpoints/{{task}}.{{mode}}.safetensors",
-        metrics=f"{OUT}/{{arch}}/checkpoints/{{task}}.{{mode}}.metrics.json",
+        ckpt=f"{RUN}/checkpoints/{{task}}.{{mode}}.safetensors",
+        metrics=f"{RUN}/checkpoints/{{task}}.{{mode}}.metrics.json",
     log:
-        f"{LOGS}/{{arch}}/finetune/{{task}}.{{mode}}.log",
+        f"{RUN_LOGS}/finetune/{{task}}.{{mode}}.log",
     params:
         backbone=backbone_flag,
-        h=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config["quant"]),
+        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config["quant"]),
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
     shell:
-        "qv finetune --config {CONFIG} --arch {wildcards.arch} --task {wildcards.task} --mode {wildcards.mode} "
-        "{params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"
+        "qv finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
+        "--mode {wildcards.mode} {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"

@@ -1,13 +1,15 @@
 rule pretrain:
-    """The demo backbone (archs with backbone source 'pretrain'): the shared starting point of every task."""
+    """The demo backbone (archs with backbone source 'pretrain'): the shared starting point of every
+    task of one replicate seed."""
     output:
-        f"{OUT}/{{arch}}/backbone.safetensors",
+        f"{RUN}/backbone.safetensors",
     log:
-        f"{LOGS}/{{arch}}/pretrain.log",
+        f"{RUN_LOGS}/pretrain.log",
     params:
-        h=lambda wc: arch_digest(wc.arch),
+        arch_hash=lambda wc: arch_digest(wc.arch),
     threads: threads_of("pretrain")
     resources:
         **resources_of("pretrain"),
     shell:
-        "qv pretrain --config {CONFIG} --arch {wildcards.arch} --threads {threads} -o {output} --no-progress 2> {log}"
+        "qv pretrain --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --threads {threads} "
+        "-o {output} --no-progress 2> {log}"

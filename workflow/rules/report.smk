@@ -3,6 +3,8 @@ REPORT_FILES = [
     "transfer.parquet",
     "summary_donor.parquet",
     "summary_receiver.parquet",
+    "specific.parquet",
+    "summary_specific.parquet",
     "diagnostics.parquet",
     "cosine.parquet",
     "summary.md",
@@ -11,49 +13,57 @@ REPORT_FILES = [
 ]
 
 
-rule tables:
-    """Baselines, every transfer cell with its gain, and donor/receiver summaries (Tables 2, 3, 5-7)."""
+rule diagnostics:
+    """Relative norms of each FT update and QV (total and per layer type) and the QV cosine matrix, per seed."""
     input:
-        baselines=expand(f"{OUT}/{{{{arch}}}}/baselines/{{task}}.parquet", task=TASKS),
-        cells=expand(f"{OUT}/{{{{arch}}}}/transfer/{{receiver}}/{{donor}}.parquet", receiver=TASKS, donor=TASKS),
+        backbone=backbone_input,
+        ft=expand(f"{RUN}/checkpoints/{{task}}.ft.safetensors", task=TASKS, allow_missing=True),
+        vectors=expand(f"{RUN}/vectors/{{task}}.safetensors", task=TASKS, allow_missing=True),
+    output:
+        norms=f"{RUN}/diagnostics.parquet",
+        cosine=f"{RUN}/cosine.parquet",
+    log:
+        f"{RUN_LOGS}/diagnostics.log",
+    params:
+        backbone=backbone_flag,
+    shell:
+        "qv diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} {params.backbone} "
+        "--ft {input.ft} --vectors {input.vectors} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
+
+
+rule tables:
+    """Every seed's baselines and cells with gains, specific gains over the random controls with
+    bootstrap intervals, donor/receiver summaries (Tables 2, 3, 5-7) and the diagnostics."""
+    input:
+        baselines=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/baselines/{{task}}.parquet", seed=SEEDS, task=TASKS),
+        cells=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/transfer/{{receiver}}/{{donor}}.parquet", seed=SEEDS, receiver=TASKS, donor=TASKS),
+        norms=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/diagnostics.parquet", seed=SEEDS),
+        cosine=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/cosine.parquet", seed=SEEDS),
     output:
         baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",
         donor=f"{OUT}/{{arch}}/summary_donor.parquet",
         receiver=f"{OUT}/{{arch}}/summary_receiver.parquet",
-    log:
-        f"{LOGS}/{{arch}}/tables.log",
-    shell:
-        "qv tables --baselines {input.baselines} --cells {input.cells} --out-baselines {output.baselines} "
-        "--out-transfer {output.transfer} --out-donor {output.donor} --out-receiver {output.receiver} 2> {log}"
-
-
-rule diagnostics:
-    """Relative norms of each FT update and QV (total and per layer type) and the QV cosine matrix."""
-    input:
-        backbone=backbone_input,
-        ft=expand(f"{OUT}/{{{{arch}}}}/checkpoints/{{task}}.ft.safetensors", task=TASKS),
-        vectors=expand(f"{OUT}/{{{{arch}}}}/vectors/{{task}}.safetensors", task=TASKS),
-    output:
+        specific=f"{OUT}/{{arch}}/specific.parquet",
+        summary_specific=f"{OUT}/{{arch}}/summary_specific.parquet",
         norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
     log:
-        f"{LOGS}/{{arch}}/diagnostics.log",
-    params:
-        backbone=backbone_flag,
+        f"{LOGS}/{{arch}}/tables.log",
     shell:
-        "qv diagnostics --config {CONFIG} --arch {wildcards.arch} {params.backbone} --ft {input.ft} "
-        "--vectors {input.vectors} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
+        "qv tables --baselines {input.baselines} --cells {input.cells} --norms {input.norms} --cosine {input.cosine} "
+        "--out-baselines {output.baselines} --out-transfer {output.transfer} --out-donor {output.donor} "
+        "--out-receiver {output.receiver} --out-specific {output.specific} "
+        "--out-summary-specific {output.summary_specific} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
 
 
 rule figures:
     """Gain heatmaps at lambda = 1 and at the best lambda (the paper's Fig. 2), controls beside them,
-    the QV cosine heatmap, and a markdown summary."""
+    the QV cosine heatmap, and a markdown summary with the verdict against random directions."""
     input:
         baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",
-        donor=f"{OUT}/{{arch}}/summary_donor.parquet",
-        receiver=f"{OUT}/{{arch}}/summary_receiver.parquet",
+        summary_specific=f"{OUT}/{{arch}}/summary_specific.parquet",
         norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
     output:
@@ -64,5 +74,5 @@ rule figures:
         f"{LOGS}/{{arch}}/figures.log",
     shell:
         "qv figures --arch {wildcards.arch} --baselines {input.baselines} --transfer {input.transfer} "
-        "--donor {input.donor} --receiver {input.receiver} --norms {input.norms} --cosine {input.cosine} "
+        "--summary-specific {input.summary_specific} --norms {input.norms} --cosine {input.cosine} "
         "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} 2> {log}"

@@ -1,12 +1,12 @@
 rule extract_vector:
     """rho_D = theta_QAT(D) - theta_FT(D)."""
     input:
-        qat=f"{OUT}/{{arch}}/checkpoints/{{task}}.qat.safetensors",
-        ft=f"{OUT}/{{arch}}/checkpoints/{{task}}.ft.safetensors",
+        qat=f"{RUN}/checkpoints/{{task}}.qat.safetensors",
+        ft=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
     output:
-        f"{OUT}/{{arch}}/vectors/{{task}}.safetensors",
+        f"{RUN}/vectors/{{task}}.safetensors",
     log:
-        f"{LOGS}/{{arch}}/vectors/{{task}}.log",
+        f"{RUN_LOGS}/vectors/{{task}}.log",
     resources:
         mem_mb=2000,
         runtime=10,

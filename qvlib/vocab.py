@@ -1,0 +1,74 @@
+"""The words shared by the library, the CLI, the tables and the Snakemake rules: one home each.
+
+Every value is a ``StrEnum``, so it is the plain string in Parquet, file names and command lines
+(``Mode.QAT == "qat"``), and a typo in code is an ``AttributeError`` instead of an empty filter.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    """How a training run treats the quantized weights."""
+
+    FT = "ft"  # plain fine-tuning of one task
+    QAT = "qat"  # fine-tuning with fake quantization in the forward pass (straight-through gradient)
+    PRETRAIN = "pretrain"  # the demo backbone, all parameters, trainable head
+
+
+FINETUNE_MODES: tuple[Mode, ...] = (Mode.FT, Mode.QAT)
+
+
+class Variant(StrEnum):
+    """The models of one task that ``baselines.parquet`` scores (column ``model``)."""
+
+    FT = "ft"  # full-precision FT
+    PTQ = "ptq"  # FT, post-training quantized: the receiver's baseline for every gain
+    QAT = "qat"  # QAT weights in full precision
+    QAT_PTQ = "qat_ptq"  # QAT weights quantized: what the receiver's own QAT achieves
+
+
+QUANTIZED_VARIANTS: tuple[Variant, ...] = (Variant.PTQ, Variant.QAT_PTQ)
+
+
+class Control(StrEnum):
+    """What the vector added to a receiver is (column ``control`` of the transfer tables)."""
+
+    DONOR = "none"  # a real donor's quantization vector
+    RANDOM = "random"  # a random direction with the donor vector's per-tensor norms
+    SELF = "self"  # the receiver's own vector: at lambda = 1 exactly its QAT model
+
+
+class Split(StrEnum):
+    """Evaluation splits; ``calib`` is carved from the training set and never trained on."""
+
+    TEST = "test"
+    CALIB = "calib"
+
+
+class Search(StrEnum):
+    """How the lambdas of a row were picked (column ``search``)."""
+
+    SWEEP = "sweep"  # the config's fixed lambda list
+    ADAPTIVE = "adaptive"  # the golden-section oracle search on test
+
+
+class Rule(StrEnum):
+    """How lambda is chosen for a pair before its gain is read (column ``rule`` of summaries)."""
+
+    LAMBDA1 = "lambda=1"  # fixed at 1: the paper's Fig. 2 left
+    ORACLE = "oracle"  # best lambda on the test split itself: the paper's Fig. 2 right, optimistic
+    CALIB = "calib"  # best lambda on the calib split, scored on test: what a user can deploy
+
+
+# Column of pairs() that holds the gain under each rule.
+RULE_COLUMNS: dict[Rule, str] = {Rule.LAMBDA1: "gain_lambda1", Rule.ORACLE: "gain_oracle", Rule.CALIB: "gain_calib"}
+
+
+class Verdict(StrEnum):
+    """Whether donors beat their random controls, from a 95% interval of the specific gain."""
+
+    YES = "yes"  # the whole interval is above 0
+    NO = "no"  # the whole interval is below 0: random directions do better
+    INCONCLUSIVE = "inconclusive"  # the interval contains 0

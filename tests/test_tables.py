@@ -1,0 +1,89 @@
+"""Pair gains under each lambda rule, specific gains over random controls, and their summaries,
+on small tables computed by hand."""
+
+import polars as pl
+import pytest
+
+from qvlib import tables
+
+BASE = {"arch": "a", "quant": "w2-channel", "seed": 0, "receiver": "R", "donor": "D", "bits": 2, "search": "sweep", "n": 100}
+
+
+def cell(control, control_seed, accuracies):
+    """Rows of one variant: accuracies = {(split, lambda): accuracy}."""
+    return [{**BASE, "control": control, "control_seed": control_seed, "split": split, "lambda": lam,
+             "accuracy": acc, "correct": int(acc)} for (split, lam), acc in accuracies.items()]
+
+
+def transfer_table():
+    rows = (cell("none", None, {("test", 0.5): 60.0, ("test", 1.0): 70.0, ("calib", 0.5): 65.0, ("calib", 1.0): 55.0})
+            + cell("random", 11, {("test", 0.5): 52.0, ("test", 1.0): 48.0, ("calib", 0.5): 51.0, ("calib", 1.0): 53.0})
+            + cell("random", 12, {("test", 0.5): 54.0, ("test", 1.0): 44.0, ("calib", 0.5): 40.0, ("calib", 1.0): 45.0}))
+    cells = pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64})
+    baselines = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": "ptq", "split": s,
+                               "accuracy": 50.0} for s in ("test", "calib")])
+    return tables.with_gain(cells, baselines)
+
+
+def test_pairs_average_random_directions_after_each_picks_its_lambda():
+    p = tables.pairs(transfer_table())
+    donor = p.filter(pl.col("control") == "none").row(0, named=True)
+    # lambda = 1: 70 - 50; oracle: best test lambda (1.0); calib picks 0.5 (65 > 55), scored on test: 60 - 50
+    assert (donor["gain_lambda1"], donor["gain_oracle"], donor["gain_calib"]) == (20.0, 20.0, 10.0)
+    assert (donor["lambda_oracle"], donor["lambda_calib"], donor["directions"]) == (1.0, 0.5, 1)
+    rand = p.filter(pl.col("control") == "random").row(0, named=True)
+    # seed 11: -2, +2 (0.5), calib 1.0 -> -2; seed 12: -6, +4 (0.5), calib 1.0 -> -6; averaged
+    assert (rand["gain_lambda1"], rand["gain_oracle"], rand["gain_calib"]) == (-4.0, 3.0, -4.0)
+    assert rand["directions"] == 2
+
+
+def test_specific_gain_is_donor_minus_its_random_control():
+    spec = tables.specific(tables.pairs(transfer_table()))
+    got = {r["rule"]: (r["donor_gain"], r["random_gain"], r["specific_gain"]) for r in spec.to_dicts()}
+    assert got == {"lambda=1": (20.0, -4.0, 24.0), "oracle": (20.0, 3.0, 17.0), "calib": (10.0, -4.0, 14.0)}
+
+
+def test_oracle_ties_go_to_the_lambda_nearest_one():
+    rows = cell("none", None, {("test", 0.5): 60.0, ("test", 1.25): 60.0, ("test", 2.0): 60.0})
+    baselines = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": "ptq", "split": "test", "accuracy": 50.0}])
+    p = tables.pairs(tables.with_gain(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}), baselines))
+    assert p["lambda_oracle"].to_list() == [1.25]
+
+
+def test_missing_baseline_and_missing_controls_are_named():
+    cells = pl.DataFrame(cell("none", None, {("test", 1.0): 60.0}), schema_overrides={"control_seed": pl.Int64})
+    other = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 1, "task": "R", "model": "ptq", "split": "test", "accuracy": 50.0}])
+    with pytest.raises(ValueError, match="no PTQ baseline for receiver 'R'.*seed 0"):
+        tables.with_gain(cells, other)
+    with pytest.raises(ValueError, match="random_controls"):
+        tables.specific(tables.pairs(tables.with_gain(cells, other.with_columns(pl.lit(0).alias("seed")))))
+
+
+def specific_rows(values_by_seed):
+    rows = []
+    for seed, values in values_by_seed.items():
+        for i, v in enumerate(values):
+            rows.append({"arch": "a", "quant": "w2-channel", "seed": seed, "receiver": f"r{i % 2}", "donor": f"d{i}",
+                         "rule": "oracle", "donor_gain": v + 1.0, "random_gain": 1.0, "specific_gain": v, "directions": 3})
+    return pl.DataFrame(rows)
+
+
+def test_summary_specific_scopes_shares_and_verdicts():
+    summary = tables.summary_specific(specific_rows({0: [2.0, 4.0, 6.0, -1.0], 1: [3.0, 5.0, 1.0, 2.0]}))
+    overall = summary.filter(pl.col("scope") == "overall")
+    assert overall["seed"].to_list() == [0, 1, None]
+    pooled = overall.filter(pl.col("seed").is_null()).row(0, named=True)
+    assert pooled["specific_gain"] == pytest.approx(22.0 / 8) and pooled["share_donor_beats_random"] == 7 / 8
+    assert (pooled["pairs"], pooled["seeds"], pooled["donor_gain"], pooled["random_gain"]) == (8, 2, pytest.approx(22.0 / 8 + 1), 1.0)
+    assert pooled["ci_low"] > 0 and pooled["verdict"] == "yes"
+    seed0 = overall.filter(pl.col("seed") == 0).row(0, named=True)
+    assert seed0["share_donor_beats_random"] == 0.75 and seed0["pairs"] == 4
+    per_receiver = summary.filter((pl.col("scope") == "receiver") & pl.col("seed").is_null())
+    assert per_receiver["task"].to_list() == ["r0", "r1"]
+    assert per_receiver["specific_gain"].to_list() == pytest.approx([(2 + 6 + 3 + 1) / 4, (4 - 1 + 5 + 2) / 4])
+    assert set(summary.filter(pl.col("scope") == "donor")["task"]) == {"d0", "d1", "d2", "d3"}
+
+
+def test_summary_specific_verdict_no_when_random_wins_everywhere():
+    summary = tables.summary_specific(specific_rows({0: [-2.0, -3.0, -1.5, -2.5]}))
+    assert set(summary.filter(pl.col("scope") == "overall")["verdict"]) == {"no"}
