@@ -402,6 +402,25 @@ def _figures(args) -> int:
 register("figures", "gain and cosine heatmaps and the markdown summary", _figures_args, _figures)
 
 
+def _readme_args(p):
+    p.add_argument("--summary", type=Path, required=True, help="a run's summary.md (qv figures)")
+    p.add_argument("--readme", type=Path, default=Path("README.md"), help="the file whose readme block is replaced")
+
+
+def _readme(args) -> int:
+    from .plots import readme_block, replace_readme_block
+
+    block = readme_block(args.summary.read_text())
+    text = replace_readme_block(args.readme.read_text(), block)
+    atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))
+    print(f"{args.readme}: demo block replaced from {args.summary}")
+    return 0
+
+
+register("readme", "copy a summary's headline block (verdicts, per-seed table, machine) into the README",
+         _readme_args, _readme)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qv", description="Quantization vectors for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -259,7 +259,10 @@ def _save_state(path: Path, step: int, model, opt, sched, trained, losses) -> No
 
 
 def _load_state(path: Path, model, opt, sched, trained) -> tuple[int, list[float]]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a foreign or damaged file: torch raises many error types here
+        raise ValueError(f"resume state {path} is unreadable ({type(err).__name__}); delete it to start over") from None
     if sorted(blob["params"]) != sorted(trained):
         raise ValueError(f"resume state {path} trains other tensors than this run; delete it to start over")
     params = dict(model.named_parameters())

@@ -129,10 +129,38 @@ class WeightVector(Mapping[str, torch.Tensor]):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no safetensors file at {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-            metadata = f.metadata() or {}
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not a safetensors file")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                metadata = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types (and OSError) for bad files
+            raise ValueError(f"{path} is not a readable safetensors file ({describe_unreadable(path)}): {err}") from None
         return cls(tensors, metadata)
+
+
+def describe_unreadable(path: Path) -> str:
+    """What an unreadable checkpoint file most likely is, from its bytes: names the usual mistakes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header_bytes = f.read(header_len) if header_len < 100_000_000 else b""
+    if not size:
+        return "the file is empty"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "it looks like a pickled PyTorch checkpoint (torch.save); convert it with safetensors.torch.save_file"
+    try:
+        header = json.loads(header_bytes)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        if 0 < header_len < 100_000_000 and 8 + header_len > size:
+            return f"truncated: its header announces {header_len} bytes but the file holds {size}"
+        return f"{size} bytes that are not in the safetensors format"
+    if 8 + header_len + end > size:
+        return f"truncated: it holds {size} of the {8 + header_len + end} bytes its header announces"
+    return "its header is inconsistent"
 
 
 def encode_metadata(metadata: Mapping[str, object]) -> dict[str, str]:

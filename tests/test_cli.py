@@ -95,3 +95,37 @@ def test_random_direction_control_keeps_per_tensor_norms(ckpts):
         assert float(rand[name].double().norm()) == pytest.approx(float(t.double().norm()), rel=1e-6, abs=1e-12)
     assert rand.metadata["control"] == "random" and rand.metadata["random_seed"] == "3"
     assert abs(rand.cosine(rho)) < 0.5
+
+
+def bad_files(d: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """An unreadable file of each kind users hand us, and the words the error must use."""
+    data = good.read_bytes()
+    files = {"truncated": (d / "truncated.safetensors", "truncated"), "text": (d / "notes.safetensors", "not in the safetensors format"),
+             "pickle": (d / "model.pt", "pickled PyTorch checkpoint"), "empty": (d / "empty.safetensors", "empty")}
+    files["truncated"][0].write_bytes(data[: len(data) // 2])
+    files["text"][0].write_text("these are my notes, not a checkpoint\n")
+    torch.save({"blocks.0.attn.qkv.weight": torch.ones(3, 3)}, files["pickle"][0])
+    files["empty"][0].write_bytes(b"")
+    return files
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "pickle", "empty"])
+def test_unreadable_inputs_fail_in_one_line_and_write_nothing(ckpts, kind):
+    d, _, _ = ckpts
+    bad, words = bad_files(d, d / "ft.safetensors")[kind]
+    out = d / "out.safetensors"
+    commands = [
+        ("info", bad),
+        ("extract", "--qat", bad, "--ft", d / "ft.safetensors", "-o", out),
+        ("extract", "--qat", d / "qat.safetensors", "--ft", bad, "-o", out),
+        ("patch", "--receiver", bad, "--vector", d / "ft.safetensors", "-o", out),
+        ("patch", "--receiver", d / "ft.safetensors", "--vector", bad, "-o", out),
+        ("quantize", bad, "-o", out),
+    ]
+    for args in commands:
+        proc = qv(*args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(lines) == 1 and str(bad) in lines[0] and words in lines[0], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert not out.exists() and not list(d.glob(".out.safetensors.*"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..vectors import WeightVector
 from .base import Preprocess, TaskData, materialize
@@ -28,9 +27,11 @@ def read_split_cache(path: str | Path, device: str | torch.device = "cpu", finge
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cached split at {path}; build it with `qv cache-splits`")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-            raise ValueError(f"cached split {path} was made with other preprocessing or data "
-                             f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}); delete it to rebuild")
-        return f.get_tensor("images"), f.get_tensor("labels"), meta
+    cached = WeightVector.load(path, device=device)
+    meta = cached.metadata
+    if "images" not in cached or "labels" not in cached:
+        raise ValueError(f"{path} is not a cached split (it holds no images and labels); build it with `qv cache-splits`")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"cached split {path} was made with other preprocessing or data "
+                         f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}); delete it to rebuild")
+    return cached["images"], cached["labels"], meta
