@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .quant import QuantPolicy, QuantSpec, fake_quant_state
-from .vectors import WeightVector, atomic_write, patch, quantization_vector, random_direction
+from . import checkpoints
+from .quant import DEFAULT_POLICY, GRANULARITIES, QuantPolicy, QuantSpec
+from .vectors import WeightVector, atomic_write
 from .vocab import FINETUNE_MODES, Split
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
@@ -24,7 +25,7 @@ def register(name: str, help: str, add_args, run) -> None:
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=3, help="bit-width, 2..8 (default 3, as in the paper)")
-    p.add_argument("--granularity", default="channel", choices=["channel", "group", "tensor"])
+    p.add_argument("--granularity", default="channel", choices=GRANULARITIES)
     p.add_argument("--group-size", type=int, default=None, help="columns per scale with --granularity group")
 
 
@@ -32,25 +33,24 @@ def quant_spec(args: argparse.Namespace) -> QuantSpec:
     return QuantSpec(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
 
 
-# ---------------------------------------------------------------- info
+# ---------------------------------------------------------------- checkpoint commands
+def add_pattern_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pattern", default=DEFAULT_POLICY.pattern,
+                   help="regex of the tensors that are quantized and held by vectors (default: the block linear weights)")
+
+
+def policy_of(args: argparse.Namespace) -> QuantPolicy:
+    return QuantPolicy(pattern=args.pattern)
+
+
 def _info_args(p):
     p.add_argument("checkpoint", type=Path, help="a safetensors checkpoint or vector")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_pattern_arg(p)
 
 
 def _info(args) -> int:
-
-    vec = WeightVector.load(args.checkpoint)
-    quantized = QuantPolicy().select(vec)
-    info = {
-        "path": str(args.checkpoint),
-        "tensors": len(vec),
-        "values": vec.numel(),
-        "quantized_tensors": len(quantized),
-        "quantized_values": sum(vec[n].numel() for n in quantized),
-        "norm_quantized": vec.subset(quantized).norm() if quantized else 0.0,
-        "metadata": vec.metadata,
-    }
+    info = {"path": str(args.checkpoint), **checkpoints.describe(WeightVector.load(args.checkpoint), policy_of(args))}
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -65,27 +65,17 @@ def _info(args) -> int:
 register("info", "summarise a checkpoint or vector: sizes, quantized tensors, metadata", _info_args, _info)
 
 
-# ---------------------------------------------------------------- extract
 def _extract_args(p):
     p.add_argument("--qat", type=Path, required=True, help="checkpoint fine-tuned with QAT")
     p.add_argument("--ft", type=Path, required=True, help="checkpoint fine-tuned plainly, same task and start")
     p.add_argument("-o", "--output", type=Path, required=True)
+    add_pattern_arg(p)
 
 
 def _extract(args) -> int:
-
-    qat, ft = WeightVector.load(args.qat), WeightVector.load(args.ft)
-    for key in ("arch", "task"):
-        a, b = qat.metadata.get(key), ft.metadata.get(key)
-        if a is not None and b is not None and a != b:
-            raise ValueError(f"the QAT checkpoint has {key}={a!r} but the FT checkpoint has {key}={b!r}")
-    names = QuantPolicy().select(ft)
-    if not names:
-        raise ValueError(f"{args.ft} holds no quantized linear weights (names like blocks.0.attn.qkv.weight)")
-    rho = quantization_vector(qat, ft, names)
-    meta = {k: v for k, v in ft.metadata.items() if k in ("arch", "task", "seed", "config_hash")}
-    meta.update(mode="qv", quant=qat.metadata.get("quant", ""), source={"qat": str(args.qat), "ft": str(args.ft)})
-    rho.save(args.output, meta)
+    rho = checkpoints.extract_vector(WeightVector.load(args.qat), WeightVector.load(args.ft), policy_of(args),
+                                     qat_name=str(args.qat), ft_name=str(args.ft))
+    rho.save(args.output)
     print(f"wrote {args.output}: {len(rho)} tensors, norm {rho.norm():.6g}")
     return 0
 
@@ -93,7 +83,6 @@ def _extract(args) -> int:
 register("extract", "quantization vector = QAT checkpoint - FT checkpoint (block linear weights)", _extract_args, _extract)
 
 
-# ---------------------------------------------------------------- patch
 def _patch_args(p):
     p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
     p.add_argument("--vector", type=Path, action="append", required=True, help="a vector; repeat to add several")
@@ -103,16 +92,10 @@ def _patch_args(p):
 
 
 def _patch(args) -> int:
-
-    lambdas = args.lambdas or [1.0]
-    if len(lambdas) == 1:
-        lambdas = lambdas * len(args.vector)
-    if len(lambdas) != len(args.vector):
-        raise ValueError(f"got {len(args.vector)} --vector but {len(lambdas)} --lambda values")
+    lambdas = checkpoints.broadcast_lambdas(args.lambdas, len(args.vector))
     receiver = WeightVector.load(args.receiver)
     vectors = [WeightVector.load(v) for v in args.vector]
-    out = WeightVector(patch(receiver, zip(lambdas, vectors)), receiver.metadata)
-    out.save(args.output, {"patched_with": [{"vector": str(v), "lambda": lam} for v, lam in zip(args.vector, lambdas)]})
+    checkpoints.patched(receiver, zip(lambdas, vectors), map(str, args.vector)).save(args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -120,7 +103,6 @@ def _patch(args) -> int:
 register("patch", "receiver + lambda * vector(s): zero-shot patching, no data needed", _patch_args, _patch)
 
 
-# ---------------------------------------------------------------- random-direction control
 def _random_args(p):
     p.add_argument("vector", type=Path, help="a quantization vector")
     p.add_argument("--seed", type=int, default=0)
@@ -128,10 +110,8 @@ def _random_args(p):
 
 
 def _random(args) -> int:
-
-    rho = WeightVector.load(args.vector)
-    out = random_direction(rho, args.seed)
-    out.save(args.output, {**rho.metadata, "control": "random", "random_seed": args.seed, "norms_of": str(args.vector)})
+    out = checkpoints.random_control(WeightVector.load(args.vector), args.seed, str(args.vector))
+    out.save(args.output)
     print(f"wrote {args.output}: random direction, per-tensor norms of {args.vector} (norm {out.norm():.6g})")
     return 0
 
@@ -140,21 +120,16 @@ register("random-direction", "control: a random vector with the same per-tensor 
          _random_args, _random)
 
 
-# ---------------------------------------------------------------- quantize
 def _quantize_args(p):
     p.add_argument("checkpoint", type=Path)
     add_quant_args(p)
+    add_pattern_arg(p)
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _quantize(args) -> int:
-
     spec = quant_spec(args)
-    ckpt = WeightVector.load(args.checkpoint)
-    if not QuantPolicy().select(ckpt):
-        raise ValueError(f"{args.checkpoint} holds no quantized linear weights (names like blocks.0.attn.qkv.weight)")
-    out = WeightVector(fake_quant_state(ckpt, spec), ckpt.metadata)
-    out.save(args.output, {"fake_quantized": spec.to_json()})
+    checkpoints.quantized(WeightVector.load(args.checkpoint), spec, policy_of(args), str(args.checkpoint)).save(args.output)
     print(f"wrote {args.output} ({spec.tag})")
     return 0
 
@@ -367,7 +342,7 @@ def _diagnostics(args) -> int:
     missing = sorted(set(vectors) - set(fts))
     if missing:
         raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
-    write_parquet(norms_table(args.arch, cfg.seed, backbone, fts, vectors), args.out_norms)
+    write_parquet(norms_table(args.arch, cfg.seed, backbone, fts, vectors, cfg.policy), args.out_norms)
     write_parquet(cosine_table(args.arch, cfg.seed, vectors), args.out_cosine)
     return 0
 

@@ -18,7 +18,7 @@ import yaml
 from .data.base import Preprocess
 from .data.registry import LoadOptions
 from .models import ArchSpec
-from .quant import QuantSpec
+from .quant import VIT_BLOCK_LINEARS, QuantPolicy, QuantSpec
 from .train import TrainConfig
 
 
@@ -84,6 +84,11 @@ class Config:
         return QuantSpec.from_mapping(self.raw.get("quant", {}))
 
     @property
+    def policy(self) -> QuantPolicy:
+        """Which tensors are quantized, trained and held by vectors (``policy: {pattern: regex}``)."""
+        return QuantPolicy(pattern=self.raw.get("policy", {}).get("pattern", VIT_BLOCK_LINEARS))
+
+    @property
     def lambdas(self) -> list[float]:
         return [float(x) for x in self.raw.get("lambdas", [1.0])]
 
@@ -141,5 +146,10 @@ class Config:
 
     def digest(self, *sections: str) -> str:
         """Short hash of the named sections, for checkpoint metadata."""
-        blob = json.dumps({k: self.raw.get(k) for k in sections}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return digest_of({k: self.raw.get(k) for k in sections})
+
+
+def digest_of(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts: checkpoint metadata, and the Snakemake params whose change
+    reruns exactly the jobs that read them."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -8,7 +8,7 @@ from typing import Mapping
 import polars as pl
 import torch
 
-from .quant import QuantPolicy, layer_type
+from .quant import DEFAULT_POLICY, QuantPolicy, layer_type
 from .vectors import WeightVector
 
 LAYER_TYPES = ("all", "qkv", "proj", "fc1", "fc2")
@@ -18,9 +18,10 @@ def _sq(tensors: Mapping[str, torch.Tensor], names: list[str]) -> float:
     return sum(float(tensors[n].double().pow(2).sum()) for n in names)
 
 
-def relative_norms(backbone: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor], rho: Mapping[str, torch.Tensor]) -> list[dict]:
+def relative_norms(backbone: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor], rho: Mapping[str, torch.Tensor],
+                   policy: QuantPolicy = DEFAULT_POLICY) -> list[dict]:
     """Per layer type (and all together): ||theta_FT - theta_0|| / ||theta_0|| and ||rho|| / ||theta_FT||."""
-    names = QuantPolicy().select(rho)
+    names = policy.select(rho)
     update = {n: ft[n] - backbone[n] for n in names}
     rows = []
     for kind in LAYER_TYPES:
@@ -37,10 +38,10 @@ def relative_norms(backbone: Mapping[str, torch.Tensor], ft: Mapping[str, torch.
 
 
 def norms_table(arch: str, seed: int, backbone: Mapping[str, torch.Tensor], fts: Mapping[str, Mapping],
-                vectors: Mapping[str, Mapping]) -> pl.DataFrame:
+                vectors: Mapping[str, Mapping], policy: QuantPolicy = DEFAULT_POLICY) -> pl.DataFrame:
     rows = []
     for task, rho in vectors.items():
-        for row in relative_norms(backbone, fts[task], rho):
+        for row in relative_norms(backbone, fts[task], rho, policy):
             rows.append({"arch": arch, "seed": seed, "task": task, **row})
     return pl.DataFrame(rows)
 

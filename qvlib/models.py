@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .quant import QuantPolicy
+from .quant import DEFAULT_POLICY, QuantPolicy
 from .vectors import WeightVector
 
 # Keys a user may override on top of a timm architecture name.
@@ -79,18 +79,26 @@ def backbone_state(arch: ArchSpec, root: str | Path = ".") -> dict[str, torch.Te
     return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
 
 
-def load_backbone(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state`` into every non-head tensor of ``model``; a missing or misshaped tensor is an error."""
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+def check_fits(state: Mapping[str, torch.Tensor], needed: Mapping[str, torch.Tensor], what: str, arch: str,
+               ignore_prefix: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``state`` holds every tensor of ``needed`` with its shape and no
+    other (names starting with ``ignore_prefix`` are not compared). ``what`` names the file in errors."""
+    own = {k: v for k, v in needed.items() if not (ignore_prefix and k.startswith(ignore_prefix))}
     for name, t in own.items():
         if name not in state:
-            raise ValueError(f"backbone is missing tensor {name!r} (shape {tuple(t.shape)}) that the arch needs")
+            raise ValueError(f"{what} does not fit arch {arch!r}: it is missing tensor {name!r} (shape {tuple(t.shape)})")
         if tuple(state[name].shape) != tuple(t.shape):
-            raise ValueError(f"backbone tensor {name!r} has shape {tuple(state[name].shape)}, the arch needs {tuple(t.shape)}")
-    extra = [k for k in state if k not in own and not k.startswith(HEAD_PREFIX)]
+            raise ValueError(f"{what} does not fit arch {arch!r}: tensor {name!r} is {tuple(state[name].shape)}, "
+                             f"expected {tuple(t.shape)}")
+    extra = [k for k in state if k not in own and not (ignore_prefix and k.startswith(ignore_prefix))]
     if extra:
-        raise ValueError(f"backbone has tensor {extra[0]!r} that the arch does not have")
-    model.load_state_dict({**model.state_dict(), **{k: state[k] for k in own}})
+        raise ValueError(f"{what} does not fit arch {arch!r}: it has tensor {extra[0]!r} that the arch does not have")
+
+
+def load_backbone(model: torch.nn.Module, state: Mapping[str, torch.Tensor], arch: str = "?") -> None:
+    """Copy ``state`` into every non-head tensor of ``model``; a missing or misshaped tensor is an error."""
+    check_fits(state, model.state_dict(), "the backbone", arch, ignore_prefix=HEAD_PREFIX)
+    model.load_state_dict({**model.state_dict(), **{k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}})
 
 
 def head_seed(task: str, seed: int) -> int:
@@ -111,7 +119,7 @@ def set_fixed_head(model: VisionTransformer, task: str, seed: int) -> None:
     head.requires_grad_(False)
 
 
-def freeze_except(model: torch.nn.Module, policy: QuantPolicy = QuantPolicy()) -> list[str]:
+def freeze_except(model: torch.nn.Module, policy: QuantPolicy = DEFAULT_POLICY) -> list[str]:
     """Train only the parameters that ``policy`` selects; returns their names."""
     names = set(policy.select_model(model))
     for name, p in model.named_parameters():
@@ -119,13 +127,14 @@ def freeze_except(model: torch.nn.Module, policy: QuantPolicy = QuantPolicy()) -
     return [n for n, _ in model.named_parameters() if n in names]
 
 
-def task_model(arch: ArchSpec, backbone: Mapping[str, torch.Tensor], task: str, num_classes: int, seed: int) -> VisionTransformer:
+def task_model(arch: ArchSpec, backbone: Mapping[str, torch.Tensor], task: str, num_classes: int, seed: int,
+               policy: QuantPolicy = DEFAULT_POLICY) -> VisionTransformer:
     """The starting point of every fine-tuning run: shared backbone + the task's fixed random head, frozen
-    except for the quantized linear weights."""
+    except for the tensors ``policy`` selects (the quantized linear weights)."""
     model = build_vit(arch, num_classes, seed=seed)
-    load_backbone(model, backbone)
+    load_backbone(model, backbone, arch.name)
     set_fixed_head(model, task, seed)
-    freeze_except(model)
+    freeze_except(model, policy)
     return model
 
 

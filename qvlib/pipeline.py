@@ -16,11 +16,11 @@ from .data.base import Preprocess
 from .data.cache import read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
 from .evaluate import Engine, accuracy, load_split, search_lambda
-from .models import backbone_state, build_vit, task_model
-from .quant import QuantPolicy, QuantSpec, fake_quant
+from .models import backbone_state, build_vit, check_fits, task_model
+from .quant import QuantSpec, fake_quant
 from .train import pick_device, train
 from .vectors import WeightVector, atomic_write, random_direction
-from .vocab import QUANTIZED_VARIANTS, Control, Search, Split, Variant
+from .vocab import QUANTIZED_VARIANTS, Control, Mode, Search, Split, Variant
 
 def set_threads(threads: int | None) -> None:
     if threads:
@@ -42,8 +42,8 @@ def pretrain(cfg: Config, arch_name: str, output: Path, device: str | None = Non
     data, classes = pretrain_mixture(kinds, n_per_task, cfg.data_seed, pre)
     model = build_vit(arch, num_classes=len(classes), seed=cfg.seed)
     model.requires_grad_(True)
-    meta = {**_metadata(cfg, arch_name, "pretrain", "pretrain"), "pretrain_tasks": kinds, "pretrain_classes": len(classes)}
-    train(model, data, pre, tcfg, "pretrain", output, meta, device=device, progress=progress,
+    meta = {**_metadata(cfg, arch_name, "pretrain", Mode.PRETRAIN), "pretrain_tasks": kinds, "pretrain_classes": len(classes)}
+    train(model, data, pre, tcfg, Mode.PRETRAIN, output, meta, device=device, progress=progress,
           state_fn=lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith("head.")})
 
 
@@ -53,16 +53,16 @@ def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Pat
     arch = cfg.arch(arch_name, backbone_path=backbone)
     pre = arch_preprocess(arch)
     task = load_task(task_name, cfg.load_options(task_name, pre))
-    model = task_model(arch, backbone_state(arch), task_name, task.num_classes, seed=cfg.seed)
+    model = task_model(arch, backbone_state(arch), task_name, task.num_classes, seed=cfg.seed, policy=cfg.policy)
     meta = {**_metadata(cfg, arch_name, task_name, mode), "num_classes": task.num_classes}
     train(model, task.train, pre, cfg.finetune_train(task_name), mode, output, meta,
-          spec=cfg.quant if mode == "qat" else None, device=device, progress=progress)
+          spec=cfg.quant if mode == Mode.QAT else None, device=device, progress=progress)
 
 
 def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
     return {"arch": arch, "task": task, "mode": mode, "seed": cfg.seed, "quant": cfg.quant.to_json(),
             "config": cfg.name, "config_hash": cfg.digest("archs", "finetune", "pretrain", "quant", "data_seed"),
-            "policy": QuantPolicy().pattern}
+            "policy": cfg.policy.pattern}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -84,11 +84,7 @@ def load_engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | Non
     if num_classes is None:
         raise ValueError(f"{checkpoint} has no head.weight: not a fine-tuned checkpoint")
     model = build_vit(cfg.arch(arch_name), num_classes=num_classes)
-    own = model.state_dict()
-    for name, t in own.items():
-        if name not in ckpt or tuple(ckpt[name].shape) != tuple(t.shape):
-            got = tuple(ckpt[name].shape) if name in ckpt else "missing"
-            raise ValueError(f"{checkpoint} does not fit arch {arch_name!r}: tensor {name!r} is {got}, expected {tuple(t.shape)}")
+    check_fits(ckpt, model.state_dict(), str(checkpoint), arch_name)
     model.load_state_dict(dict(ckpt))
     pre = Preprocess.from_model(model)
     return Engine(model, pre, pick_device(device), cfg.eval_batch_size()), ckpt
@@ -110,7 +106,7 @@ def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qa
     """FT, PTQ(FT), QAT quantized and QAT unquantized on each cached split: one tidy row each."""
     spec = cfg.quant
     engine, _ = load_engine(cfg, arch_name, ft, device)
-    names = QuantPolicy().select_model(engine.model)
+    names = cfg.policy.select_model(engine.model)
     qat_ckpt = WeightVector.load(qat)
     _check_spec(qat_ckpt.metadata, spec, qat)
     qat_weights = {n: qat_ckpt[n].to(engine.device) for n in names}
@@ -153,7 +149,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     ``cfg.random_controls`` norm-matched random directions are evaluated beside the donor."""
     spec = cfg.quant
     engine, _ = load_engine(cfg, arch_name, receiver_ft, device)
-    names = QuantPolicy().select_model(engine.model)
+    names = cfg.policy.select_model(engine.model)
     rho = WeightVector.load(vector)
     _check_spec(rho.metadata, spec, vector)
     if rho.metadata.get("arch") not in (None, arch_name):

@@ -126,7 +126,9 @@ VIT_BLOCK_LINEARS = r"^blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))\.weight$"
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Which parameters are quantized (and, in this method, trained): a regex over parameter names.
+    """Which parameters are quantized, trained and carried by a quantization vector (in this method
+    the same tensors): a regex over parameter names. Built once from the config (``Config.policy``)
+    and passed down; ``DEFAULT_POLICY`` is the paper's.
 
     Only 2-D tensors can match, so biases and norm parameters are excluded whatever the pattern.
     """
@@ -150,6 +152,10 @@ class QuantPolicy:
         return names
 
 
+# The paper's policy: every module that quantizes, trains or patches takes this as its default.
+DEFAULT_POLICY = QuantPolicy()
+
+
 def layer_type(name: str) -> str:
     """The layer kind of a block linear parameter name (``qkv``, ``proj``, ``fc1``, ``fc2``), else ``other``."""
     match = re.search(r"\.(qkv|proj|fc1|fc2)\.weight$", name)
@@ -157,7 +163,7 @@ def layer_type(name: str) -> str:
 
 
 def fake_quant_state(
-    state: Mapping[str, torch.Tensor], spec: QuantSpec, policy: QuantPolicy = QuantPolicy()
+    state: Mapping[str, torch.Tensor], spec: QuantSpec, policy: QuantPolicy = DEFAULT_POLICY
 ) -> dict[str, torch.Tensor]:
     """A copy of ``state`` with every policy-selected tensor fake-quantized, the rest unchanged."""
     return {name: fake_quant(t, spec) if policy.matches(name, t) else t for name, t in state.items()}

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data.base import ArrayDataset, Preprocess
 from .quant import QuantSpec, fake_quant_ste
 from .vectors import WeightVector, atomic_write
+from .vocab import Mode
 
 log = logging.getLogger("qvlib.train")
-MODES = ("ft", "qat", "pretrain")
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,10 @@ def train(
     gradient). Writes ``output`` (safetensors: ``model.state_dict()``, or ``state_fn(model)``) and ``output``'s metrics JSON only at the end; ``state_path`` holds the
     resumable state meanwhile and is removed on success.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "qat" and spec is None:
+    if mode not in set(Mode):
+        raise ValueError(f"mode must be one of {', '.join(Mode)}, got {mode!r}")
+    mode = Mode(mode)
+    if mode == Mode.QAT and spec is None:
         raise ValueError("mode 'qat' needs a QuantSpec")
     from tqdm.auto import tqdm
 
@@ -195,7 +196,7 @@ def train(
                 x = preprocess.normalize(x.to(dev, non_blocking=True))
                 y = y.to(dev, non_blocking=True)
                 with autocast:
-                    logits = quantized_forward(model, trained, spec, x) if mode == "qat" else model(x)
+                    logits = quantized_forward(model, trained, spec, x) if mode == Mode.QAT else model(x)
                     loss = torch.nn.functional.cross_entropy(logits.float(), y) / accum
                 loss.backward()
                 step_loss += float(loss.detach())
@@ -222,9 +223,9 @@ def train(
     result = RunResult(steps=total, losses=losses, wall_s=wall, images_per_s=seen / max(wall, 1e-9), resumed_from=start)
     model.eval()
     state = state_fn(model) if state_fn is not None else model.state_dict()
-    meta = {**metadata, "mode": mode, "train": asdict(cfg), "quant": spec.to_json() if spec else ""}
+    meta = {**metadata, "mode": str(mode), "train": asdict(cfg), "quant": spec.to_json() if spec else ""}
     WeightVector({k: v.detach().float().cpu() for k, v in state.items()}).save(output, meta)
-    write_json(metrics_path(output), {"mode": mode, "steps": total, "resumed_from": start, "loss": losses,
+    write_json(metrics_path(output), {"mode": str(mode), "steps": total, "resumed_from": start, "loss": losses,
                                       "final_loss": losses[-1] if losses else None, "images_per_s": result.images_per_s,
                                       "wall_s": wall, "device": str(dev), "threads": torch.get_num_threads(), **metadata})
     if state_path.exists():

@@ -118,6 +118,10 @@ class WeightVector(Mapping[str, torch.Tensor]):
             total = total + v
         return total * (1.0 / len(vectors))
 
+    def with_metadata(self, metadata: Mapping[str, object]) -> "WeightVector":
+        """The same tensors with ``metadata`` added to ours (values that are not strings become JSON)."""
+        return WeightVector(self._tensors, {**self.metadata, **encode_metadata(metadata)})
+
     def save(self, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
         """Write as safetensors (contiguous, CPU) with string metadata, atomically."""
         meta = {**self.metadata, **encode_metadata(metadata or {})}

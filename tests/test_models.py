@@ -84,13 +84,13 @@ def test_backbone_load_and_mismatch_errors(tiny_arch):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
     bad = dict(state)
     bad["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match=r"backbone tensor 'blocks.0.attn.qkv.weight' has shape \(3, 3\), the arch needs \(72, 24\)"):
-        load_backbone(build_vit(tiny_arch, 2), bad)
+    with pytest.raises(ValueError, match=r"backbone does not fit arch 'tiny': tensor 'blocks.0.attn.qkv.weight' is \(3, 3\), expected \(72, 24\)"):
+        load_backbone(build_vit(tiny_arch, 2), bad, "tiny")
     missing = {k: v for k, v in state.items() if k != "pos_embed"}
-    with pytest.raises(ValueError, match="backbone is missing tensor 'pos_embed'"):
+    with pytest.raises(ValueError, match="backbone does not fit arch .*: it is missing tensor 'pos_embed'"):
         load_backbone(build_vit(tiny_arch, 2), missing)
     extra = {**state, "blocks.9.attn.qkv.weight": torch.zeros(1)}
-    with pytest.raises(ValueError, match="backbone has tensor 'blocks.9.attn.qkv.weight'"):
+    with pytest.raises(ValueError, match="backbone does not fit arch .*: it has tensor 'blocks.9.attn.qkv.weight' that the arch does not have"):
         load_backbone(build_vit(tiny_arch, 2), extra)
 
 

@@ -147,7 +147,7 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path):
     cfg2 = mini_config(tmp_path / "c2.yaml", pretrain=True)
     proc = qv("finetune", "--config", cfg2, "--arch", "tiny", "--task", "dots", "--mode", "ft",
               "--backbone", tmp_path / "bad_backbone.safetensors", "-o", out, check=False)
-    assert proc.returncode == 2 and "backbone is missing tensor 'cls_token' (shape (1, 1, 24))" in proc.stderr
+    assert proc.returncode == 2 and "backbone does not fit arch 'tiny': it is missing tensor 'cls_token' (shape (1, 1, 24))" in proc.stderr
     assert not out.exists() and not Path(str(out) + ".state.pt").exists()
 
 

@@ -1,12 +1,12 @@
 # Shared helpers: config validation, the effective config file every `qv` call reads, paths,
 # resources. Nothing here knows the method.
-import hashlib
 import json
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
 
+from qvlib.config import digest_of as digest
 from qvlib.vocab import FINETUNE_MODES
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
@@ -43,11 +43,6 @@ wildcard_constraints:
     donor="|".join(TASKS),
     mode="|".join(FINETUNE_MODES),
     seed=r"-?\d+",
-
-
-def digest(*parts):
-    """Short hash of config sections: a changed section reruns exactly the jobs that read it."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def res(step, key, default):

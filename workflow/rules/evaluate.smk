@@ -27,7 +27,7 @@ rule baselines:
     log:
         f"{RUN_LOGS}/baselines/{{task}}.log",
     params:
-        eval_hash=lambda wc: digest(config["quant"], config.get("evaluate")),
+        eval_hash=lambda wc: digest(config["quant"], config.get("evaluate"), config.get("policy")),
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
@@ -52,7 +52,7 @@ rule transfer_cell:
         f"{RUN_LOGS}/transfer/{{receiver}}/{{donor}}.log",
     params:
         eval_hash=lambda wc: digest(config["quant"], config.get("lambdas"), config.get("oracle_search"),
-                                    config.get("evaluate"), config.get("random_controls")),
+                                    config.get("evaluate"), config.get("random_controls"), config.get("policy")),
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),

@@ -9,7 +9,8 @@ rule finetune:
         f"{RUN_LOGS}/finetune/{{task}}.{{mode}}.log",
     params:
         backbone=backbone_flag,
-        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config["quant"]),
+        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config["quant"],
+                                       config.get("policy")),
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
