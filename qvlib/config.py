@@ -130,12 +130,12 @@ class Config:
 
     def finetune_train(self, task: str) -> TrainConfig:
         base = dict(self.raw["finetune"])
-        return TrainConfig.from_mapping({"seed": self.seed, **base, **(self.task(task).get("train") or {})})
+        return TrainConfig.from_mapping({**base, **(self.task(task).get("train") or {}), "seed": self.seed})
 
     def pretrain_train(self) -> TrainConfig:
         if "pretrain" not in self.raw:
             raise ValueError(f"{self.path}: no 'pretrain' section, but an arch has backbone source 'pretrain'")
-        return TrainConfig.from_mapping({"seed": self.seed, **self.raw["pretrain"]["train"]})
+        return TrainConfig.from_mapping({**self.raw["pretrain"]["train"], "seed": self.seed})
 
     def pretrain_mixture(self) -> tuple[list[str], int]:
         section = self.raw["pretrain"]

@@ -19,28 +19,18 @@ def env():
     return e
 
 
-def mini_config(path: Path, name="mini", tasks=("shapes", "dots", "blur"), pretrain=True, **extra) -> Path:
-    """A whole grid that runs in about a minute on one CPU core."""
-    cfg = {
-        "name": name,
-        "seeds": [0],
-        "data_root": str(path.parent / "data"),
-        "quant": {"bits": 2, "granularity": "channel"},
-        "archs": {"tiny": {
-            "timm_name": "vit_tiny_patch16_224",
-            "overrides": {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2},
-            "backbone": {"source": "pretrain"} if pretrain else {"source": "random", "seed": 0},
-        }},
-        "pretrain": {"tasks": ["shapes", "dots"], "n_per_task": 200,
-                     "train": {"steps": 10, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 5, "log_every": 5}},
-        "task_defaults": {"n_train": 200, "n_test": 60},
-        "tasks": {t: {} for t in tasks},
-        "finetune": {"steps": 12, "batch_size": 32, "lr": 5e-3, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 4},
-        "lambdas": [0.0, 1.0, 2.0],
-        "oracle_search": True,
-        "evaluate": {"batch_size": 64},
-        "resources": {k: {"threads": 1, "mem_mb": 1000, "runtime": 5} for k in ("pretrain", "finetune", "cache", "evaluate")},
-    }
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
+
+
+def mini_config(path: Path, name="mini", tasks=None, pretrain=True, **extra) -> Path:
+    """``.test/config/config.yaml`` (a whole grid in about a minute on one core) written to ``path``
+    with its data root beside it and the given keys replaced."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    cfg.update(name=name, data_root=str(path.parent / "data"))
+    if tasks is not None:
+        cfg["tasks"] = {t: {} for t in tasks}
+    if not pretrain:
+        cfg["archs"]["tiny"]["backbone"] = {"source": "random", "seed": 0}
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -31,3 +31,33 @@ def test_readme_opens_with_the_two_commands_and_makefile_has_them():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^run: setup$", makefile, re.M) and re.search(r"^test: setup$", makefile, re.M)
     assert "snakemake --cores" in makefile
+
+
+def test_rule_environment_holds_the_runtime_dependencies_and_every_rule_uses_it():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {_name(d) for d in project["dependencies"]} - {"snakemake"}
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "qvlib.yaml").read_text())
+    assert {CONDA_NAMES.get(_name(d), _name(d)) for d in env["dependencies"]} - {"python"} == runtime
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        text = smk.read_text()
+        rules = re.findall(r"^rule (\w+):", text, re.M)
+        assert text.count('conda:\n        "../envs/qvlib.yaml"') == len(rules), smk.name
+        assert "params:\n        h=" not in text  # params say what they hash
+
+
+def test_config_readme_is_generated_from_the_schema():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "workflow" / "scripts" / "config_doc.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = (REPO / "config" / "README.md").read_text()
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    for key in schema["properties"]:
+        assert f"| `{key}` |" in doc
+
+
+def test_project_files_point_nowhere_outside_the_repository():
+    for path in [REPO / "README.md", *(REPO / "config").glob("*"), *(REPO / "workflow").rglob("*.smk"), REPO / "Snakefile"]:
+        assert "../shared" not in path.read_text(), path

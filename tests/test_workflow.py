@@ -36,7 +36,7 @@ def planned_jobs(proc) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
-    cfg = mini_config(work / "mini.yaml", tasks=TASKS, random_controls=2)
+    cfg = mini_config(work / "mini.yaml")  # .test/config/config.yaml as it is (data root beside it)
     snakemake(work, cfg)
     return work, cfg
 

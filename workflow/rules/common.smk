@@ -35,6 +35,9 @@ def _write_effective_config():
 
 
 CONFIG = _write_effective_config()
+# Every rule runs the `qv` command through this repository's qvlib, so the same shell lines work in the
+# project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
+QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
 
 wildcard_constraints:
     arch="|".join(ARCHS),

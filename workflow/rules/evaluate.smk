@@ -10,8 +10,10 @@ rule cache_splits:
     threads: threads_of("cache")
     resources:
         **resources_of("cache"),
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv cache-splits --config {CONFIG} --arch {wildcards.arch} --task {wildcards.task} --threads {threads} "
+        "{QV} cache-splits --config {CONFIG} --arch {wildcards.arch} --task {wildcards.task} --threads {threads} "
         "--test {output.test} --calib {output.calib} 2> {log}"
 
 
@@ -31,8 +33,10 @@ rule baselines:
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv evaluate-baselines --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
+        "{QV} evaluate-baselines --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
         "--threads {threads} --ft {input.ft} --qat {input.qat} --test-cache {input.test} --calib-cache {input.calib} "
         "-o {output} 2> {log}"
 
@@ -56,7 +60,9 @@ rule transfer_cell:
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv evaluate-transfer --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} "
+        "{QV} evaluate-transfer --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} "
         "--receiver {wildcards.receiver} --donor {wildcards.donor}={input.vector} --ft {input.ft} "
         "--test-cache {input.test} --calib-cache {input.calib} --threads {threads} -o {output} 2> {log}"

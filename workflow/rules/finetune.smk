@@ -14,6 +14,8 @@ rule finetune:
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
+        "{QV} finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
         "--mode {wildcards.mode} {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"

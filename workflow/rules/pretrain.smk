@@ -10,6 +10,8 @@ rule pretrain:
     threads: threads_of("pretrain")
     resources:
         **resources_of("pretrain"),
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv pretrain --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --threads {threads} "
+        "{QV} pretrain --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --threads {threads} "
         "-o {output} --no-progress 2> {log}"

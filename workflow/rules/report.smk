@@ -26,8 +26,10 @@ rule diagnostics:
         f"{RUN_LOGS}/diagnostics.log",
     params:
         backbone=backbone_flag,
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} {params.backbone} "
+        "{QV} diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} {params.backbone} "
         "--ft {input.ft} --vectors {input.vectors} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
 
 
@@ -50,8 +52,10 @@ rule tables:
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
     log:
         f"{LOGS}/{{arch}}/tables.log",
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv tables --baselines {input.baselines} --cells {input.cells} --norms {input.norms} --cosine {input.cosine} "
+        "{QV} tables --baselines {input.baselines} --cells {input.cells} --norms {input.norms} --cosine {input.cosine} "
         "--out-baselines {output.baselines} --out-transfer {output.transfer} --out-donor {output.donor} "
         "--out-receiver {output.receiver} --out-specific {output.specific} "
         "--out-summary-specific {output.summary_specific} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
@@ -72,7 +76,9 @@ rule figures:
         summary=report(f"{OUT}/{{arch}}/summary.md", category="Summary"),
     log:
         f"{LOGS}/{{arch}}/figures.log",
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv figures --arch {wildcards.arch} --baselines {input.baselines} --transfer {input.transfer} "
+        "{QV} figures --arch {wildcards.arch} --baselines {input.baselines} --transfer {input.transfer} "
         "--summary-specific {input.summary_specific} --norms {input.norms} --cosine {input.cosine} "
         "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} 2> {log}"

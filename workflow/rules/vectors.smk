@@ -10,5 +10,7 @@ rule extract_vector:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/qvlib.yaml"
     shell:
-        "qv extract --qat {input.qat} --ft {input.ft} -o {output} > {log} 2>&1"
+        "{QV} extract --qat {input.qat} --ft {input.ft} -o {output} > {log} 2>&1"
