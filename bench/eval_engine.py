@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from qvlib.data.base import Preprocess
 from qvlib.evaluate import Engine, dense_grid, load_split, search_lambda
 from qvlib.models import ArchSpec, build_vit
-from qvlib.quant import QuantPolicy, QuantSpec, fake_quant_state
+from qvlib.quant import DEFAULT_POLICY, QuantSpec, fake_quant_state
 from qvlib.vectors import WeightVector, patch
 
 
@@ -84,7 +84,7 @@ def main():
     model = build_vit(arch, 10, seed=0)
     pre = Preprocess.from_model(model)
     spec = QuantSpec(bits=args.bits)
-    names = QuantPolicy().select_model(model)
+    names = DEFAULT_POLICY.select_model(model)
     gen = torch.Generator().manual_seed(0)
     rho = WeightVector({n: 0.01 * torch.randn(model.state_dict()[n].shape, generator=gen) for n in names})
     images = torch.randint(0, 256, (args.n, 3, args.img, args.img), dtype=torch.uint8, generator=gen)
@@ -141,20 +141,20 @@ def search_report(folder: Path, device, max_pairs: int):
     from qvlib.data.cache import read_split_cache
     from qvlib.pipeline import load_engine
 
-    cfg_path = folder.parent / "config.yaml"
-    cfg = Config.load(cfg_path)
+    cfg = Config.load(folder.parent / "config.yaml")  # the run's effective config
     arch = folder.name
+    run = folder / f"seed{cfg.seed}"  # the first replicate
     tasks = cfg.task_names
     worst, passes, pairs = 0.0, [], 0
     every = [(r, d) for r in tasks for d in tasks if r != d]
     todo = every[:: max(1, len(every) // max_pairs)][:max_pairs]
     for receiver in sorted({r for r, _ in todo}):
-        engine, _ = load_engine(cfg, arch, folder / "checkpoints" / f"{receiver}.ft.safetensors", str(device))
+        engine, _ = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", str(device))
         images, labels, _ = read_split_cache(folder / "cache" / f"{receiver}.test.safetensors")
         split = load_split(images, labels, engine.device)
-        names = QuantPolicy().select_model(engine.model)
+        names = cfg.policy.select_model(engine.model)
         for donor in [d for r, d in todo if r == receiver]:
-            vec = {n: t.to(engine.device) for n, t in WeightVector.load(folder / "vectors" / f"{donor}.safetensors").items()}
+            vec = {n: t.to(engine.device) for n, t in WeightVector.load(run / "vectors" / f"{donor}.safetensors").items()}
             score = lambda lam: engine.correct(engine.quantized(names, cfg.quant, vec, lam), split)
             dense = {lam: score(lam) for lam in dense_grid()}
             found = search_lambda(score)

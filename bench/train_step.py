@@ -14,7 +14,7 @@ import time
 import torch
 
 from qvlib.models import ArchSpec, build_vit, freeze_except
-from qvlib.quant import QuantPolicy, QuantSpec
+from qvlib.quant import DEFAULT_POLICY, QuantSpec
 from qvlib.train import quantized_forward
 
 
@@ -62,7 +62,7 @@ def main():
             defaults[key] = value
     overrides.update(defaults)
     model = build_vit(ArchSpec("bench", args.timm, overrides), num_classes=10).to(args.device)
-    names = freeze_except(model, QuantPolicy())
+    names = freeze_except(model, DEFAULT_POLICY)
     x = torch.randn(args.batch, 3, args.img, args.img, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     spec = QuantSpec(bits=args.bits)

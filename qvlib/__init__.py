@@ -17,6 +17,7 @@ from .config import Config
 from .models import ArchSpec, build_vit, freeze_except, task_model
 from .quant import (
     DEFAULT_POLICY,
+    SCALES,
     QuantPolicy,
     QuantSpec,
     dequantize,
@@ -24,7 +25,9 @@ from .quant import (
     fake_quant_state,
     fake_quant_ste,
     quantize,
+    register_scale,
 )
+from .merge import MERGE_METHODS, merge, merge_method
 from .stats import bootstrap_mean, verdict
 from .vectors import WeightVector, patch, quantization_vector, random_direction
 from .vocab import Control, Mode, Rule, Search, Split, Variant, Verdict
@@ -33,11 +36,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     # quantizer
-    "QuantSpec", "QuantPolicy", "DEFAULT_POLICY", "quantize", "dequantize", "fake_quant", "fake_quant_ste",
+    "QuantSpec", "QuantPolicy", "DEFAULT_POLICY", "SCALES", "register_scale", "quantize", "dequantize", "fake_quant", "fake_quant_ste",
     "fake_quant_state",
     # vectors and patching
     "WeightVector", "quantization_vector", "random_direction", "patch",
     "describe", "extract_vector", "patched", "broadcast_lambdas", "quantized", "random_control",
+    "merge", "merge_method", "MERGE_METHODS",
     # models and runs
     "ArchSpec", "build_vit", "task_model", "freeze_except", "Config",
     # statistics and names

@@ -120,6 +120,28 @@ register("random-direction", "control: a random vector with the same per-tensor 
          _random_args, _random)
 
 
+def _merge_args(p):
+    from .merge import MERGE_METHODS
+
+    p.add_argument("vectors", type=Path, nargs="+", help="quantization vectors to merge")
+    p.add_argument("--method", default="mean", choices=list(MERGE_METHODS), help="merge method (default mean)")
+    p.add_argument("--density", type=float, default=None, help="ties: share of largest entries each vector keeps")
+    p.add_argument("-o", "--output", type=Path, required=True)
+
+
+def _merge(args) -> int:
+    from .merge import merge
+
+    params = {} if args.density is None else {"density": args.density}
+    merged = merge([WeightVector.load(v) for v in args.vectors], args.method, **params)
+    merged.with_metadata({"mode": "qv", "merged": {"method": args.method, **params, "vectors": [str(v) for v in args.vectors]}}).save(args.output)
+    print(f"wrote {args.output}: {args.method} of {len(args.vectors)} vectors, norm {merged.norm():.6g}")
+    return 0
+
+
+register("merge", "one vector from several (mean, sum = task arithmetic, ties); usable by qv patch", _merge_args, _merge)
+
+
 def _quantize_args(p):
     p.add_argument("checkpoint", type=Path)
     add_quant_args(p)

@@ -11,12 +11,34 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 
 Granularity = Literal["channel", "group", "tensor"]
 GRANULARITIES: tuple[str, ...] = ("channel", "group", "tensor")
+
+# How a block's scale is chosen: name -> fn(blocks (B, E) float32, spec) -> scales (B, 1). A new
+# data-free quantizer is one function here (with @register_scale) and its test; QuantSpec(scale=name)
+# and the config's `quant: {scale: name}` then reach it everywhere (training STE, PTQ, patching).
+ScaleFn = Callable[[torch.Tensor, "QuantSpec"], torch.Tensor]
+SCALES: dict[str, ScaleFn] = {}
+
+
+def register_scale(name: str) -> Callable[[ScaleFn], ScaleFn]:
+    def add(fn: ScaleFn) -> ScaleFn:
+        if name in SCALES:
+            raise ValueError(f"a scale named {name!r} is already registered")
+        SCALES[name] = fn
+        return fn
+
+    return add
+
+
+@register_scale("absmax")
+def absmax_scale(blocks: torch.Tensor, spec: "QuantSpec") -> torch.Tensor:
+    """The paper's scale (Eq. 2): the block's largest magnitude maps to the largest positive integer."""
+    return blocks.abs().amax(dim=1, keepdim=True) / spec.qmax
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,7 @@ class QuantSpec:
     bits: int = 3
     granularity: Granularity = "channel"
     group_size: int | None = None
+    scale: str = "absmax"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -41,6 +64,8 @@ class QuantSpec:
                 )
         elif self.group_size is not None:
             raise ValueError(f"group_size is only valid with granularity 'group', not {self.granularity!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
 
     @property
     def qmin(self) -> int:
@@ -52,17 +77,22 @@ class QuantSpec:
 
     @property
     def tag(self) -> str:
-        """Short name used in file names and tables, e.g. ``w3-channel`` or ``w4-group128``."""
-        if self.granularity == "group":
-            return f"w{self.bits}-group{self.group_size}"
-        return f"w{self.bits}-{self.granularity}"
+        """Short name used in file names and tables, e.g. ``w3-channel``, ``w4-group128``; a scale other
+        than the paper's absmax is appended (``w2-channel-mse``)."""
+        blocks = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        return f"w{self.bits}-{blocks}" + ("" if self.scale == "absmax" else f"-{self.scale}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """JSON of the spec; the default absmax scale is left out, so files written before scales
+        existed compare equal."""
+        data = asdict(self)
+        if data["scale"] == "absmax":
+            del data["scale"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_mapping(cls, data: Mapping) -> "QuantSpec":
-        unknown = set(data) - {"bits", "granularity", "group_size"}
+        unknown = set(data) - {"bits", "granularity", "group_size", "scale"}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
         return cls(**dict(data))
@@ -93,7 +123,7 @@ def _codes(blocks: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
 
     All-zero blocks get scale 1 so that their codes are 0 and they dequantize to exactly 0.
     """
-    scale = blocks.abs().amax(dim=1, keepdim=True) / spec.qmax
+    scale = SCALES[spec.scale](blocks, spec)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.clamp(torch.round(blocks / scale), spec.qmin, spec.qmax), scale
 

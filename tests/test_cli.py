@@ -129,3 +129,16 @@ def test_unreadable_inputs_fail_in_one_line_and_write_nothing(ckpts, kind):
         assert len(lines) == 1 and str(bad) in lines[0] and words in lines[0], (args, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert not out.exists() and not list(d.glob(".out.safetensors.*"))
+
+
+def test_merge_then_patch(tmp_path):
+    for name, values in (("a", [1.0, -2.0, 3.0]), ("b", [3.0, 2.0, -1.0])):
+        WeightVector({"blocks.0.mlp.fc1.weight": torch.tensor([values])}).save(tmp_path / f"{name}.safetensors")
+    WeightVector({"blocks.0.mlp.fc1.weight": torch.zeros(1, 3), "head.weight": torch.ones(2, 3)}).save(tmp_path / "r.safetensors")
+    qv("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--method", "mean", "-o", tmp_path / "m.safetensors")
+    merged = WeightVector.load(tmp_path / "m.safetensors")
+    assert merged["blocks.0.mlp.fc1.weight"].tolist() == [[2.0, 0.0, 1.0]] and json.loads(merged.metadata["merged"])["method"] == "mean"
+    qv("patch", "--receiver", tmp_path / "r.safetensors", "--vector", tmp_path / "m.safetensors", "--lambda", 2.0, "-o", tmp_path / "p.safetensors")
+    assert WeightVector.load(tmp_path / "p.safetensors")["blocks.0.mlp.fc1.weight"].tolist() == [[4.0, 0.0, 2.0]]
+    proc = qv("merge", tmp_path / "a.safetensors", "--method", "mean", "--density", 0.5, "-o", tmp_path / "x.safetensors", check=False)
+    assert proc.returncode == 2 and "takes no parameters" in proc.stderr and not (tmp_path / "x.safetensors").exists()

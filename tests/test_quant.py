@@ -147,3 +147,26 @@ def test_fake_quant_state_touches_only_policy_tensors():
     assert torch.equal(out["blocks.0.attn.qkv.weight"], fake_quant(state["blocks.0.attn.qkv.weight"], C3))
     assert out["blocks.0.attn.qkv.bias"] is state["blocks.0.attn.qkv.bias"]
     assert out["head.weight"] is state["head.weight"]
+
+
+def test_scale_registry_reaches_fake_quant_and_names_the_tag():
+    from qvlib.quant import SCALES, register_scale
+
+    @register_scale("half_absmax_test")
+    def half(blocks, spec):  # clips every block at half its largest magnitude
+        return blocks.abs().amax(dim=1, keepdim=True) / 2 / spec.qmax
+
+    try:
+        spec = QuantSpec(bits=2, scale="half_absmax_test")
+        assert spec.tag == "w2-channel-half_absmax_test" and QuantSpec(bits=2).tag == "w2-channel"
+        w = torch.tensor([[4.0, 1.0, -2.0, 0.4]])
+        # scale 4 / 2 / 1 = 2: codes round(w / 2) clamped to [-2, 1] -> [1, 0, -1, 0] (2.0 clamps at 1)
+        assert fake_quant(w, spec).tolist() == [[2.0, 0.0, -2.0, 0.0]]
+        assert QuantSpec.from_json(spec.to_json()) == spec
+        with pytest.raises(ValueError, match="already registered"):
+            register_scale("half_absmax_test")(half)
+    finally:
+        SCALES.pop("half_absmax_test")
+    with pytest.raises(ValueError, match="scale must be one of absmax"):
+        QuantSpec(scale="nope")
+    assert QuantSpec().to_json() == '{"bits": 3, "granularity": "channel", "group_size": null}'  # as before scales existed

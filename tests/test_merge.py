@@ -1,0 +1,63 @@
+"""Merge methods against small examples computed by hand."""
+
+import pytest
+import torch
+
+from qvlib.merge import MERGE_METHODS, merge, merge_method
+from qvlib.vectors import WeightVector
+
+
+def vecs(*rows):
+    return [WeightVector({"w": torch.tensor(r, dtype=torch.float32)}) for r in rows]
+
+
+def test_sum_and_mean():
+    a, b, c = vecs([1.0, -2.0, 3.0], [3.0, 2.0, -1.0], [2.0, 0.0, 1.0])
+    assert merge([a, b, c], "sum")["w"].tolist() == [6.0, 0.0, 3.0]
+    assert merge([a, b, c], "mean")["w"].tolist() == [2.0, 0.0, 1.0]
+
+
+def test_ties_trims_elects_signs_and_averages_agreeing_values():
+    a, b, c = vecs([4.0, -1.0, 0.5, 3.0], [-2.0, -3.0, 0.1, 1.0], [1.0, 2.0, -6.0, -3.0])
+    # density 0.5 keeps each vector's 2 largest magnitudes:
+    #   a -> [4, 0, 0, 3], b -> [-2, -3, 0, 0], c -> [0, 0, -6, -3]
+    # elected signs of the sums [2, -3, -6, 0] -> [+, -, -, none]
+    # agreeing means: [4, -3, -6, 0] (the last entry's tie elects nothing)
+    assert merge([a, b, c], "ties", density=0.5)["w"].tolist() == [4.0, -3.0, -6.0, 0.0]
+    # density 1 keeps everything: entry 0 sum 3 -> +, mean of (4, 1) = 2.5
+    assert merge([a, b, c], "ties", density=1.0)["w"][0].item() == 2.5
+
+
+def test_ties_of_one_vector_at_full_density_is_that_vector():
+    (a,) = vecs([1.5, -2.0, 0.0])
+    assert merge([a], "ties", density=1.0)["w"].tolist() == [1.5, -2.0, 0.0]
+
+
+def test_errors_name_the_problem():
+    a, b = vecs([1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="unknown merge method 'median'; known: sum, mean, ties"):
+        merge([a, b], "median")
+    with pytest.raises(ValueError, match=r"takes \['density'\], not \['k'\]"):
+        merge([a, b], "ties", k=3)
+    with pytest.raises(ValueError, match="no parameters"):
+        merge([a, b], "mean", density=0.5)
+    with pytest.raises(ValueError, match="density must be in"):
+        merge([a, b], "ties", density=0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        merge([], "mean")
+    with pytest.raises(ValueError, match="shape"):
+        merge([a, WeightVector({"w": torch.zeros(3)})], "sum")
+
+
+def test_a_new_method_is_one_registered_function():
+    @merge_method("max_abs_test")
+    def max_abs(stack):
+        return stack.gather(0, stack.abs().argmax(dim=0, keepdim=True))[0]
+
+    try:
+        a, b = vecs([1.0, -5.0], [-3.0, 2.0])
+        assert merge([a, b], "max_abs_test")["w"].tolist() == [-3.0, -5.0]
+        with pytest.raises(ValueError, match="already registered"):
+            merge_method("max_abs_test")(max_abs)
+    finally:
+        MERGE_METHODS.pop("max_abs_test")
