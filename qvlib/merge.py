@@ -13,22 +13,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .registry import Registry
 from .vectors import WeightVector
 
 MergeFn = Callable[..., torch.Tensor]
-MERGE_METHODS: dict[str, MergeFn] = {}
-
-
-def merge_method(name: str) -> Callable[[MergeFn], MergeFn]:
-    """Register a per-tensor merge function under ``name``."""
-
-    def add(fn: MergeFn) -> MergeFn:
-        if name in MERGE_METHODS:
-            raise ValueError(f"a merge method named {name!r} is already registered")
-        MERGE_METHODS[name] = fn
-        return fn
-
-    return add
+MERGE_METHODS: Registry[MergeFn] = Registry("merge method")
+merge_method = MERGE_METHODS.register  # decorator: @merge_method("name") registers a per-tensor function
 
 
 @merge_method("sum")
@@ -64,9 +54,7 @@ def merge_ties(stack: torch.Tensor, density: float = 0.2) -> torch.Tensor:
 
 def merge(vectors: Sequence[Mapping[str, torch.Tensor]], method: str = "mean", **params) -> WeightVector:
     """One vector from several with the named method; ``params`` go to it (e.g. ``density`` of ties)."""
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; known: {', '.join(MERGE_METHODS)}")
-    fn = MERGE_METHODS[method]
+    fn = MERGE_METHODS.lookup(method)
     allowed = set(inspect.signature(fn).parameters) - {"stack"}
     unknown = set(params) - allowed
     if unknown:

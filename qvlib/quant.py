@@ -15,6 +15,8 @@ from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 
+from .registry import Registry
+
 Granularity = Literal["channel", "group", "tensor"]
 GRANULARITIES: tuple[str, ...] = ("channel", "group", "tensor")
 
@@ -22,17 +24,8 @@ GRANULARITIES: tuple[str, ...] = ("channel", "group", "tensor")
 # data-free quantizer is one function here (with @register_scale) and its test; QuantSpec(scale=name)
 # and the config's `quant: {scale: name}` then reach it everywhere (training STE, PTQ, patching).
 ScaleFn = Callable[[torch.Tensor, "QuantSpec"], torch.Tensor]
-SCALES: dict[str, ScaleFn] = {}
-
-
-def register_scale(name: str) -> Callable[[ScaleFn], ScaleFn]:
-    def add(fn: ScaleFn) -> ScaleFn:
-        if name in SCALES:
-            raise ValueError(f"a scale named {name!r} is already registered")
-        SCALES[name] = fn
-        return fn
-
-    return add
+SCALES: Registry[ScaleFn] = Registry("scale")
+register_scale = SCALES.register
 
 
 @register_scale("absmax")
