@@ -146,6 +146,20 @@ def test_adding_a_seed_plans_only_its_jobs(finished, tmp_path):
     assert jobs["pretrain"] == 1 and jobs["transfer_cell"] == 9
 
 
+def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
+    work, cfg = finished
+    data = yaml.safe_load(cfg.read_text())
+    data["quant"] = {"bits": 3, "granularity": "channel"}
+    other = tmp_path / "w3.yaml"
+    other.write_text(yaml.safe_dump(data))
+    proc = snakemake(work, other, "--dry-run")
+    jobs = planned_jobs(proc)
+    assert jobs == {"finetune": 3, "extract_vector": 3, "baselines": 3, "transfer_cell": 9, "diagnostics": 1,
+                    "tables": 1, "figures": 1, "all": 1, "total": 22}
+    assert re.search(r"output: \S+\.qat\.safetensors", proc.stdout)
+    assert not re.search(r"output: \S+\.ft\.safetensors", proc.stdout)
+
+
 def test_paper_config_dag(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / "paper.yaml", "--dry-run"))
     assert jobs["finetune"] == 4 * 22 * 2

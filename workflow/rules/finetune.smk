@@ -9,8 +9,9 @@ rule finetune:
         f"{RUN_LOGS}/finetune/{{task}}.{{mode}}.log",
     params:
         backbone=backbone_flag,
-        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config["quant"],
-                                       config.get("policy")),
+        # FT never reads the quantizer: changing `quant` reruns QAT (and what follows), never FT
+        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config.get("policy"),
+                                        config["quant"] if wc.mode == "qat" else None),
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
