@@ -27,6 +27,7 @@ from .quant import (
     quantize,
     register_scale,
 )
+from .datafree import LAMBDA_CRITERIA, choose_lambda, score_lambdas
 from .merge import MERGE_METHODS, merge, merge_method
 from .stats import bootstrap_mean, verdict
 from .vectors import WeightVector, patch, quantization_vector, random_direction
@@ -41,7 +42,7 @@ __all__ = [
     # vectors and patching
     "WeightVector", "quantization_vector", "random_direction", "patch",
     "describe", "extract_vector", "patched", "broadcast_lambdas", "quantized", "random_control",
-    "merge", "merge_method", "MERGE_METHODS",
+    "merge", "merge_method", "MERGE_METHODS", "score_lambdas", "choose_lambda", "LAMBDA_CRITERIA",
     # models and runs
     "ArchSpec", "build_vit", "task_model", "freeze_except", "Config",
     # statistics and names

@@ -142,6 +142,50 @@ def _merge(args) -> int:
 register("merge", "one vector from several (mean, sum = task arithmetic, ties); usable by qv patch", _merge_args, _merge)
 
 
+def _choose_args(p):
+    from .datafree import LAMBDA_CRITERIA
+
+    p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
+    p.add_argument("--vector", type=Path, required=True, help="the (donor or merged) quantization vector")
+    p.add_argument("--criterion", default="weights", choices=list(LAMBDA_CRITERIA),
+                   help="weights: from the weights alone; outputs: agreement with the receiver on noise images")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
+    add_quant_args(p)
+    add_pattern_arg(p)
+    p.add_argument("--config", type=Path, default=None, help="outputs: the run config that names the arch")
+    p.add_argument("--arch", default=None, help="outputs: an arch name from --config")
+    p.add_argument("--images", type=int, default=256, help="outputs: noise images to compare on")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _choose(args) -> int:
+    from .datafree import choose_lambda, noise_images, score_lambdas
+
+    receiver, vector = WeightVector.load(args.receiver), WeightVector.load(args.vector)
+    extra = {}
+    if args.criterion == "outputs":
+        if args.config is None or args.arch is None:
+            raise ValueError("--criterion outputs needs --config and --arch to build the receiver's model")
+        from .models import build_vit
+
+        cfg = load_config(args)
+        model = build_vit(cfg.arch(args.arch), num_classes=receiver["head.weight"].shape[0] if "head.weight" in receiver else 0)
+        model.load_state_dict(dict(receiver))
+        extra = {"model": model.eval(), "inputs": noise_images(args.images, model.patch_embed.img_size[0])}
+    scores = score_lambdas(args.criterion, receiver, vector, quant_spec(args), args.lambdas, policy_of(args), **extra)
+    best = choose_lambda(scores)
+    if args.json:
+        print(json.dumps({"criterion": args.criterion, "scores": scores, "lambda": best}, indent=2))
+    else:
+        for lam, score in scores.items():
+            print(f"lambda {lam:>6.3f}  score {score:.6g}{'  <- chosen' if lam == best else ''}")
+    return 0
+
+
+register("choose-lambda", "pick lambda with no receiver data: from the weights alone or from noise images",
+         _choose_args, _choose)
+
+
 def _quantize_args(p):
     p.add_argument("checkpoint", type=Path)
     add_quant_args(p)

@@ -142,3 +142,21 @@ def test_merge_then_patch(tmp_path):
     assert WeightVector.load(tmp_path / "p.safetensors")["blocks.0.mlp.fc1.weight"].tolist() == [[4.0, 0.0, 2.0]]
     proc = qv("merge", tmp_path / "a.safetensors", "--method", "mean", "--density", 0.5, "-o", tmp_path / "x.safetensors", check=False)
     assert proc.returncode == 2 and "takes no parameters" in proc.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_choose_lambda_from_weights_and_from_noise(ckpts, tmp_path):
+    d, ft, qat = ckpts
+    qv("extract", "--qat", d / "qat.safetensors", "--ft", d / "ft.safetensors", "-o", d / "rho.safetensors")
+    out = json.loads(qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors",
+                        "--bits", 2, "--lambdas", 0.0, 1.0, "--json").stdout)
+    assert out["criterion"] == "weights" and set(out["scores"]) == {"0.0", "1.0"} and out["lambda"] in (0.0, 1.0)
+    assert out["lambda"] == min((0.0, 1.0), key=lambda lam: (out["scores"][str(lam)], abs(lam - 1)))
+    from helpers import mini_config
+
+    cfg = mini_config(tmp_path / "c.yaml", pretrain=False)
+    text = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--bits", 2,
+              "--criterion", "outputs", "--config", cfg, "--arch", "tiny", "--images", 8).stdout
+    assert text.count("lambda") == 7 and text.count("<- chosen") == 1
+    proc = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--criterion", "outputs",
+              check=False)
+    assert proc.returncode == 2 and "needs --config and --arch" in proc.stderr
