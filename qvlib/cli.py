@@ -145,10 +145,10 @@ register("merge", "one vector from several (mean, sum = task arithmetic, ties); 
 def _choose_args(p):
     from .datafree import LAMBDA_CRITERIA
 
-    p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
-    p.add_argument("--vector", type=Path, required=True, help="the (donor or merged) quantization vector")
     p.add_argument("--criterion", default="weights", choices=list(LAMBDA_CRITERIA),
                    help="weights: from the weights alone; outputs: agreement with the receiver on noise images")
+    p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
+    p.add_argument("--vector", type=Path, required=True, help="the (donor or merged) quantization vector")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
     add_quant_args(p)
     add_pattern_arg(p)
