@@ -352,21 +352,11 @@ def _tables_args(p):
 
 
 def _tables(args) -> int:
-    from . import tables
-    from .pipeline import write_parquet
+    from .pipeline import assemble_tables
 
-    baselines = tables.read_all(args.baselines)
-    transfer = tables.with_gain(tables.read_all(args.cells), baselines)
-    pair_rows = tables.pairs(transfer)
-    specific = tables.specific(pair_rows)
-    write_parquet(baselines, args.out_baselines)
-    write_parquet(transfer, args.out_transfer)
-    write_parquet(tables.summary_donor(pair_rows), args.out_donor)
-    write_parquet(tables.summary_receiver(pair_rows), args.out_receiver)
-    write_parquet(specific, args.out_specific)
-    write_parquet(tables.summary_specific(specific), args.out_summary_specific)
-    write_parquet(tables.read_all(args.norms), args.out_norms)
-    write_parquet(tables.read_all(args.cosine), args.out_cosine)
+    outputs = {name: getattr(args, f"out_{name}") for name in
+               ("baselines", "transfer", "donor", "receiver", "specific", "summary_specific", "norms", "cosine")}
+    assemble_tables(args.baselines, args.cells, args.norms, args.cosine, outputs)
     return 0
 
 
@@ -385,31 +375,10 @@ def _diagnostics_args(p):
     p.add_argument("--out-cosine", type=Path, required=True)
 
 
-def _by_task(paths) -> dict:
-
-    out = {}
-    for path in paths:
-        vec = WeightVector.load(path)
-        task = vec.metadata.get("task")
-        if not task:
-            raise ValueError(f"{path} has no 'task' in its metadata")
-        out[task] = vec
-    return out
-
-
 def _diagnostics(args) -> int:
-    from .diagnostics import cosine_table, norms_table
-    from .models import backbone_state
-    from .pipeline import write_parquet
+    from .pipeline import diagnostics
 
-    cfg = load_config(args)
-    backbone = backbone_state(cfg.arch(args.arch, backbone_path=args.backbone))
-    fts, vectors = _by_task(args.ft), _by_task(args.vectors)
-    missing = sorted(set(vectors) - set(fts))
-    if missing:
-        raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
-    write_parquet(norms_table(args.arch, cfg.seed, backbone, fts, vectors, cfg.policy), args.out_norms)
-    write_parquet(cosine_table(args.arch, cfg.seed, vectors), args.out_cosine)
+    diagnostics(load_config(args), args.arch, args.backbone, args.ft, args.vectors, args.out_norms, args.out_cosine)
     return 0
 
 
@@ -425,18 +394,10 @@ def _figures_args(p):
 
 
 def _figures(args) -> int:
-    import polars as pl
+    from .pipeline import figures
 
-    from . import plots, tables
-
-    baselines, transfer = pl.read_parquet(args.baselines), pl.read_parquet(args.transfer)
-    pair_rows = tables.pairs(transfer)
-    plots.heatmap_gain(pair_rows, args.out_gain, title=f"{args.arch}: gain over PTQ (points)")
-    plots.heatmap_cosine(pl.read_parquet(args.cosine), args.out_cosine, title=f"{args.arch}: cosine of quantization vectors")
-    text = plots.summary_markdown(args.arch, baselines, pair_rows, pl.read_parquet(args.summary_specific),
-                                  pl.read_parquet(args.norms))
-    atomic_write(args.out_summary, lambda tmp: Path(tmp).write_text(text))
-    print(text)
+    print(figures(args.arch, args.baselines, args.transfer, args.summary_specific, args.norms, args.cosine,
+                  args.out_gain, args.out_cosine, args.out_summary))
     return 0
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from . import plots, tables
 from .config import Config
+from .diagnostics import cosine_table, norms_table
 from .data.base import Preprocess
 from .data.cache import read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
@@ -179,6 +181,58 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
             rows.append({**row, "search": str(Search.ADAPTIVE), "lambda": found.best_lambda, "split": str(Split.TEST),
                          "correct": c, "n": n, "accuracy": accuracy(c, n)})
     write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}), output)
+
+
+# ---------------------------------------------------------------- reports
+def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path], cosine: list[Path],
+                    outputs: dict[str, Path]) -> None:
+    """Every seed's per-task and per-cell files into the run's tables (``outputs``: table name -> path:
+    baselines, transfer, donor, receiver, specific, summary_specific, norms, cosine)."""
+    base = tables.read_all(baselines)
+    transfer = tables.with_gain(tables.read_all(cells), base)
+    pair_rows = tables.pairs(transfer)
+    specific = tables.specific(pair_rows)
+    frames = {"baselines": base, "transfer": transfer, "donor": tables.summary_donor(pair_rows),
+              "receiver": tables.summary_receiver(pair_rows), "specific": specific,
+              "summary_specific": tables.summary_specific(specific),
+              "norms": tables.read_all(norms), "cosine": tables.read_all(cosine)}
+    for name, frame in frames.items():
+        write_parquet(frame, outputs[name])
+
+
+def vectors_by_task(paths: list[Path]) -> dict[str, WeightVector]:
+    """Checkpoints or vectors keyed by the task their metadata names."""
+    out = {}
+    for path in paths:
+        vec = WeightVector.load(path)
+        if not vec.metadata.get("task"):
+            raise ValueError(f"{path} has no 'task' in its metadata")
+        out[vec.metadata["task"]] = vec
+    return out
+
+
+def diagnostics(cfg: Config, arch_name: str, backbone: Path | None, ft: list[Path], vectors: list[Path],
+                out_norms: Path, out_cosine: Path) -> None:
+    """Relative norms of every FT update and vector, and the vectors' cosine matrix, at one seed."""
+    start = backbone_state(cfg.arch(arch_name, backbone_path=backbone))
+    fts, vecs = vectors_by_task(ft), vectors_by_task(vectors)
+    missing = sorted(set(vecs) - set(fts))
+    if missing:
+        raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
+    write_parquet(norms_table(arch_name, cfg.seed, start, fts, vecs, cfg.policy), out_norms)
+    write_parquet(cosine_table(arch_name, cfg.seed, vecs), out_cosine)
+
+
+def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: Path, norms: Path, cosine: Path,
+            out_gain: Path, out_cosine: Path, out_summary: Path) -> str:
+    """The gain and cosine heatmaps and the markdown summary (returned, and written to ``out_summary``)."""
+    pair_rows = tables.pairs(pl.read_parquet(transfer))
+    plots.heatmap_gain(pair_rows, out_gain, title=f"{arch_name}: gain over PTQ (points)")
+    plots.heatmap_cosine(pl.read_parquet(cosine), out_cosine, title=f"{arch_name}: cosine of quantization vectors")
+    text = plots.summary_markdown(arch_name, pl.read_parquet(baselines), pair_rows, pl.read_parquet(summary_specific),
+                                  pl.read_parquet(norms))
+    atomic_write(out_summary, lambda tmp: Path(tmp).write_text(text))
+    return text
 
 
 def write_parquet(df, output: Path) -> None:
