@@ -44,6 +44,9 @@ SETTINGS = {
     "default": ("the default: FT lr 5e-5, 6 tasks (without the two that PTQ barely hurts), 3 random directions per "
                 "donor (averaged), seeds 0, 1, 2",
                 {"seeds": [0, 1, 2]}),
+    "group32": ("the default with one scale per group of 32 input columns instead of one per output channel, "
+                "seeds 0, 1, 2",
+                {"quant": {"bits": 2, "granularity": "group", "group_size": 32}, "seeds": [0, 1, 2]}),
 }
 GOALS = {"ptq_loss": 20.0, "qat_recovery": 0.70, "oracle_share": 0.80, "oracle_specific": 3.0, "calib_share": 0.70}
 
