@@ -66,8 +66,8 @@ def rows(node: dict, schema: dict, prefix: str) -> list[str]:
         out += rows(child, schema, f"{prefix}.{name}" if prefix else name)
     extra = node.get("additionalProperties")
     if isinstance(extra, dict) and (extra.get("properties") or "$ref" in extra):
-        placeholder = {"archs": "<arch>", "tasks": "<task>"}.get(prefix, "<name>")
-        out += rows({**extra, "description": extra.get("description", "")}, schema, f"{prefix}.{placeholder}")
+        entry = {"archs": "<arch>", "tasks": "<task>"}.get(prefix, "<name>")  # what the user names the entry
+        out += rows(extra, schema, f"{prefix}.{entry}")
     return out
 
 
