@@ -161,17 +161,17 @@ def _choose_args(p):
 def _choose(args) -> int:
     from .datafree import choose_lambda, noise_images, score_lambdas
 
-    receiver, vector = WeightVector.load(args.receiver), WeightVector.load(args.vector)
     extra = {}
     if args.criterion == "outputs":
         if args.config is None or args.arch is None:
             raise ValueError("--criterion outputs needs --config and --arch to build the receiver's model")
-        from .models import build_vit
+        from .pipeline import load_engine
 
-        cfg = load_config(args)
-        model = build_vit(cfg.arch(args.arch), num_classes=receiver["head.weight"].shape[0] if "head.weight" in receiver else 0)
-        model.load_state_dict(dict(receiver))
-        extra = {"model": model.eval(), "inputs": noise_images(args.images, model.patch_embed.img_size[0])}
+        engine, receiver = load_engine(load_config(args), args.arch, args.receiver, device=None)
+        extra = {"model": engine.model, "inputs": noise_images(args.images, engine.preprocess.img_size)}
+    else:
+        receiver = WeightVector.load(args.receiver)
+    vector = WeightVector.load(args.vector)
     scores = score_lambdas(args.criterion, receiver, vector, quant_spec(args), args.lambdas, policy_of(args), **extra)
     best = choose_lambda(scores)
     if args.json:
