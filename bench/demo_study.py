@@ -37,7 +37,7 @@ from qvlib.vocab import Rule  # noqa: E402
 
 ARCH = "vit_demo"
 LANDED_TASKS = ["shapes", "orientation", "frequency", "glyphs", "dots", "blur", "digits", "mnist5k"]
-# key -> (what changes, overrides of config/config.yaml; ``tasks`` and ``quant`` are replaced whole, ``finetune`` merged)
+# key -> (what changes, overrides of config/config.yaml; ``tasks`` and ``quant`` are replaced whole, other maps merged)
 SETTINGS = {
     "landed": ("the first landed demo: FT lr 3e-4, 8 tasks (orientation and frequency included), 1 random direction per donor",
                {"finetune": {"lr": 3.0e-4}, "tasks": LANDED_TASKS, "random_controls": 1, "seeds": [0]}),
@@ -47,8 +47,24 @@ SETTINGS = {
     "group32": ("the default with one scale per group of 32 input columns instead of one per output channel, "
                 "seeds 0, 1, 2",
                 {"quant": {"bits": 2, "granularity": "group", "group_size": 32}, "seeds": [0, 1, 2]}),
+    "lr1e-4": ("the default with FT and QAT at lr 1e-4 (twice the step), seeds 0, 1, 2",
+               {"finetune": {"lr": 1.0e-4}, "seeds": [0, 1, 2]}),
+    "steps600": ("the default with 600 FT and QAT steps instead of 300, seeds 0, 1, 2",
+                 {"finetune": {"steps": 600}, "seeds": [0, 1, 2]}),
+    "pretrain4k": ("the default with the backbone pretrained 4,000 steps instead of 2,000, seeds 0, 1, 2",
+                   {"pretrain": {"train": {"steps": 4000}}, "seeds": [0, 1, 2]}),
+    "lr1e-4-pretrain4k": ("FT and QAT at lr 1e-4 on a backbone pretrained 4,000 steps, seeds 0, 1, 2",
+                          {"finetune": {"lr": 1.0e-4}, "pretrain": {"train": {"steps": 4000}}, "seeds": [0, 1, 2]}),
 }
 GOALS = {"ptq_loss": 20.0, "qat_recovery": 0.70, "oracle_share": 0.80, "oracle_specific": 3.0, "calib_share": 0.70}
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, nested maps merged rather than replaced."""
+    out = dict(base)
+    for name, value in changes.items():
+        out[name] = merged(out.get(name, {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def config_for(key: str) -> tuple[Path, str]:
@@ -60,7 +76,7 @@ def config_for(key: str) -> tuple[Path, str]:
         if name == "tasks":
             cfg["tasks"] = {t: {} for t in value}
         elif isinstance(value, dict) and name != "quant":  # a quantizer is replaced whole
-            cfg[name] = {**cfg.get(name, {}), **value}
+            cfg[name] = merged(cfg.get(name, {}), value)
         else:
             cfg[name] = value
     cfg["name"] = "default" if key == "default" else f"study-{key}"
@@ -74,7 +90,7 @@ def run(key: str, cores: int) -> None:
     path, _ = config_for(key)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     t0 = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--configfile", str(path), "-q"],
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path), "-q"],
                    cwd=REPO, env=env, check=True)
     (REPO / "results" / "study" / f"{key}.time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
 
