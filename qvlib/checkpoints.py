@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+from .merge import merge
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant_state
 from .vectors import WeightVector, patch, quantization_vector, random_direction
 from .vocab import Control
@@ -46,6 +47,26 @@ def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DE
     meta = {k: v for k, v in ft.metadata.items() if k in ("arch", "task", "seed", "config_hash")}
     meta.update(mode="qv", quant=qat.metadata.get("quant", ""), source={"qat": qat_name, "ft": ft_name})
     return rho.with_metadata(meta)
+
+
+def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exclude: Iterable[str] = (),
+                  **params) -> WeightVector:
+    """One vector from several (``vectors``: label -> vector) with a merge method of qvlib.merge,
+    leaving out the labels in ``exclude`` (a receiver's own task, for a leave-one-out donor). The
+    result records the method and the labels it merged; arch, quant and seed are kept where the vectors
+    that record them agree, and vectors made for different quantizers or archs are refused."""
+    excluded = set(exclude)
+    kept = {label: v for label, v in vectors.items() if label not in excluded}
+    if not kept:
+        raise ValueError(f"nothing left to merge once {sorted(excluded)} are left out")
+    meta: dict[str, object] = {"mode": "qv", "merged": {"method": method, **params, "tasks": sorted(kept)}}
+    for key in ("arch", "quant", "seed"):
+        values = {v.metadata[key] for v in kept.values() if v.metadata.get(key) is not None}
+        if len(values) == 1:
+            meta[key] = values.pop()
+        elif len(values) > 1 and key != "seed":
+            raise ValueError(f"the vectors to merge disagree on {key}: {sorted(str(v) for v in values)}")
+    return merge(list(kept.values()), method, **params).with_metadata(meta)
 
 
 def patched(receiver: WeightVector, vectors: Iterable[tuple[float, WeightVector]], names: Iterable[str] = ()) -> WeightVector:

@@ -126,16 +126,26 @@ def _merge_args(p):
     p.add_argument("vectors", type=Path, nargs="+", help="quantization vectors to merge")
     p.add_argument("--method", default="mean", choices=list(MERGE_METHODS), help="merge method (default mean)")
     p.add_argument("--density", type=float, default=None, help="ties: share of largest entries each vector keeps")
+    p.add_argument("--exclude", action="append", default=[], metavar="TASK",
+                   help="leave out the vector of this task (its metadata's task, else its file name); repeatable")
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _merge(args) -> int:
-    from .merge import merge
+    from .checkpoints import merged_vector
 
     params = {} if args.density is None else {"density": args.density}
-    merged = merge([WeightVector.load(v) for v in args.vectors], args.method, **params)
-    merged.with_metadata({"mode": "qv", "merged": {"method": args.method, **params, "vectors": [str(v) for v in args.vectors]}}).save(args.output)
-    print(f"wrote {args.output}: {args.method} of {len(args.vectors)} vectors, norm {merged.norm():.6g}")
+    vectors = {}
+    for path in args.vectors:
+        vec = WeightVector.load(path)
+        label = vec.metadata.get("task") or path.stem
+        if label in vectors:
+            raise ValueError(f"two vectors are labelled {label!r} (by their metadata task or file name): merge each once")
+        vectors[label] = vec
+    merged = merged_vector(vectors, args.method, exclude=args.exclude, **params)
+    merged.save(args.output)
+    kept = json.loads(merged.metadata["merged"])["tasks"]
+    print(f"wrote {args.output}: {args.method} of {len(kept)} vectors ({', '.join(kept)}), norm {merged.norm():.6g}")
     return 0
 
 

@@ -76,6 +76,21 @@ class Config:
         return int(self.raw.get("random_controls", 1))
 
     @property
+    def merged_donors(self) -> list[str]:
+        """Merge methods (qvlib.merge) whose leave-one-out merged donor joins every receiver's row."""
+        return [str(m) for m in self.raw.get("merged_donors", [])]
+
+    @property
+    def datafree_criteria(self) -> list[str]:
+        """Data-free lambda criteria (qvlib.datafree) recorded beside the sweep of every cell."""
+        return [str(c) for c in self.raw.get("datafree", {}).get("criteria", [])]
+
+    @property
+    def datafree_images(self) -> int:
+        """How many noise images the ``outputs`` criterion compares the models on."""
+        return int(self.raw.get("datafree", {}).get("noise_images", 64))
+
+    @property
     def data_root(self) -> Path:
         return Path(self.raw.get("data_root", "data")).expanduser()
 

@@ -17,6 +17,7 @@ from .diagnostics import cosine_table, norms_table
 from .data.base import Preprocess
 from .data.cache import read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
+from .datafree import choose_lambda, noise_images, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
 from .models import backbone_state, build_vit, check_fits, task_model
 from .quant import QuantSpec, fake_quant
@@ -165,7 +166,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     base = {"arch": arch_name, "quant": spec.tag, "seed": cfg.seed, "receiver": receiver, "donor": donor, "bits": spec.bits}
     for control, control_seed, vec in variants:
         vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
-        row = {**base, "control": str(control), "control_seed": control_seed}
+        row = {**base, "control": str(control), "control_seed": control_seed, "criterion": None}
 
         def score(lam: float, split: str) -> int:
             return engine.correct(engine.quantized(names, spec, vec_dev, lam), splits[split])
@@ -175,12 +176,33 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
                 c = score(lam, split)
                 rows.append({**row, "search": str(Search.SWEEP), "lambda": float(lam), "split": str(split),
                              "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split]))})
+        if Split.TEST in splits:
+            rows += _datafree_rows(cfg, engine, names, vec_dev, rows, row)
         if Split.TEST in splits and control != Control.RANDOM and cfg.raw.get("oracle_search", True):
             found = search_lambda(lambda lam: score(lam, Split.TEST))
             c, n = found.best_correct, len(splits[Split.TEST])
             rows.append({**row, "search": str(Search.ADAPTIVE), "lambda": found.best_lambda, "split": str(Split.TEST),
                          "correct": c, "n": n, "accuracy": accuracy(c, n)})
-    write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}), output)
+    write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64, "criterion": pl.Utf8}), output)
+
+
+def _datafree_rows(cfg: Config, engine: Engine, names: list[str], vector: dict, rows: list[dict], row: dict) -> list[dict]:
+    """One ``search: datafree`` row per configured criterion: the sweep lambda it picks from the
+    receiver's weights (and noise images) alone, with that lambda's test accuracy from the sweep."""
+    criteria = cfg.datafree_criteria
+    if not criteria:
+        return []
+    receiver = {n: engine.base[n] for n in names}
+    inputs = {"model": engine.model, "inputs": noise_images(cfg.datafree_images, engine.preprocess.img_size,
+                                                            seed=stable_seed("noise-images", cfg.seed))}
+    test = {r["lambda"]: r for r in rows if r["search"] == Search.SWEEP and r["split"] == Split.TEST
+            and r["control"] == row["control"] and r["control_seed"] == row["control_seed"]}
+    out = []
+    for criterion in criteria:
+        scores = score_lambdas(criterion, receiver, vector, cfg.quant, cfg.lambdas, cfg.policy, **inputs)
+        picked = test[choose_lambda(scores)]
+        out.append({**picked, "search": str(Search.DATAFREE), "criterion": criterion})
+    return out
 
 
 # ---------------------------------------------------------------- reports

@@ -7,17 +7,17 @@ from pathlib import Path
 import polars as pl
 
 from .provenance import machine_line
-from .tables import headline
+from .tables import headline, single_donors
 from .vectors import atomic_write
-from .vocab import RULE_COLUMNS, Control, Rule, Split, Variant
+from .vocab import DATAFREE_RULE_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Split, Variant
 
 CONTROL_COLUMNS = (Control.RANDOM, Control.SELF)
 DPI = 110
 
 
-def gain_figure_size(n_receivers: int, n_donors: int) -> tuple[float, float]:
-    """Inches of the gain heatmap figure (two panels of donors plus two control columns each)."""
-    return 2.0 + 1.6 * (n_donors + 2.5), 2.8 + 0.55 * n_receivers
+def gain_figure_size(n_receivers: int, n_donors: int, n_controls: int = 2) -> tuple[float, float]:
+    """Inches of the gain heatmap figure (two panels of donors plus ``n_controls`` control columns each)."""
+    return 2.0 + 1.6 * (n_donors + 0.5 + n_controls), 2.8 + 0.55 * n_receivers
 
 
 def _matplotlib():
@@ -31,8 +31,11 @@ def _matplotlib():
 
 def gain_matrices(pair_rows: pl.DataFrame, column: str):
     """(donor grid, control columns) as pandas frames indexed by receiver, for one gain column,
-    each cell the mean over seeds."""
-    pair_rows = pair_rows.group_by("receiver", "donor", "control").agg(pl.col(column).mean())
+    each cell the mean over seeds. The control columns: the single donors' random directions (mean
+    over donors), the receiver's own vector ('self'), then each leave-one-out merged donor."""
+    merged = (pair_rows.filter((pl.col("kind") == DonorKind.MERGED) & (pl.col("control") == Control.DONOR))
+              .group_by("receiver", "donor").agg(pl.col(column).mean()))
+    pair_rows = single_donors(pair_rows).group_by("receiver", "donor", "control").agg(pl.col(column).mean())
     real = pair_rows.filter(pl.col("control") == Control.DONOR)
     receivers = sorted(set(pair_rows["receiver"].to_list()))
     donors = sorted(set(real["donor"].to_list()) | set(receivers))
@@ -45,14 +48,19 @@ def gain_matrices(pair_rows: pl.DataFrame, column: str):
     controls[Control.SELF] = dict(zip(own["receiver"].to_list(), own[column].to_list()))
     import pandas as pd
 
-    ctrl = pd.DataFrame({str(c): [controls[c].get(r) for r in receivers] for c in CONTROL_COLUMNS}, index=receivers, dtype=float)
+    columns = {str(c): [controls[c].get(r) for r in receivers] for c in CONTROL_COLUMNS}
+    for label in sorted(set(merged["donor"].to_list())):
+        rows = merged.filter(pl.col("donor") == label)
+        gains = dict(zip(rows["receiver"].to_list(), rows[column].to_list()))
+        columns[label] = [gains.get(r) for r in receivers]
+    ctrl = pd.DataFrame(columns, index=receivers, dtype=float)
     return grid, ctrl
 
 
 def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -> Path:
     """Gain over PTQ at lambda = 1 and at the best lambda (test-set oracle), side by side, mean over
-    seeds; rows are receivers, columns donors; the random-direction control (mean over donors) and the receiver's
-    own vector ('self') are separate columns on the right of each panel."""
+    seeds; rows are receivers, columns donors; the random-direction control (mean over donors), the receiver's
+    own vector ('self') and each leave-one-out merged donor are separate columns on the right of each panel."""
     import seaborn as sns
 
     plt = _matplotlib()
@@ -60,8 +68,9 @@ def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -
     mats = [gain_matrices(pair_rows, col) for col, _ in panels]
     vmax = max(1.0, *(float(abs(m).max().max()) for pair in mats for m in pair if m.size))
     n_rows, n_cols = mats[0][0].shape
-    fig = plt.figure(figsize=gain_figure_size(n_rows, n_cols))
-    grid = fig.add_gridspec(1, 5, width_ratios=[n_cols, 2, 0.6, n_cols, 2], wspace=0.08)
+    n_ctrl = mats[0][1].shape[1]
+    fig = plt.figure(figsize=gain_figure_size(n_rows, n_cols, n_ctrl))
+    grid = fig.add_gridspec(1, 5, width_ratios=[n_cols, n_ctrl, 0.6, n_cols, n_ctrl], wspace=0.08)
     kw = dict(cmap="RdYlGn", center=0.0, vmin=-vmax, vmax=vmax, annot=True, fmt=".1f", cbar=False,
               linewidths=0.5, linecolor="white", annot_kws={"size": 8})
     for k, ((col, label), (donors, controls)) in enumerate(zip(panels, mats)):
@@ -133,7 +142,8 @@ def _ci(row: dict) -> str:
 
 def verdict_lines(summary_specific: pl.DataFrame) -> list[str]:
     """One line per lambda rule, pooled over seeds: verdict, specific gain with its interval, share."""
-    pooled = summary_specific.filter((pl.col("scope") == "overall") & pl.col("seed").is_null())
+    pooled = summary_specific.filter((pl.col("scope") == "overall") & pl.col("seed").is_null()
+                                     & (pl.col("kind") == DonorKind.SINGLE))
     lines = []
     for rule in Rule:
         rows = pooled.filter(pl.col("rule") == rule).to_dicts()
@@ -147,7 +157,7 @@ def verdict_lines(summary_specific: pl.DataFrame) -> list[str]:
 
 def per_seed_table(heads: pl.DataFrame, summary_specific: pl.DataFrame) -> pl.DataFrame:
     """One row per seed and a last row with the mean and the standard deviation over seeds."""
-    overall = summary_specific.filter(pl.col("scope") == "overall")
+    overall = summary_specific.filter((pl.col("scope") == "overall") & (pl.col("kind") == DonorKind.SINGLE))
     cols = {"seed": [], "PTQ loss": [], "QAT recovers %": []}
     for rule in Rule:
         cols[f"donor {rule}"] = []
@@ -193,6 +203,8 @@ def per_seed_table(heads: pl.DataFrame, summary_specific: pl.DataFrame) -> pl.Da
 def _specific_by(summary_specific: pl.DataFrame, scope: str) -> pl.DataFrame:
     """Pooled specific gain of each task (as receiver or donor), one column per rule."""
     rows = summary_specific.filter((pl.col("scope") == scope) & pl.col("seed").is_null())
+    if scope != "donor":  # a merged donor has its own rows as a donor; per receiver, single donors only
+        rows = rows.filter(pl.col("kind") == DonorKind.SINGLE)
     out = None
     for rule in Rule:
         part = rows.filter(pl.col("rule") == rule).select(
@@ -201,6 +213,56 @@ def _specific_by(summary_specific: pl.DataFrame, scope: str) -> pl.DataFrame:
             (100 * pl.col("share_donor_beats_random")).round(0).cast(pl.Int64).alias(f"{rule} wins %"))
         out = part if out is None else out.join(part, on="task", how="full", coalesce=True)
     return out.sort("task")
+
+
+def rule_label(rule: str) -> str:
+    if rule.startswith(DATAFREE_RULE_PREFIX):
+        return f"lambda chosen data-free ({rule.removeprefix(DATAFREE_RULE_PREFIX)})"
+    return RULE_LABELS[Rule(rule)]
+
+
+def merged_and_datafree_table(summary_specific: pl.DataFrame) -> pl.DataFrame | None:
+    """Per lambda rule, pooled over seeds: the mean single donor, each merged donor, and each one's
+    random control, with the specific gain of each; data-free rules also show their gap to the oracle
+    and to calib (gain under the rule minus gain under oracle / calib, single donors). None when the run
+    has neither merged donors nor data-free rules."""
+    pooled = summary_specific.filter((pl.col("scope") == "overall") & pl.col("seed").is_null())
+    rules = pooled["rule"].unique(maintain_order=True).to_list()
+    merged_kind = pooled.filter(pl.col("kind") == DonorKind.MERGED)
+    merged_labels = sorted(set(summary_specific.filter((pl.col("scope") == "donor") & (pl.col("kind") == DonorKind.MERGED))
+                               ["task"].drop_nulls().to_list()))
+    if merged_kind.is_empty() and not any(r.startswith(DATAFREE_RULE_PREFIX) for r in rules):
+        return None
+    donors = summary_specific.filter((pl.col("scope") == "donor") & pl.col("seed").is_null())
+    single = {r["rule"]: r for r in pooled.filter(pl.col("kind") == DonorKind.SINGLE).to_dicts()}
+    rows = []
+    for rule in rules:
+        if rule not in single:
+            continue
+        s = single[rule]
+        row = {"rule": rule_label(rule), "single donor": s["donor_gain"], "its random": s["random_gain"],
+               "single specific [95% CI]": _ci(s)}
+        for label in merged_labels:
+            m = donors.filter((pl.col("task") == label) & (pl.col("rule") == rule)).to_dicts()
+            row[label] = m[0]["donor_gain"] if m else None
+            row[f"{label} random"] = m[0]["random_gain"] if m else None
+            row[f"{label} specific [95% CI]"] = _ci(m[0]) if m else ""
+        if rule.startswith(DATAFREE_RULE_PREFIX):
+            row["gap to oracle"] = s["donor_gain"] - single[str(Rule.ORACLE)]["donor_gain"]
+            row["gap to calib"] = s["donor_gain"] - single[str(Rule.CALIB)]["donor_gain"]
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def _merged_and_datafree_lines(summary_specific: pl.DataFrame) -> list[str]:
+    table = merged_and_datafree_table(summary_specific)
+    if table is None:
+        return []
+    return ["**Single donor, leave-one-out merged donor and random directions under each lambda rule** (pooled over "
+            "seeds; gains in points over PTQ; `merged:<method>` merges every task's vector except the receiver's own; "
+            "data-free rules pick lambda from the receiver's weights or noise images, no receiver data; `gap to oracle` / "
+            "`gap to calib` = the single donors' gain under the rule minus their gain under oracle / calib):",
+            "", markdown_table(table), ""]
 
 
 def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame, summary_specific: pl.DataFrame,
@@ -212,7 +274,8 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
             .group_by("task", "model").agg(pl.col("accuracy").mean())
             .pivot(on="model", index="task", values="accuracy")
             .select("task", *(str(v) for v in Variant)).sort("task"))
-    mean = pair_rows.group_by("receiver", "donor", "control").agg(pl.col("gain_lambda1", "gain_oracle", "gain_calib").mean())
+    mean = (single_donors(pair_rows).group_by("receiver", "donor", "control")
+            .agg(pl.col("gain_lambda1", "gain_oracle", "gain_calib").mean()))
     real = mean.filter(pl.col("control") == Control.DONOR)
     rand = mean.filter(pl.col("control") == Control.RANDOM).group_by("receiver").agg(
         pl.col("gain_lambda1").mean().alias("random_lambda1"), pl.col("gain_oracle").mean().alias("random_oracle"))
@@ -243,6 +306,7 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
         "",
         markdown_table(per_seed_table(heads, summary_specific)),
         "",
+        *_merged_and_datafree_lines(summary_specific),
         f"Summary written on: {machine_line()}.",
         README_END,
         "",

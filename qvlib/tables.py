@@ -14,7 +14,8 @@ from typing import Iterable
 import polars as pl
 
 from .stats import bootstrap_mean, verdict
-from .vocab import RULE_COLUMNS, Control, Rule, Search, Split, Variant
+from .vocab import (DATAFREE_GAIN_PREFIX, MERGED_PREFIX, Control, DonorKind, Rule, Search, Split, Variant,
+                    rule_columns)
 
 RUN_KEYS = ["arch", "quant", "seed"]  # one replicate of one grid
 PAIR_KEYS = [*RUN_KEYS, "receiver", "donor"]
@@ -65,10 +66,29 @@ def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
         adaptive = adaptive.with_columns(pl.col("control_seed").fill_null(-1))
         out = out.join(adaptive.select(*keys, pl.col("gain").alias("gain_adaptive"), pl.col("lambda").alias("lambda_adaptive")),
                        on=keys, how="left")
+    if "criterion" in transfer.columns:
+        datafree = transfer.filter((pl.col("search") == Search.DATAFREE) & (pl.col("split") == Split.TEST))
+        datafree = datafree.with_columns(pl.col("control_seed").fill_null(-1))
+        for criterion in sorted(datafree["criterion"].unique().to_list()):
+            picked = datafree.filter(pl.col("criterion") == criterion)
+            out = out.join(picked.select(*keys, pl.col("gain").alias(f"{DATAFREE_GAIN_PREFIX}{criterion}"),
+                                         pl.col("lambda").alias(f"lambda_datafree_{criterion}")), on=keys, how="left")
     values = [c for c in out.columns if c not in keys]
     return (out.group_by([*PAIR_KEYS, "control"])
             .agg(*(pl.col(c).mean() for c in values), pl.len().cast(pl.Int64).alias("directions"))
+            .with_columns(donor_kind().alias("kind"))
             .sort([*PAIR_KEYS, "control"]))
+
+
+def donor_kind() -> pl.Expr:
+    """``merged`` for a leave-one-out merged donor (``merged:<method>``), ``single`` for one task's vector."""
+    return (pl.when(pl.col("donor").str.starts_with(MERGED_PREFIX)).then(pl.lit(str(DonorKind.MERGED)))
+            .otherwise(pl.lit(str(DonorKind.SINGLE))))
+
+
+def single_donors(pair_rows: pl.DataFrame) -> pl.DataFrame:
+    """The pairs whose donor is one task's vector (merged donors and their controls left out)."""
+    return pair_rows.filter(pl.col("kind") == DonorKind.SINGLE)
 
 
 def specific(pair_rows: pl.DataFrame) -> pl.DataFrame:
@@ -77,14 +97,15 @@ def specific(pair_rows: pl.DataFrame) -> pl.DataFrame:
     donor = pair_rows.filter(pl.col("control") == Control.DONOR)
     rand = pair_rows.filter(pl.col("control") == Control.RANDOM)
     frames = []
-    for rule, col in RULE_COLUMNS.items():
-        frames.append(donor.select(*PAIR_KEYS, pl.col(col).alias("donor_gain"))
+    for rule, col in rule_columns(pair_rows.columns).items():
+        frames.append(donor.select(*PAIR_KEYS, "kind", pl.col(col).alias("donor_gain"))
                       .join(rand.select(*PAIR_KEYS, pl.col(col).alias("random_gain"), "directions"), on=PAIR_KEYS, how="inner")
                       .with_columns(pl.lit(str(rule)).alias("rule"),
                                     (pl.col("donor_gain") - pl.col("random_gain")).alias("specific_gain")))
     if not frames or not sum(len(f) for f in frames):
         raise ValueError("no donor pair has a random control: run the grid with random_controls >= 1")
-    return pl.concat(frames).select(*PAIR_KEYS, "rule", "donor_gain", "random_gain", "specific_gain", "directions")
+    return (pl.concat(frames).drop_nulls("specific_gain")
+            .select(*PAIR_KEYS, "kind", "rule", "donor_gain", "random_gain", "specific_gain", "directions"))
 
 
 def _interval_row(rows: pl.DataFrame, pooled: bool) -> dict:
@@ -102,28 +123,26 @@ def summary_specific(spec_rows: pl.DataFrame) -> pl.DataFrame:
     where the donor beats its random control, and the verdict."""
     out = []
     for scope, by in (("overall", None), ("receiver", "receiver"), ("donor", "donor")):
-        keys = ["arch", "quant", "rule"] + ([by] if by else [])
+        keys = ["arch", "quant", "kind", "rule"] + ([by] if by else [])
         for key, rows in spec_rows.group_by(keys, maintain_order=True):
             named = dict(zip(keys, key))
-            base = {"arch": named["arch"], "quant": named["quant"], "rule": named["rule"], "scope": scope,
-                    "task": named.get(by) if by else None}
+            base = {"arch": named["arch"], "quant": named["quant"], "kind": named["kind"], "rule": named["rule"],
+                    "scope": scope, "task": named.get(by) if by else None}
             for seed, seed_rows in rows.group_by("seed", maintain_order=True):
                 out.append({**base, "seed": seed[0], **_interval_row(seed_rows, pooled=False)})
             out.append({**base, "seed": None, **_interval_row(rows, pooled=True)})
     order = {str(r): i for i, r in enumerate(Rule)}
     return (pl.DataFrame(out, schema_overrides={"seed": pl.Int64, "task": pl.Utf8})
-            .with_columns(pl.col("rule").replace_strict(order).alias("_order"))
-            .sort(["arch", "quant", "scope", "task", "_order", "seed"], nulls_last=True).drop("_order"))
+            .with_columns(pl.col("rule").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_order"))
+            .sort(["arch", "quant", "kind", "scope", "task", "_order", "rule", "seed"], nulls_last=True).drop("_order"))
 
 
 def _summary(pair_rows: pl.DataFrame, by: str) -> pl.DataFrame:
     """Per seed and pooled (``seed`` null: the mean of the per-seed figures and ``mean_gain_sd``,
     their standard deviation over seeds)."""
     rows = []
-    for rule, col in RULE_COLUMNS.items():
-        if col not in pair_rows.columns:
-            continue
-        rows.append(pair_rows.group_by([*RUN_KEYS, by, "control"]).agg(
+    for rule, col in rule_columns(pair_rows.columns).items():
+        rows.append(pair_rows.group_by([*RUN_KEYS, by, "control", "kind"]).agg(
             pl.lit(str(rule)).alias("rule"),
             pl.col(col).mean().alias("mean_gain"),
             pl.col(col).max().alias("best_gain"),
@@ -133,11 +152,11 @@ def _summary(pair_rows: pl.DataFrame, by: str) -> pl.DataFrame:
         ))
     per_seed = pl.concat(rows)
     stats = ["mean_gain", "best_gain", "worst_gain", "share_positive"]
-    pooled = (per_seed.group_by(["arch", "quant", by, "control", "rule"])
+    pooled = (per_seed.group_by(["arch", "quant", by, "control", "kind", "rule"])
               .agg(*(pl.col(c).mean() for c in stats), pl.col("mean_gain").std().alias("mean_gain_sd"), pl.col("pairs").sum())
               .with_columns(pl.lit(None, dtype=per_seed.schema["seed"]).alias("seed")))
     return (pl.concat([per_seed, pooled], how="diagonal_relaxed")
-            .sort(["arch", "quant", by, "control", "rule", "seed"], nulls_last=True))
+            .sort(["arch", "quant", by, "kind", "control", "rule", "seed"], nulls_last=True))
 
 
 def summary_donor(pair_rows: pl.DataFrame) -> pl.DataFrame:
@@ -151,7 +170,9 @@ def summary_receiver(pair_rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
-    """Per seed, the figures the README quotes: PTQ loss, QAT recovery, donor and random gains."""
+    """Per seed, the figures the README quotes: PTQ loss, QAT recovery, single donors' and their random
+    controls' gains."""
+    pair_rows = single_donors(pair_rows)
     test = baselines.filter(pl.col("split") == Split.TEST).pivot(on="model", index=[*RUN_KEYS, "task"], values="accuracy")
     base = test.group_by(RUN_KEYS).agg(
         pl.len().alias("tasks"),
@@ -165,7 +186,7 @@ def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
         .alias("qat_recovery"),
     )
     gains = []
-    for rule, col in RULE_COLUMNS.items():
+    for rule, col in rule_columns(pair_rows.columns).items():
         key = col.removeprefix("gain_")
         gains += [pl.col(col).filter(pl.col("control") == Control.DONOR).mean().alias(f"{key}_mean"),
                   (pl.col(col).filter(pl.col("control") == Control.DONOR) > 0).mean().alias(f"{key}_positive"),

@@ -52,6 +52,7 @@ class Search(StrEnum):
 
     SWEEP = "sweep"  # the config's fixed lambda list
     ADAPTIVE = "adaptive"  # the golden-section oracle search on test
+    DATAFREE = "datafree"  # the sweep's lambda a data-free criterion picks (column ``criterion``), scored on test
 
 
 class Rule(StrEnum):
@@ -64,6 +65,36 @@ class Rule(StrEnum):
 
 # Column of pairs() that holds the gain under each rule.
 RULE_COLUMNS: dict[Rule, str] = {Rule.LAMBDA1: "gain_lambda1", Rule.ORACLE: "gain_oracle", Rule.CALIB: "gain_calib"}
+# Rules chosen without receiver data: one per criterion of qvlib.datafree, named ``datafree:<criterion>``.
+DATAFREE_RULE_PREFIX = "datafree:"
+DATAFREE_GAIN_PREFIX = "gain_datafree_"
+
+
+def datafree_rule(criterion: str) -> str:
+    return f"{DATAFREE_RULE_PREFIX}{criterion}"
+
+
+def rule_columns(columns) -> dict[str, str]:
+    """Every rule whose gain column is among ``columns``: the fixed rules, then one per data-free criterion."""
+    out = {str(rule): col for rule, col in RULE_COLUMNS.items() if col in columns}
+    out.update({datafree_rule(c.removeprefix(DATAFREE_GAIN_PREFIX)): c for c in columns if c.startswith(DATAFREE_GAIN_PREFIX)})
+    return out
+
+
+# A donor built from several tasks' vectors is named ``merged:<method>``: per receiver, the merge of every
+# task's vector except the receiver's own (leave-one-out).
+MERGED_PREFIX = "merged:"
+
+
+def merged_donor(method: str) -> str:
+    return f"{MERGED_PREFIX}{method}"
+
+
+class DonorKind(StrEnum):
+    """Whether a pair's donor is one task's vector or a merge of several (column ``kind``)."""
+
+    SINGLE = "single"
+    MERGED = "merged"
 
 
 class Verdict(StrEnum):

@@ -140,6 +140,9 @@ def test_merge_then_patch(tmp_path):
     assert merged["blocks.0.mlp.fc1.weight"].tolist() == [[2.0, 0.0, 1.0]] and json.loads(merged.metadata["merged"])["method"] == "mean"
     qv("patch", "--receiver", tmp_path / "r.safetensors", "--vector", tmp_path / "m.safetensors", "--lambda", 2.0, "-o", tmp_path / "p.safetensors")
     assert WeightVector.load(tmp_path / "p.safetensors")["blocks.0.mlp.fc1.weight"].tolist() == [[4.0, 0.0, 2.0]]
+    qv("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--exclude", "b", "-o", tmp_path / "loo.safetensors")
+    loo = WeightVector.load(tmp_path / "loo.safetensors")
+    assert loo["blocks.0.mlp.fc1.weight"].tolist() == [[1.0, -2.0, 3.0]] and json.loads(loo.metadata["merged"])["tasks"] == ["a"]
     proc = qv("merge", tmp_path / "a.safetensors", "--method", "mean", "--density", 0.5, "-o", tmp_path / "x.safetensors", check=False)
     assert proc.returncode == 2 and "takes no parameters" in proc.stderr and not (tmp_path / "x.safetensors").exists()
 

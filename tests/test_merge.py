@@ -1,5 +1,7 @@
 """Merge methods against small examples computed by hand."""
 
+import json
+
 import pytest
 import torch
 
@@ -61,3 +63,25 @@ def test_a_new_method_is_one_registered_function():
             merge_method("max_abs_test")(max_abs)
     finally:
         MERGE_METHODS.pop("max_abs_test")
+
+
+def test_leave_one_out_never_reads_the_left_out_vector():
+    from qvlib.checkpoints import merged_vector
+
+    meta = {"arch": "vit", "quant": '{"bits": 2}'}
+    vectors = {t: WeightVector({"w": torch.tensor([v])}, {**meta, "task": t, "seed": "0"})
+               for t, v in (("a", [1.0, 3.0]), ("b", [3.0, -1.0]), ("c", [2.0, 4.0]))}
+    poisoned = {"w": torch.full((1, 2), float("nan"))}  # the receiver's vector, poisoned
+    vectors["r"] = WeightVector.__new__(WeightVector)
+    vectors["r"]._tensors, vectors["r"].metadata = poisoned, {**meta, "task": "r", "seed": "0"}
+    loo = merged_vector(vectors, "mean", exclude=["r"])
+    assert loo["w"].tolist() == [[2.0, 2.0]]
+    assert json.loads(loo.metadata["merged"]) == {"method": "mean", "tasks": ["a", "b", "c"]}
+    assert (loo.metadata["arch"], loo.metadata["quant"], loo.metadata["seed"]) == ("vit", '{"bits": 2}', "0")
+    with pytest.raises(ValueError, match="non-finite"):  # the poison is real: merging it in fails
+        merged_vector(vectors, "mean")
+    with pytest.raises(ValueError, match="nothing left to merge"):
+        merged_vector({"r": vectors["r"]}, "mean", exclude=["r"])
+    other = WeightVector({"w": torch.zeros(1, 2)}, {"quant": '{"bits": 3}'})
+    with pytest.raises(ValueError, match="disagree on quant"):
+        merged_vector({"a": vectors["a"], "x": other}, "mean")

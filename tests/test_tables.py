@@ -64,7 +64,7 @@ def specific_rows(values_by_seed):
     for seed, values in values_by_seed.items():
         for i, v in enumerate(values):
             rows.append({"arch": "a", "quant": "w2-channel", "seed": seed, "receiver": f"r{i % 2}", "donor": f"d{i}",
-                         "rule": "oracle", "donor_gain": v + 1.0, "random_gain": 1.0, "specific_gain": v, "directions": 3})
+                         "kind": "single", "rule": "oracle", "donor_gain": v + 1.0, "random_gain": 1.0, "specific_gain": v, "directions": 3})
     return pl.DataFrame(rows)
 
 
@@ -87,3 +87,46 @@ def test_summary_specific_scopes_shares_and_verdicts():
 def test_summary_specific_verdict_no_when_random_wins_everywhere():
     summary = tables.summary_specific(specific_rows({0: [-2.0, -3.0, -1.5, -2.5]}))
     assert set(summary.filter(pl.col("scope") == "overall")["verdict"]) == {"no"}
+
+
+def with_datafree(transfer: pl.DataFrame, picks: dict) -> pl.DataFrame:
+    """``transfer`` plus the datafree rows that copy the test row of the lambda each criterion picks:
+    picks = {(control_seed, criterion): lambda}."""
+    test = transfer.filter((pl.col("split") == "test") & (pl.col("search") == "sweep"))
+    extra = []
+    for (seed, criterion), lam in picks.items():
+        match = pl.col("control_seed").is_null() if seed is None else pl.col("control_seed") == seed
+        extra.append(test.filter(match & (pl.col("lambda") == lam))
+                     .with_columns(pl.lit("datafree").alias("search"), pl.lit(criterion).alias("criterion")))
+    return pl.concat([transfer.with_columns(pl.lit(None, dtype=pl.Utf8).alias("criterion")), *extra], how="diagonal_relaxed")
+
+
+def test_datafree_rules_read_the_picked_lambda_and_have_their_own_specific_gain():
+    transfer = with_datafree(transfer_table(), {(None, "weights"): 0.5, (11, "weights"): 1.0, (12, "weights"): 0.5})
+    p = tables.pairs(transfer)
+    donor = p.filter(pl.col("control") == "none").row(0, named=True)
+    assert (donor["gain_datafree_weights"], donor["lambda_datafree_weights"]) == (10.0, 0.5)
+    # random: seed 11 at 1.0 -> -2, seed 12 at 0.5 -> +4; averaged +1
+    assert p.filter(pl.col("control") == "random")["gain_datafree_weights"].to_list() == [1.0]
+    spec = tables.specific(p)
+    got = {r["rule"]: r["specific_gain"] for r in spec.to_dicts()}
+    assert got == {"lambda=1": 24.0, "oracle": 17.0, "calib": 14.0, "datafree:weights": 9.0}
+    summary = tables.summary_specific(spec)
+    assert summary.filter(pl.col("scope") == "overall")["rule"].unique(maintain_order=True).to_list() == [
+        "lambda=1", "oracle", "calib", "datafree:weights"]
+
+
+def test_a_merged_donor_is_its_own_kind_apart_from_single_donors():
+    single = transfer_table()
+    merged = single.with_columns(pl.lit("merged:mean").alias("donor"), (pl.col("accuracy") + 10.0).alias("accuracy"),
+                                 (pl.col("gain") + 10.0).alias("gain"))
+    p = tables.pairs(pl.concat([single, merged]))
+    assert dict(zip(p["donor"], p["kind"])) == {"D": "single", "merged:mean": "merged"}
+    summary = tables.summary_specific(tables.specific(p))
+    overall = summary.filter((pl.col("scope") == "overall") & (pl.col("rule") == "oracle") & pl.col("seed").is_null())
+    # single: donor 20, random 3; merged: both 10 higher -> same specific gain, kept in separate rows
+    assert {r["kind"]: (r["donor_gain"], r["random_gain"], r["pairs"]) for r in overall.to_dicts()} == {
+        "single": (20.0, 3.0, 1), "merged": (30.0, 13.0, 1)}
+    heads = tables.headline(pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": m, "split": "test",
+                                           "accuracy": a} for m, a in (("ft", 90.0), ("ptq", 50.0), ("qat", 85.0), ("qat_ptq", 88.0))]), p)
+    assert (heads["pairs"][0], heads["oracle_mean"][0]) == (1, 20.0)  # the headline is about single donors
