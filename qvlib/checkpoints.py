@@ -60,6 +60,8 @@ def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exc
     if not kept:
         raise ValueError(f"nothing left to merge once {sorted(excluded)} are left out")
     meta: dict[str, object] = {"mode": "qv", "merged": {"method": method, **params, "tasks": sorted(kept)}}
+    if excluded:
+        meta["left_out"] = sorted(excluded)
     for key in ("arch", "quant", "seed"):
         values = {v.metadata[key] for v in kept.values() if v.metadata.get(key) is not None}
         if len(values) == 1:

@@ -381,6 +381,7 @@ def _diagnostics_args(p):
     p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`)")
     p.add_argument("--ft", type=Path, nargs="+", required=True, help="FT checkpoints (task taken from metadata)")
     p.add_argument("--vectors", type=Path, nargs="+", required=True, help="quantization vectors (task from metadata)")
+    p.add_argument("--merged", type=Path, nargs="*", default=[], help="leave-one-out merged donors (`qv merge --exclude`)")
     p.add_argument("--out-norms", type=Path, required=True)
     p.add_argument("--out-cosine", type=Path, required=True)
 
@@ -388,7 +389,8 @@ def _diagnostics_args(p):
 def _diagnostics(args) -> int:
     from .pipeline import diagnostics
 
-    diagnostics(load_config(args), args.arch, args.backbone, args.ft, args.vectors, args.out_norms, args.out_cosine)
+    diagnostics(load_config(args), args.arch, args.backbone, args.ft, args.vectors, args.out_norms, args.out_cosine,
+                merged=args.merged)
     return 0
 
 

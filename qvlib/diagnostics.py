@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import polars as pl
 import torch
 
 from .quant import DEFAULT_POLICY, QuantPolicy, layer_type
 from .vectors import WeightVector
+from .vocab import merged_donor
 
 LAYER_TYPES = ("all", "qkv", "proj", "fc1", "fc2")
 
@@ -54,3 +56,21 @@ def cosine_table(arch: str, seed: int, vectors: Mapping[str, Mapping]) -> pl.Dat
         for b, vb in vecs.items():
             rows.append({"arch": arch, "seed": seed, "task_a": a, "task_b": b, "cosine": va.cosine(vb)})
     return pl.DataFrame(rows)
+
+
+def merged_cosine_table(arch: str, seed: int, vectors: Mapping[str, WeightVector], merged: Iterable[WeightVector]) -> pl.DataFrame:
+    """Cosine of each leave-one-out merged donor with the vector of the receiver it was built for
+    (``task_a`` the receiver, ``task_b`` the donor label ``merged:<method>``): how much of the
+    receiver's own quantization vector the others' merge points along."""
+    rows = []
+    for vec in merged:
+        info = json.loads(vec.metadata.get("merged", "{}"))
+        left_out = json.loads(vec.metadata.get("left_out", "[]"))
+        if not info or len(left_out) != 1:
+            raise ValueError("a leave-one-out merged vector records its method and the one task it leaves out")
+        receiver = left_out[0]
+        if receiver not in vectors:
+            raise ValueError(f"no vector of receiver {receiver!r} to compare its merged donor with")
+        rows.append({"arch": arch, "seed": seed, "task_a": receiver, "task_b": merged_donor(info["method"]),
+                     "cosine": vectors[receiver].cosine(vec)})
+    return pl.DataFrame(rows, schema={"arch": pl.Utf8, "seed": pl.Int64, "task_a": pl.Utf8, "task_b": pl.Utf8, "cosine": pl.Float64})

@@ -13,7 +13,7 @@ import torch
 
 from . import plots, tables
 from .config import Config
-from .diagnostics import cosine_table, norms_table
+from .diagnostics import cosine_table, merged_cosine_table, norms_table
 from .data.base import Preprocess
 from .data.cache import read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
@@ -234,15 +234,19 @@ def vectors_by_task(paths: list[Path]) -> dict[str, WeightVector]:
 
 
 def diagnostics(cfg: Config, arch_name: str, backbone: Path | None, ft: list[Path], vectors: list[Path],
-                out_norms: Path, out_cosine: Path) -> None:
-    """Relative norms of every FT update and vector, and the vectors' cosine matrix, at one seed."""
+                out_norms: Path, out_cosine: Path, merged: list[Path] = ()) -> None:
+    """Relative norms of every FT update and vector, and the vectors' cosine matrix, at one seed; with
+    ``merged`` (leave-one-out merged donors), each one's cosine with its receiver's vector too."""
     start = backbone_state(cfg.arch(arch_name, backbone_path=backbone))
     fts, vecs = vectors_by_task(ft), vectors_by_task(vectors)
     missing = sorted(set(vecs) - set(fts))
     if missing:
         raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
     write_parquet(norms_table(arch_name, cfg.seed, start, fts, vecs, cfg.policy), out_norms)
-    write_parquet(cosine_table(arch_name, cfg.seed, vecs), out_cosine)
+    cosine = cosine_table(arch_name, cfg.seed, vecs)
+    if merged:
+        cosine = pl.concat([cosine, merged_cosine_table(arch_name, cfg.seed, vecs, [WeightVector.load(p) for p in merged])])
+    write_parquet(cosine, out_cosine)
 
 
 def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: Path, norms: Path, cosine: Path,

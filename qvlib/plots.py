@@ -9,7 +9,7 @@ import polars as pl
 from .provenance import machine_line
 from .tables import headline, single_donors
 from .vectors import atomic_write
-from .vocab import DATAFREE_RULE_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Split, Variant
+from .vocab import DATAFREE_RULE_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Split, Variant
 
 CONTROL_COLUMNS = (Control.RANDOM, Control.SELF)
 DPI = 110
@@ -100,13 +100,23 @@ def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") ->
     mean = cosine.group_by("task_a", "task_b").agg(pl.col("cosine").mean())
     mat = mean.pivot(on="task_b", index="task_a", values="cosine").to_pandas().set_index("task_a")
     order = sorted(mat.index)
-    mat = mat.reindex(index=order, columns=order)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(order), 1.0 + 0.55 * len(order)))
-    sns.heatmap(mat, ax=ax, cmap="vlag", center=0.0, vmin=-1, vmax=1, annot=True, fmt=".2f", annot_kws={"size": 8})
-    ax.set_title(title or "cosine similarity of quantization vectors")
+    merged = sorted(c for c in mat.columns if str(c).startswith(MERGED_PREFIX))
+    fig, axes = plt.subplots(1, 2 if merged else 1, squeeze=False, figsize=(2.0 + 0.7 * (len(order) + len(merged) + 0.5), 1.3 + 0.55 * len(order)),
+                             gridspec_kw={"width_ratios": [len(order), len(merged)] if merged else [1], "wspace": 0.08})
+    kw = dict(cmap="vlag", center=0.0, vmin=-1, vmax=1, annot=True, fmt=".2f", annot_kws={"size": 8})
+    ax = axes[0][0]
+    sns.heatmap(mat.reindex(index=order, columns=order), ax=ax, cbar=not merged, **kw)
+    (fig.suptitle if merged else ax.set_title)(title or "cosine similarity of quantization vectors")
     ax.set_xlabel("")
     ax.set_ylabel("")
-    return _save(fig, output)
+    if merged:  # each receiver's leave-one-out merged donor against the receiver's own vector, apart
+        side = axes[0][1]
+        sns.heatmap(mat.reindex(index=order, columns=merged), ax=side, **kw)
+        side.set_yticklabels([])
+        side.set_ylabel("")
+        side.set_title("vs own vector", fontsize=9)
+        fig.subplots_adjust(left=1.1 / fig.get_figwidth(), right=1 - 0.7 / fig.get_figwidth(), bottom=0.6 / fig.get_figheight(), top=1 - 0.7 / fig.get_figheight())
+    return _save(fig, output, tight=not merged)
 
 
 def _save(fig, output: str | Path, tight: bool = True) -> Path:

@@ -1,6 +1,7 @@
 """The whole workflow through Snakemake on a miniature config: outputs, incremental reruns, the
 paper grid's DAG, and schema errors."""
 
+import json
 import re
 
 import polars as pl
@@ -10,6 +11,7 @@ from PIL import Image
 
 from helpers import REPO, mini_config, snakemake
 from qvlib.plots import DPI, gain_figure_size
+from qvlib.vectors import WeightVector
 
 pytestmark = pytest.mark.slow
 TASKS = ("shapes", "dots", "blur")
@@ -57,12 +59,25 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert len(base) == 3 * 4 * 2 and set(base["model"]) == {"ft", "ptq", "qat", "qat_ptq"}
     assert set(base["seed"]) == {0} and set(base["quant"]) == {"w2-channel"}
     transfer = pl.read_parquet(out / "transfer.parquet")
-    # per cell: 3 lambdas x 2 splits per variant, + 1 adaptive row for the donor (none) or self
-    assert transfer.filter(pl.col("control") == "none").height == 6 * (3 * 2 + 1)
+    # per cell: 3 lambdas x 2 splits per variant, + 1 adaptive row for the donor (none) or self, + 1 row per
+    # data-free criterion; 6 single-donor cells and 3 leave-one-out merged donors (merged:mean)
+    assert transfer.filter(pl.col("control") == "none").height == (6 + 3) * (3 * 2 + 1 + 2)
     random = transfer.filter(pl.col("control") == "random")
-    assert random.height == 6 * 2 * 3 * 2  # two random directions per donor
+    assert random.height == (6 + 3) * 2 * (3 * 2 + 2)  # two random directions per donor
     assert (random.group_by("donor").agg(pl.col("control_seed").n_unique())["control_seed"] == 2).all()
-    assert transfer.filter(pl.col("control") == "self").height == 3 * (3 * 2 + 1)
+    assert transfer.filter(pl.col("control") == "self").height == 3 * (3 * 2 + 1 + 2)
+    merged = transfer.filter(pl.col("donor") == "merged:mean")
+    assert sorted(merged["receiver"].unique()) == ["blur", "dots", "shapes"]
+    # a data-free row repeats the test row of the sweep lambda its criterion picked
+    free = transfer.filter(pl.col("search") == "datafree")
+    assert set(free["criterion"]) == {"weights", "outputs"} and set(free["split"]) == {"test"}
+    sweep = transfer.filter((pl.col("search") == "sweep") & (pl.col("split") == "test"))
+    keys = ["receiver", "donor", "control", "control_seed", "lambda"]
+    assert len(free.join(sweep, on=keys, how="anti", nulls_equal=True)) == 0
+    assert free.join(sweep, on=keys, nulls_equal=True).select((pl.col("correct") == pl.col("correct_right")).all()).item()
+    for receiver in ("blur", "dots", "shapes"):  # the leave-one-out donor never holds the receiver's own vector
+        loo = WeightVector.load(work / "results" / "mini" / "tiny" / "seed0" / "vectors" / "loo" / f"{receiver}.mean.safetensors")
+        assert json.loads(loo.metadata["merged"])["tasks"] == sorted({"blur", "dots", "shapes"} - {receiver})
     assert {"gain", "ptq_accuracy", "accuracy", "correct", "n", "lambda", "split", "quant", "seed", "control_seed"} <= set(transfer.columns)
 
     # lambda = 0 rows reproduce the PTQ baselines exactly
@@ -78,13 +93,15 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert len(joined) == 6 and (joined["correct"] == joined["qat_correct"]).all()
 
     donors = pl.read_parquet(out / "summary_donor.parquet")
-    assert set(donors["rule"]) == {"lambda=1", "oracle", "calib"} and set(donors["control"]) == {"none", "random"}
-    assert (donors["pairs"] == 2).all()
+    rules = {"lambda=1", "oracle", "calib", "datafree:weights", "datafree:outputs"}
+    assert set(donors["rule"]) == rules and set(donors["control"]) == {"none", "random"}
+    assert (donors.filter(pl.col("kind") == "single")["pairs"] == 2).all()
+    assert (donors.filter(pl.col("donor") == "merged:mean")["pairs"] == 3).all()
     specific = pl.read_parquet(out / "specific.parquet")
-    assert specific.height == 6 * 3 and (specific["directions"] == 2).all()
+    assert specific.height == (6 + 3) * 5 and (specific["directions"] == 2).all()
     summary = pl.read_parquet(out / "summary_specific.parquet")
     overall = summary.filter(pl.col("scope") == "overall")
-    assert overall.height == 3 * 2  # per rule: seed 0 and pooled
+    assert overall.height == 2 * 5 * 2  # per kind (single, merged) and rule: seed 0 and pooled
     assert set(summary["verdict"]) <= {"yes", "no", "inconclusive"}
     assert (summary["ci_low"] <= summary["specific_gain"]).all() and (summary["specific_gain"] <= summary["ci_high"]).all()
     receivers = pl.read_parquet(out / "summary_receiver.parquet")
@@ -93,18 +110,19 @@ def test_every_output_exists_with_the_right_shape(finished):
     diag = pl.read_parquet(out / "diagnostics.parquet")
     assert len(diag) == 3 * 5 and (diag["ft_update_rel"] > 0).all()
     cos = pl.read_parquet(out / "cosine.parquet")
-    assert len(cos) == 9
+    assert len(cos) == 9 + 3 and cos.filter(pl.col("task_b") == "merged:mean")["task_a"].sort().to_list() == ["blur", "dots", "shapes"]
     assert cos.filter(pl.col("task_a") == pl.col("task_b"))["cosine"].to_list() == pytest.approx([1.0] * 3)
 
     with Image.open(out / "heatmap_gain.png") as im:
         assert im.format == "PNG"
-        w, h = gain_figure_size(3, 3)
+        w, h = gain_figure_size(3, 3, 3)  # controls: random, self, merged:mean
         assert abs(im.size[0] - w * DPI) <= 1 and abs(im.size[1] - h * DPI) <= 1
     with Image.open(out / "heatmap_cosine.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     summary = (out / "summary.md").read_text()
     assert "Transfer beyond a random direction" in summary and "best_minus_random" in summary
     assert "Summary written on:" in summary and "<!-- readme:start -->" in summary
+    assert "leave-one-out merged donor" in summary and "lambda chosen data-free (weights)" in summary
 
 
 def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
@@ -115,8 +133,10 @@ def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
     bigger.write_text(yaml.safe_dump(data))
     jobs = planned_jobs(snakemake(work, bigger, "--dry-run"))
     assert jobs == {"finetune": 2, "extract_vector": 1, "cache_splits": 1, "baselines": 1,
-                    "transfer_cell": 4 + 3,  # its own row (3 donors + self) and one cell per other receiver
-                    "tables": 1, "diagnostics": 1, "figures": 1, "all": 1, "total": 16}
+                    "merge_leave_one_out": 4,  # every receiver's merge now holds one more vector
+                    # its own row (3 donors + self), one cell per other receiver, every merged-donor cell
+                    "transfer_cell": 4 + 3 + 4,
+                    "tables": 1, "diagnostics": 1, "figures": 1, "all": 1, "total": 24}
 
 
 def test_deleting_a_cell_reruns_only_that_cell(finished):
@@ -139,11 +159,12 @@ def test_adding_a_seed_plans_only_its_jobs(finished, tmp_path):
     more = tmp_path / "more.yaml"
     more.write_text(yaml.safe_dump(data))
     jobs = planned_jobs(snakemake(work, more, "--dry-run"))
-    assert jobs == {"pretrain": 1, "finetune": 6, "extract_vector": 3, "baselines": 3, "transfer_cell": 9,
-                    "diagnostics": 1, "tables": 1, "figures": 1, "all": 1, "total": 26}  # no cache: data is shared
+    assert jobs == {"pretrain": 1, "finetune": 6, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3,
+                    "transfer_cell": 9 + 3, "diagnostics": 1, "tables": 1, "figures": 1, "all": 1,
+                    "total": 32}  # no cache: data is shared
     # the same from the command line, as the README's three-seed study runs it
     jobs = planned_jobs(snakemake(work, cfg, "--dry-run", "--config", "seeds=[0,1]"))
-    assert jobs["pretrain"] == 1 and jobs["transfer_cell"] == 9
+    assert jobs["pretrain"] == 1 and jobs["transfer_cell"] == 12
 
 
 def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
@@ -154,8 +175,8 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
     other.write_text(yaml.safe_dump(data))
     proc = snakemake(work, other, "--dry-run")
     jobs = planned_jobs(proc)
-    assert jobs == {"finetune": 3, "extract_vector": 3, "baselines": 3, "transfer_cell": 9, "diagnostics": 1,
-                    "tables": 1, "figures": 1, "all": 1, "total": 22}
+    assert jobs == {"finetune": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
+                    "diagnostics": 1, "tables": 1, "figures": 1, "all": 1, "total": 28}
     assert re.search(r"output: \S+\.qat\.safetensors", proc.stdout)
     assert not re.search(r"output: \S+\.ft\.safetensors", proc.stdout)
 
@@ -163,7 +184,8 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
 def test_paper_config_dag(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / "paper.yaml", "--dry-run"))
     assert jobs["finetune"] == 4 * 22 * 2
-    assert jobs["transfer_cell"] == 4 * 22 * 22
+    assert jobs["transfer_cell"] == 4 * 22 * (22 + 1)  # + each receiver's leave-one-out merged donor
+    assert jobs["merge_leave_one_out"] == 4 * 22
     assert jobs["baselines"] == jobs["cache_splits"] == jobs["extract_vector"] == 4 * 22
     assert jobs["tables"] == jobs["figures"] == jobs["diagnostics"] == 4
     assert "pretrain" not in jobs

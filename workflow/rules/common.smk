@@ -39,11 +39,17 @@ CONFIG = _write_effective_config()
 # project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
 QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
 
+# Leave-one-out merged donors (one per merge method): file label merged-<method>, table label merged:<method>.
+MERGED = list(config.get("merged_donors", []))
+MERGED_FILES = [f"merged-{m}" for m in MERGED]
+DONORS = TASKS + MERGED_FILES
+
 wildcard_constraints:
     arch="|".join(ARCHS),
     task="|".join(TASKS),
     receiver="|".join(TASKS),
-    donor="|".join(TASKS),
+    donor="|".join(DONORS),
+    method="|".join(MERGED) or "no-merge-method",
     mode="|".join(FINETUNE_MODES),
     seed=r"-?\d+",
 
@@ -96,5 +102,19 @@ def final_outputs():
             files += [f"{run}/checkpoints/{task}.{mode}.safetensors" for task in TASKS for mode in FINETUNE_MODES]
             files += [f"{run}/vectors/{task}.safetensors" for task in TASKS]
             files += [f"{run}/baselines/{task}.parquet" for task in TASKS]
-            files += [f"{run}/transfer/{r}/{d}.parquet" for r in TASKS for d in TASKS]
+            files += [f"{run}/vectors/loo/{r}.{m}.safetensors" for r in TASKS for m in MERGED]
+            files += [f"{run}/transfer/{r}/{d}.parquet" for r in TASKS for d in DONORS]
     return files
+
+
+def donor_vector(wildcards):
+    """A cell's donor vector: a task's own, or the receiver's leave-one-out merge (merged-<method>)."""
+    if wildcards.donor.startswith("merged-"):
+        method = wildcards.donor.removeprefix("merged-")
+        return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/vectors/loo/{wildcards.receiver}.{method}.safetensors"
+    return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/vectors/{wildcards.donor}.safetensors"
+
+
+def donor_label(wildcards):
+    """The donor's name in the tables: the task, or merged:<method>."""
+    return wildcards.donor.replace("merged-", "merged:", 1) if wildcards.donor.startswith("merged-") else wildcards.donor

@@ -42,12 +42,13 @@ rule baselines:
 
 
 rule transfer_cell:
-    """One (receiver, donor) cell over the lambda sweep, with its random-direction controls; the
-    receiver's own vector (donor == receiver) is the 'self' control. One file per cell and seed, so
-    adding a task or a seed adds cells instead of recomputing the grid."""
+    """One (receiver, donor) cell over the lambda sweep, with its random-direction controls and the
+    lambdas the data-free criteria pick; the receiver's own vector (donor == receiver) is the 'self'
+    control, donor merged-<method> the receiver's leave-one-out merged donor. One file per cell and
+    seed, so adding a task or a seed adds cells instead of recomputing the grid."""
     input:
         ft=f"{RUN}/checkpoints/{{receiver}}.ft.safetensors",
-        vector=f"{RUN}/vectors/{{donor}}.safetensors",
+        vector=donor_vector,
         test=f"{OUT}/{{arch}}/cache/{{receiver}}.test.safetensors",
         calib=f"{OUT}/{{arch}}/cache/{{receiver}}.calib.safetensors",
     output:
@@ -56,7 +57,9 @@ rule transfer_cell:
         f"{RUN_LOGS}/transfer/{{receiver}}/{{donor}}.log",
     params:
         eval_hash=lambda wc: digest(config["quant"], config.get("lambdas"), config.get("oracle_search"),
-                                    config.get("evaluate"), config.get("random_controls"), config.get("policy")),
+                                    config.get("evaluate"), config.get("random_controls"), config.get("policy"),
+                                    config.get("datafree")),
+        label=donor_label,
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
@@ -64,5 +67,5 @@ rule transfer_cell:
         "../envs/qvlib.yaml"
     shell:
         "{QV} evaluate-transfer --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} "
-        "--receiver {wildcards.receiver} --donor {wildcards.donor}={input.vector} --ft {input.ft} "
+        "--receiver {wildcards.receiver} --donor {params.label}={input.vector} --ft {input.ft} "
         "--test-cache {input.test} --calib-cache {input.calib} --threads {threads} -o {output} 2> {log}"

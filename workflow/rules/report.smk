@@ -19,6 +19,7 @@ rule diagnostics:
         backbone=backbone_input,
         ft=expand(f"{RUN}/checkpoints/{{task}}.ft.safetensors", task=TASKS, allow_missing=True),
         vectors=expand(f"{RUN}/vectors/{{task}}.safetensors", task=TASKS, allow_missing=True),
+        merged=expand(f"{RUN}/vectors/loo/{{receiver}}.{{method}}.safetensors", receiver=TASKS, method=MERGED, allow_missing=True),
     output:
         norms=f"{RUN}/diagnostics.parquet",
         cosine=f"{RUN}/cosine.parquet",
@@ -30,7 +31,7 @@ rule diagnostics:
         "../envs/qvlib.yaml"
     shell:
         "{QV} diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} {params.backbone} "
-        "--ft {input.ft} --vectors {input.vectors} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
+        "--ft {input.ft} --vectors {input.vectors} --merged {input.merged} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
 
 
 rule tables:
@@ -38,7 +39,7 @@ rule tables:
     bootstrap intervals, donor/receiver summaries (Tables 2, 3, 5-7) and the diagnostics."""
     input:
         baselines=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/baselines/{{task}}.parquet", seed=SEEDS, task=TASKS),
-        cells=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/transfer/{{receiver}}/{{donor}}.parquet", seed=SEEDS, receiver=TASKS, donor=TASKS),
+        cells=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/transfer/{{receiver}}/{{donor}}.parquet", seed=SEEDS, receiver=TASKS, donor=DONORS),
         norms=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/diagnostics.parquet", seed=SEEDS),
         cosine=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/cosine.parquet", seed=SEEDS),
     output:

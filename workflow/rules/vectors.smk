@@ -14,3 +14,22 @@ rule extract_vector:
         "../envs/qvlib.yaml"
     shell:
         "{QV} extract --qat {input.qat} --ft {input.ft} -o {output} > {log} 2>&1"
+
+
+rule merge_leave_one_out:
+    """A receiver's merged donor: every other task's vector merged with one method. Its inputs never
+    include the receiver's own vector (nor its QAT model); adding a task rebuilds these merges and
+    their cells, nothing else."""
+    input:
+        lambda wc: [f"{OUT}/{wc.arch}/seed{wc.seed}/vectors/{t}.safetensors" for t in TASKS if t != wc.receiver],
+    output:
+        f"{RUN}/vectors/loo/{{receiver}}.{{method}}.safetensors",
+    log:
+        f"{RUN_LOGS}/vectors/loo/{{receiver}}.{{method}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/qvlib.yaml"
+    shell:
+        "{QV} merge {input} --method {wildcards.method} --exclude {wildcards.receiver} -o {output} > {log} 2>&1"
