@@ -80,3 +80,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, tiny_arch):
     out = WeightVector.load(tmp_path / "patched_w3.safetensors")
     assert torch.equal(out["head.weight"], state["head.weight"])
     assert out["blocks.0.mlp.fc1.weight"].unique().numel() <= 8 * out["blocks.0.mlp.fc1.weight"].shape[0]  # 3-bit codes per row
+
+
+def test_schema_choices_are_the_registries():
+    """A merge method or data-free criterion registered in qvlib is selectable in a config, and only those."""
+    from qvlib.datafree import LAMBDA_CRITERIA
+    from qvlib.merge import MERGE_METHODS
+
+    props = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
+    assert props["merged_donors"]["items"]["enum"] == list(MERGE_METHODS)
+    assert props["datafree"]["properties"]["criteria"]["items"]["enum"] == list(LAMBDA_CRITERIA)
