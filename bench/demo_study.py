@@ -99,6 +99,8 @@ def rows_of(key: str) -> list[dict]:
     out = REPO / "results" / name / ARCH
     baselines, transfer = pl.read_parquet(out / "baselines.parquet"), pl.read_parquet(out / "transfer.parquet")
     summary = pl.read_parquet(out / "summary_specific.parquet").filter(pl.col("scope") == "overall")
+    if "kind" in summary.columns:  # single donors; a merged donor has rows of its own
+        summary = summary.filter(pl.col("kind") == "single")
     heads = headline(baselines, pairs(transfer))
     timing = REPO / "results" / "study" / f"{key}.time.json"
     minutes = json.loads(timing.read_text())["wall_s"] / 60 if timing.exists() else None
