@@ -2,8 +2,9 @@
 # grid with controls, and its tables and figures. Rules are thin `qv` calls (workflow/rules/);
 # the method lives in qvlib/. Run: snakemake --cores 2  (or --configfile config/paper.yaml ...).
 
-# The embedded default, unless the user named a config (--configfile replaces it, never merges).
-if not config:
+# The embedded default, unless the user named a config file (--configfile replaces it, never merges);
+# `--config key=value` alone changes keys of the default (e.g. --config 'seeds=[0,1,2]').
+if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
