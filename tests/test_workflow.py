@@ -203,3 +203,19 @@ def test_schema_errors_stop_before_any_job(tmp_path, change, message):
     text = proc.stdout + proc.stderr
     assert message in text and "validat" in text.lower()
     assert not (tmp_path / "results" / "mini" / "tiny").exists()
+
+
+def test_config_on_the_command_line_changes_the_embedded_default(tmp_path):
+    """`snakemake --config 'seeds=[0,1]'` (no --configfile) runs the default config with two seeds."""
+    import shutil
+    import subprocess
+
+    from helpers import BIN, env
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    proc = subprocess.run([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                           "--cores", "1", "--dry-run", "--config", "seeds=[0,1]"], capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    assert jobs["pretrain"] == 2 and jobs["finetune"] == 2 * 2 * 6
+    assert yaml.safe_load((tmp_path / "results" / "default" / "config.yaml").read_text())["seeds"] == [0, 1]
