@@ -170,3 +170,34 @@ def test_scale_registry_reaches_fake_quant_and_names_the_tag():
     with pytest.raises(ValueError, match="scale must be one of absmax"):
         QuantSpec(scale="nope")
     assert QuantSpec().to_json() == '{"bits": 3, "granularity": "channel", "group_size": null}'  # as before scales existed
+
+
+def test_mse_scale_clips_the_outlier_when_that_reconstructs_better():
+    w = torch.tensor([[4.0, 1.9, 1.9, 1.9]])
+    # absmax at 2 bits: scale 4, the 1.9s round to 0 (error 3 x 1.9^2 = 10.83); the grid's best clip is
+    # ratio 0.60 (scale 2.4: every weight -> 2.4, error 1.6^2 + 3 x 0.5^2 = 3.31; ratio 0.62 gives 3.32)
+    assert fake_quant(w, QuantSpec(bits=2)).tolist() == [[4.0, 0.0, 0.0, 0.0]]
+    assert fake_quant(w, QuantSpec(bits=2, scale="mse")) == pytest.approx(torch.full((1, 4), 2.4))
+    assert QuantSpec(bits=2, scale="mse").tag == "w2-channel-mse"
+
+
+def test_mse_scale_never_reconstructs_worse_than_absmax_and_is_absmax_with_ratio_one():
+    from qvlib.quant import absmax_scale, clipped_scale
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(torch.tensor(3.0)).sample((64, 96)) * 0.02  # heavy-tailed rows
+    w[5] = 0.0  # an all-zero row stays exactly zero
+    for bits in (2, 3, 4):
+        for block, spec_kw in ((96, {}), (32, {"granularity": "group", "group_size": 32})):
+            absmax, mse = QuantSpec(bits=bits, **spec_kw), QuantSpec(bits=bits, scale="mse", **spec_kw)
+            err_abs = (fake_quant(w, absmax) - w).pow(2).reshape(-1, block).sum(1)  # per block that shares a scale
+            err_mse = (fake_quant(w, mse) - w).pow(2).reshape(-1, block).sum(1)
+            assert (err_mse <= err_abs + 1e-12).all()
+            if bits == 2:
+                assert err_mse.sum() < 0.8 * err_abs.sum()
+            assert (fake_quant(w, mse)[5] == 0).all()
+    blocks = w.reshape(-1, 32)
+    spec = QuantSpec(bits=2)
+    assert torch.equal(clipped_scale(blocks, spec, [1.0]), absmax_scale(blocks, spec))
+    with pytest.raises(ValueError, match="clipping grid is empty"):
+        clipped_scale(blocks, spec, [])
