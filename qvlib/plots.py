@@ -264,11 +264,39 @@ def merged_and_datafree_table(summary_specific: pl.DataFrame) -> pl.DataFrame | 
     return pl.DataFrame(rows)
 
 
+def merged_and_datafree_verdicts(summary_specific: pl.DataFrame) -> list[str]:
+    """Sentences, pooled over seeds: does each merged donor beat the mean single donor and its own
+    random control (best lambda and calib), and how far is each data-free rule from oracle and calib."""
+    pooled = summary_specific.filter(pl.col("seed").is_null())
+    single = {r["rule"]: r for r in pooled.filter((pl.col("scope") == "overall") & (pl.col("kind") == DonorKind.SINGLE)).to_dicts()}
+    merged = pooled.filter((pl.col("scope") == "donor") & (pl.col("kind") == DonorKind.MERGED))
+    lines = []
+    for label in sorted(set(merged["task"].drop_nulls().to_list())):
+        rows = {r["rule"]: r for r in merged.filter(pl.col("task") == label).to_dicts()}
+        parts = []
+        for rule in (Rule.ORACLE, Rule.CALIB):
+            m, s = rows.get(str(rule)), single.get(str(rule))
+            if m and s:
+                parts.append(f"at the {rule} lambda it gains {m['donor_gain']:+.1f} against {s['donor_gain']:+.1f} for the mean single "
+                             f"donor ({'better' if m['donor_gain'] > s['donor_gain'] else 'not better'}), and beyond its own random "
+                             f"control {_ci(m)} (**{m['verdict']}**)")
+        if parts:
+            lines.append(f"- `{label}`: " + "; ".join(parts) + ".")
+    for rule, s in single.items():
+        if rule.startswith(DATAFREE_RULE_PREFIX) and str(Rule.ORACLE) in single and str(Rule.CALIB) in single:
+            lines.append(f"- {rule_label(rule)}: single donors gain {s['donor_gain']:+.1f}, "
+                         f"{s['donor_gain'] - single[str(Rule.ORACLE)]['donor_gain']:+.1f} from the oracle and "
+                         f"{s['donor_gain'] - single[str(Rule.CALIB)]['donor_gain']:+.1f} from calib; beyond the same rule on "
+                         f"random directions {_ci(s)} (**{s['verdict']}**).")
+    return lines
+
+
 def _merged_and_datafree_lines(summary_specific: pl.DataFrame) -> list[str]:
     table = merged_and_datafree_table(summary_specific)
     if table is None:
         return []
-    return ["**Single donor, leave-one-out merged donor and random directions under each lambda rule** (pooled over "
+    return ["**Beyond one donor, and lambda without receiver data** (pooled over seeds):", "",
+            *merged_and_datafree_verdicts(summary_specific), "","**Single donor, leave-one-out merged donor and random directions under each lambda rule** (pooled over "
             "seeds; gains in points over PTQ; `merged:<method>` merges every task's vector except the receiver's own; "
             "data-free rules pick lambda from the receiver's weights or noise images, no receiver data; `gap to oracle` / "
             "`gap to calib` = the single donors' gain under the rule minus their gain under oracle / calib):",

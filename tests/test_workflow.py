@@ -123,6 +123,7 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert "Transfer beyond a random direction" in summary and "best_minus_random" in summary
     assert "Summary written on:" in summary and "<!-- readme:start -->" in summary
     assert "leave-one-out merged donor" in summary and "lambda chosen data-free (weights)" in summary
+    assert "- `merged:mean`: at the oracle lambda it gains" in summary and "from the oracle and" in summary
 
 
 def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
