@@ -13,7 +13,6 @@ per cell pass and the bf16/fp32 ratio; feed the bf16 figure to `bench/paper_cost
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -53,7 +52,7 @@ def measure(timm_name: str, n: int, batch: int, cells: int, device: torch.device
     vector = {k: 0.01 * torch.randn_like(engine.base[k]) for k in names}
     spec = QuantSpec(bits=3)
     bf16 = cell_rate(engine, names, spec, vector, split, cells)
-    engine.autocast = contextlib.nullcontext  # the fp32 baseline: same engine, no autocast
+    engine.precision = "fp32"  # the fp32 baseline: same engine, no autocast
     fp32 = cell_rate(engine, names, spec, vector, split, cells)
     return {"arch": timm_name, "bf16": bf16, "fp32": fp32}
 

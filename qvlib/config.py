@@ -159,6 +159,10 @@ class Config:
     def eval_batch_size(self) -> int:
         return int(self.raw.get("evaluate", {}).get("batch_size", 512))
 
+    def eval_precision(self) -> str:
+        """bf16 (autocast on a GPU) or fp32 for every evaluation forward."""
+        return str(self.raw.get("evaluate", {}).get("precision", "bf16"))
+
     def digest(self, *sections: str) -> str:
         """Short hash of the named sections, for checkpoint metadata."""
         return digest_of({k: self.raw.get(k) for k in sections})

@@ -17,6 +17,7 @@ import torch
 
 from .data.base import Preprocess
 from .quant import QuantSpec, fake_quant
+from .vocab import Precision
 
 
 @dataclass
@@ -33,7 +34,11 @@ class Split:
 class Engine:
     """Evaluates weight overrides of one model on resident splits."""
 
-    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, device: torch.device, batch_size: int = 512):
+    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, device: torch.device, batch_size: int = 512,
+                 precision: str = Precision.BF16):
+        if precision not in tuple(Precision):
+            raise ValueError(f"precision must be one of {', '.join(Precision)}, got {precision!r}")
+        self.precision = precision
         self.model = model.to(device).eval()
         self.preprocess = preprocess
         self.device = device
@@ -42,7 +47,8 @@ class Engine:
         self.passes = 0
 
     def autocast(self):
-        if self.device.type == "cuda":
+        """bfloat16 autocast on CUDA unless the engine was made with precision fp32 (the CPU runs fp32)."""
+        if self.device.type == "cuda" and self.precision == Precision.BF16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

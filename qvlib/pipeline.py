@@ -90,7 +90,7 @@ def load_engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | Non
     check_fits(ckpt, model.state_dict(), str(checkpoint), arch_name)
     model.load_state_dict(dict(ckpt))
     pre = Preprocess.from_model(model)
-    return Engine(model, pre, pick_device(device), cfg.eval_batch_size()), ckpt
+    return Engine(model, pre, pick_device(device), cfg.eval_batch_size(), cfg.eval_precision()), ckpt
 
 
 def _splits(engine: Engine, caches: dict[str, Path]) -> dict:

@@ -23,9 +23,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data.base import ArrayDataset, Preprocess
 from .quant import QuantSpec, fake_quant_ste
 from .vectors import WeightVector, atomic_write
-from .vocab import Mode
+from .vocab import Mode, Precision
 
 log = logging.getLogger("qvlib.train")
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bfloat16 autocast on a CUDA device when ``precision`` is bf16; otherwise plain fp32."""
+    if device.type == "cuda" and precision == Precision.BF16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 50
     num_workers: int = 0
+    precision: str = Precision.BF16
 
     def __post_init__(self) -> None:
+        if self.precision not in tuple(Precision):
+            raise ValueError(f"precision must be one of {', '.join(Precision)}, got {self.precision!r}")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
         for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -181,7 +191,7 @@ def train(
         start, losses = _load_state(state_path, model, opt, sched, trained)
         log.info("resuming %s from step %d of %d (%s)", output, start, total, state_path)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(dev, cfg.precision)
     accum = cfg.grad_accum
     t0 = time.perf_counter()
     seen = 0

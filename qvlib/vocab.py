@@ -40,6 +40,13 @@ class Control(StrEnum):
     SELF = "self"  # the receiver's own vector: at lambda = 1 exactly its QAT model
 
 
+class Precision(StrEnum):
+    """Arithmetic of training and evaluation forwards on a GPU (the CPU always runs fp32)."""
+
+    BF16 = "bf16"  # autocast to bfloat16: fast; what qvlib did before the switch existed
+    FP32 = "fp32"  # full precision: what the paper's code does
+
+
 class Split(StrEnum):
     """Evaluation splits; ``calib`` is carved from the training set and never trained on."""
 

@@ -161,3 +161,22 @@ def test_cli_pretrain_writes_headless_backbone(tmp_path):
     start = backbone_state(arch)
     assert all(torch.equal(start[k], bb[k]) for k in bb)
     assert bb.metadata["mode"] == "pretrain" and json.loads(bb.metadata["pretrain_classes"]) == 12
+
+
+def test_precision_switch_is_validated_and_the_cpu_runs_fp32():
+    import contextlib
+
+    from qvlib.evaluate import Engine
+    from qvlib.train import TrainConfig, autocast_for
+
+    assert TrainConfig(steps=1).precision == "bf16" and TrainConfig(steps=1, precision="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp32, got 'fp16'"):
+        TrainConfig(steps=1, precision="fp16")
+    assert isinstance(autocast_for(torch.device("cpu"), "bf16"), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        assert isinstance(autocast_for(torch.device("cuda"), "bf16"), torch.autocast)
+        assert isinstance(autocast_for(torch.device("cuda"), "fp32"), contextlib.nullcontext)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Engine(model, None, torch.device("cpu"), precision="half")
+    assert isinstance(Engine(model, None, torch.device("cpu"), precision="bf16").autocast(), contextlib.nullcontext)
