@@ -53,16 +53,20 @@ class Engine:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def correct(self, overrides: Mapping[str, torch.Tensor], split: Split) -> int:
-        """Number of test images whose argmax over the model (with ``overrides``) equals the label."""
+    def correct_mask(self, overrides: Mapping[str, torch.Tensor], split: Split) -> torch.Tensor:
+        """Per image of ``split`` (bool, on the device): does the model (with ``overrides``) get its label."""
         self.passes += 1
-        total = 0
+        right = []
         with self.autocast():
             for i in range(0, len(split), self.batch_size):
                 x = self.preprocess.normalize(split.images[i:i + self.batch_size])
                 logits = torch.func.functional_call(self.model, dict(overrides), (x,), strict=False)
-                total += int((logits.argmax(dim=1) == split.labels[i:i + self.batch_size]).sum())
-        return total
+                right.append(logits.argmax(dim=1) == split.labels[i:i + self.batch_size])
+        return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool, device=self.device)
+
+    def correct(self, overrides: Mapping[str, torch.Tensor], split: Split) -> int:
+        """Number of images of ``split`` whose argmax over the model (with ``overrides``) equals the label."""
+        return int(self.correct_mask(overrides, split).sum())
 
     @torch.inference_mode()
     def quantized(self, names: Iterable[str], spec: QuantSpec | None, vector: Mapping[str, torch.Tensor] | None = None,

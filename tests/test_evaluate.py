@@ -63,6 +63,10 @@ def test_engine_matches_reference_loop(grid):
         assert got == reference_correct(dict(ckpt), images, labels, spec, rho, lam)
     assert engine.correct({}, split) == reference_correct(dict(ckpt), images, labels, None)  # FT, unquantized
     assert engine.passes == 4
+    mask = engine.correct_mask(engine.quantized(names, spec, dict(rho), 1.0), split)
+    assert mask.dtype == torch.bool and mask.shape == labels.shape
+    assert int(mask.sum()) == reference_correct(dict(ckpt), images, labels, spec, rho, 1.0)
+    assert int(mask[:7].sum()) == reference_correct(dict(ckpt), images[:7], labels[:7], spec, rho, 1.0)  # per image
 
 
 def test_transfer_rows_lambda0_equals_ptq_and_self_equals_qat(grid):
