@@ -98,9 +98,12 @@ def rows_of(key: str) -> list[dict]:
     _, name = config_for(key)
     out = REPO / "results" / name / ARCH
     baselines, transfer = pl.read_parquet(out / "baselines.parquet"), pl.read_parquet(out / "transfer.parquet")
-    summary = pl.read_parquet(out / "summary_specific.parquet").filter(pl.col("scope") == "overall")
+    everything = pl.read_parquet(out / "summary_specific.parquet")
+    summary = everything.filter(pl.col("scope") == "overall")
+    merged = pl.DataFrame()
     if "kind" in summary.columns:  # single donors; a merged donor has rows of its own
         summary = summary.filter(pl.col("kind") == "single")
+        merged = everything.filter((pl.col("scope") == "donor") & (pl.col("kind") == "merged") & (pl.col("rule") == Rule.ORACLE))
     heads = headline(baselines, pairs(transfer))
     timing = REPO / "results" / "study" / f"{key}.time.json"
     minutes = json.loads(timing.read_text())["wall_s"] / 60 if timing.exists() else None
@@ -126,11 +129,19 @@ def rows_of(key: str) -> list[dict]:
             "wins calib %": 100 * calib["share_donor_beats_random"],
             "specific lambda=1": spec[Rule.LAMBDA1]["specific_gain"],
             "pairs": oracle["pairs"], "verdict (oracle)": oracle["verdict"],
+            "merged donor oracle specific [95% CI]": _merged_cell(merged, seed),
             "meets goals": ("yes" if meets else "no") if seed is not None
             else ("every seed" if all(r["meets goals"] == "yes" for r in rows) else "not every seed"),
             "run min": minutes if (seed is None or len(heads) == 1) else None,
         })
     return rows
+
+
+def _merged_cell(merged: pl.DataFrame, seed) -> str:
+    """The leave-one-out merged donor's specific gain at the oracle lambda and its win share, where the run has one."""
+    rows = merged.filter(pl.col("seed").is_null() if seed is None else pl.col("seed") == seed).to_dicts() if len(merged) else []
+    return "; ".join(f"{r['task']} {r['specific_gain']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}], wins "
+                     f"{100 * r['share_donor_beats_random']:.0f}%" for r in rows)
 
 
 def report(keys: list[str]) -> str:
