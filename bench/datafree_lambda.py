@@ -25,7 +25,7 @@ from qvlib.config import Config  # noqa: E402
 from qvlib.datafree import LAMBDA_CRITERIA, choose_lambda, noise_images, score_lambdas  # noqa: E402
 from qvlib.pipeline import load_engine, random_control_seeds  # noqa: E402
 from qvlib.provenance import machine_line  # noqa: E402
-from qvlib.tables import pairs  # noqa: E402
+from qvlib.tables import pairs, single_donors  # noqa: E402
 from qvlib.vectors import WeightVector, random_direction  # noqa: E402
 from qvlib.vocab import Control, Search, Split  # noqa: E402
 
@@ -60,7 +60,7 @@ def main() -> int:
                     rows.append({"receiver": receiver, "donor": donor, "control": str(control), "rule": f"datafree:{criterion}",
                                  "lambda": lam, "gain": gain_at[lam]})
     chosen = pl.DataFrame(rows)
-    ref = pairs(transfer).filter(pl.col("control").is_in([str(Control.DONOR), str(Control.RANDOM)]))
+    ref = single_donors(pairs(transfer)).filter(pl.col("control").is_in([str(Control.DONOR), str(Control.RANDOM)]))
     summary = []
     for control in (Control.DONOR, Control.RANDOM):
         r = ref.filter(pl.col("control") == control)
