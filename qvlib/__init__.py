@@ -12,7 +12,7 @@ The public API, for Python users (the ``qv`` command wraps the same functions)::
     w3 = qvlib.quantized(patched, qvlib.QuantSpec(bits=3))    # the paper's Eq. 1-3, per output channel
 """
 
-from .checkpoints import broadcast_lambdas, describe, extract_vector, patched, quantized, random_control
+from .checkpoints import broadcast_lambdas, describe, extract_vector, merged_vector, patched, quantized, random_control
 from .config import Config
 from .models import ArchSpec, build_vit, freeze_except, task_model
 from .quant import (
@@ -29,9 +29,10 @@ from .quant import (
 )
 from .datafree import LAMBDA_CRITERIA, choose_lambda, score_lambdas
 from .merge import MERGE_METHODS, merge, merge_method
+from .racing import race_lambda
 from .stats import bootstrap_mean, verdict
 from .vectors import WeightVector, patch, quantization_vector, random_direction
-from .vocab import Control, Mode, Rule, Search, Split, Variant, Verdict
+from .vocab import Control, DonorKind, Mode, Precision, Rule, Search, Split, Variant, Verdict
 
 __version__ = "0.1.0"
 
@@ -42,9 +43,11 @@ __all__ = [
     # vectors and patching
     "WeightVector", "quantization_vector", "random_direction", "patch",
     "describe", "extract_vector", "patched", "broadcast_lambdas", "quantized", "random_control",
-    "merge", "merge_method", "MERGE_METHODS", "score_lambdas", "choose_lambda", "LAMBDA_CRITERIA",
+    "merge", "merge_method", "MERGE_METHODS", "merged_vector", "score_lambdas", "choose_lambda", "LAMBDA_CRITERIA",
+    "race_lambda",
     # models and runs
     "ArchSpec", "build_vit", "task_model", "freeze_except", "Config",
     # statistics and names
     "bootstrap_mean", "verdict", "Mode", "Variant", "Control", "Split", "Search", "Rule", "Verdict",
+    "DonorKind", "Precision",
 ]
