@@ -8,7 +8,6 @@ model is rebuilt and no file is read per cell.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -16,6 +15,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from .data.base import Preprocess
+from .precision import autocast_for, check_precision
 from .quant import QuantSpec, fake_quant
 from .vocab import Precision
 
@@ -36,9 +36,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, preprocess: Preprocess, device: torch.device, batch_size: int = 512,
                  precision: str = Precision.BF16):
-        if precision not in tuple(Precision):
-            raise ValueError(f"precision must be one of {', '.join(Precision)}, got {precision!r}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.model = model.to(device).eval()
         self.preprocess = preprocess
         self.device = device
@@ -48,9 +46,7 @@ class Engine:
 
     def autocast(self):
         """bfloat16 autocast on CUDA unless the engine was made with precision fp32 (the CPU runs fp32)."""
-        if self.device.type == "cuda" and self.precision == Precision.BF16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.precision)
 
     @torch.inference_mode()
     def correct_mask(self, overrides: Mapping[str, torch.Tensor], split: Split) -> torch.Tensor:

@@ -8,7 +8,6 @@ scheduler state, the RNG state and the loss curve.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -23,16 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data.base import ArrayDataset, Preprocess
 from .quant import QuantSpec, fake_quant_ste
 from .vectors import WeightVector, atomic_write
+from .precision import autocast_for, check_precision
 from .vocab import Mode, Precision
 
 log = logging.getLogger("qvlib.train")
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bfloat16 autocast on a CUDA device when ``precision`` is bf16; otherwise plain fp32."""
-    if device.type == "cuda" and precision == Precision.BF16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -54,8 +47,7 @@ class TrainConfig:
     precision: str = Precision.BF16
 
     def __post_init__(self) -> None:
-        if self.precision not in tuple(Precision):
-            raise ValueError(f"precision must be one of {', '.join(Precision)}, got {self.precision!r}")
+        check_precision(self.precision)
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
         for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):

@@ -167,7 +167,8 @@ def test_precision_switch_is_validated_and_the_cpu_runs_fp32():
     import contextlib
 
     from qvlib.evaluate import Engine
-    from qvlib.train import TrainConfig, autocast_for
+    from qvlib.precision import autocast_for
+    from qvlib.train import TrainConfig
 
     assert TrainConfig(steps=1).precision == "bf16" and TrainConfig(steps=1, precision="fp32").precision == "fp32"
     with pytest.raises(ValueError, match="precision must be one of bf16, fp32, got 'fp16'"):
