@@ -231,35 +231,44 @@ def rule_label(rule: str) -> str:
     return RULE_LABELS[Rule(rule)]
 
 
+def _pooled_by_rule(summary_specific: pl.DataFrame) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
+    """Pooled over seeds, rule -> row: of the single donors overall, and of each merged donor (by label)."""
+    pooled = summary_specific.filter(pl.col("seed").is_null())
+    single = {r["rule"]: r for r in pooled.filter((pl.col("scope") == "overall") & (pl.col("kind") == DonorKind.SINGLE)).to_dicts()}
+    merged: dict[str, dict[str, dict]] = {}
+    for r in pooled.filter((pl.col("scope") == "donor") & (pl.col("kind") == DonorKind.MERGED)).sort("task").to_dicts():
+        merged.setdefault(r["task"], {})[r["rule"]] = r
+    return single, merged
+
+
+def _gaps(single: dict[str, dict], rule: str) -> tuple[float, float] | None:
+    """The single donors' gain under ``rule`` minus their gain under oracle and under calib."""
+    if str(Rule.ORACLE) not in single or str(Rule.CALIB) not in single:
+        return None
+    gain = single[rule]["donor_gain"]
+    return gain - single[str(Rule.ORACLE)]["donor_gain"], gain - single[str(Rule.CALIB)]["donor_gain"]
+
+
 def merged_and_datafree_table(summary_specific: pl.DataFrame) -> pl.DataFrame | None:
     """Per lambda rule, pooled over seeds: the mean single donor, each merged donor, and each one's
     random control, with the specific gain of each; data-free rules also show their gap to the oracle
     and to calib (gain under the rule minus gain under oracle / calib, single donors). None when the run
     has neither merged donors nor data-free rules."""
-    pooled = summary_specific.filter((pl.col("scope") == "overall") & pl.col("seed").is_null())
-    rules = pooled["rule"].unique(maintain_order=True).to_list()
-    merged_kind = pooled.filter(pl.col("kind") == DonorKind.MERGED)
-    merged_labels = sorted(set(summary_specific.filter((pl.col("scope") == "donor") & (pl.col("kind") == DonorKind.MERGED))
-                               ["task"].drop_nulls().to_list()))
-    if merged_kind.is_empty() and not any(r.startswith(DATAFREE_RULE_PREFIX) for r in rules):
+    single, merged = _pooled_by_rule(summary_specific)
+    if not merged and not any(r.startswith(DATAFREE_RULE_PREFIX) for r in single):
         return None
-    donors = summary_specific.filter((pl.col("scope") == "donor") & pl.col("seed").is_null())
-    single = {r["rule"]: r for r in pooled.filter(pl.col("kind") == DonorKind.SINGLE).to_dicts()}
     rows = []
-    for rule in rules:
-        if rule not in single:
-            continue
-        s = single[rule]
+    for rule, s in single.items():
         row = {"rule": rule_label(rule), "single donor": s["donor_gain"], "its random": s["random_gain"],
                "single specific [95% CI]": _ci(s)}
-        for label in merged_labels:
-            m = donors.filter((pl.col("task") == label) & (pl.col("rule") == rule)).to_dicts()
-            row[label] = m[0]["donor_gain"] if m else None
-            row[f"{label} random"] = m[0]["random_gain"] if m else None
-            row[f"{label} specific [95% CI]"] = _ci(m[0]) if m else ""
-        if rule.startswith(DATAFREE_RULE_PREFIX):
-            row["gap to oracle"] = s["donor_gain"] - single[str(Rule.ORACLE)]["donor_gain"]
-            row["gap to calib"] = s["donor_gain"] - single[str(Rule.CALIB)]["donor_gain"]
+        for label, by_rule in merged.items():
+            m = by_rule.get(rule)
+            row[label] = m["donor_gain"] if m else None
+            row[f"{label} random"] = m["random_gain"] if m else None
+            row[f"{label} specific [95% CI]"] = _ci(m) if m else ""
+        gaps = _gaps(single, rule) if rule.startswith(DATAFREE_RULE_PREFIX) else None
+        if gaps:
+            row["gap to oracle"], row["gap to calib"] = gaps
         rows.append(row)
     return pl.DataFrame(rows)
 
@@ -267,15 +276,12 @@ def merged_and_datafree_table(summary_specific: pl.DataFrame) -> pl.DataFrame | 
 def merged_and_datafree_verdicts(summary_specific: pl.DataFrame) -> list[str]:
     """Sentences, pooled over seeds: does each merged donor beat the mean single donor and its own
     random control (best lambda and calib), and how far is each data-free rule from oracle and calib."""
-    pooled = summary_specific.filter(pl.col("seed").is_null())
-    single = {r["rule"]: r for r in pooled.filter((pl.col("scope") == "overall") & (pl.col("kind") == DonorKind.SINGLE)).to_dicts()}
-    merged = pooled.filter((pl.col("scope") == "donor") & (pl.col("kind") == DonorKind.MERGED))
+    single, merged = _pooled_by_rule(summary_specific)
     lines = []
-    for label in sorted(set(merged["task"].drop_nulls().to_list())):
-        rows = {r["rule"]: r for r in merged.filter(pl.col("task") == label).to_dicts()}
+    for label, by_rule in merged.items():
         parts = []
         for rule in (Rule.ORACLE, Rule.CALIB):
-            m, s = rows.get(str(rule)), single.get(str(rule))
+            m, s = by_rule.get(str(rule)), single.get(str(rule))
             if m and s:
                 parts.append(f"at the {rule} lambda it gains {m['donor_gain']:+.1f} against {s['donor_gain']:+.1f} for the mean single "
                              f"donor ({'better' if m['donor_gain'] > s['donor_gain'] else 'not better'}), and beyond its own random "
@@ -283,11 +289,10 @@ def merged_and_datafree_verdicts(summary_specific: pl.DataFrame) -> list[str]:
         if parts:
             lines.append(f"- `{label}`: " + "; ".join(parts) + ".")
     for rule, s in single.items():
-        if rule.startswith(DATAFREE_RULE_PREFIX) and str(Rule.ORACLE) in single and str(Rule.CALIB) in single:
-            lines.append(f"- {rule_label(rule)}: single donors gain {s['donor_gain']:+.1f}, "
-                         f"{s['donor_gain'] - single[str(Rule.ORACLE)]['donor_gain']:+.1f} from the oracle and "
-                         f"{s['donor_gain'] - single[str(Rule.CALIB)]['donor_gain']:+.1f} from calib; beyond the same rule on "
-                         f"random directions {_ci(s)} (**{s['verdict']}**).")
+        gaps = _gaps(single, rule) if rule.startswith(DATAFREE_RULE_PREFIX) else None
+        if gaps:
+            lines.append(f"- {rule_label(rule)}: single donors gain {s['donor_gain']:+.1f}, {gaps[0]:+.1f} from the oracle and "
+                         f"{gaps[1]:+.1f} from calib; beyond the same rule on random directions {_ci(s)} (**{s['verdict']}**).")
     return lines
 
 
@@ -296,7 +301,7 @@ def _merged_and_datafree_lines(summary_specific: pl.DataFrame) -> list[str]:
     if table is None:
         return []
     return ["**Beyond one donor, and lambda without receiver data** (pooled over seeds):", "",
-            *merged_and_datafree_verdicts(summary_specific), "","**Single donor, leave-one-out merged donor and random directions under each lambda rule** (pooled over "
+            *merged_and_datafree_verdicts(summary_specific), "", "**Single donor, leave-one-out merged donor and random directions under each lambda rule** (pooled over "
             "seeds; gains in points over PTQ; `merged:<method>` merges every task's vector except the receiver's own; "
             "data-free rules pick lambda from the receiver's weights or noise images, no receiver data; `gap to oracle` / "
             "`gap to calib` = the single donors' gain under the rule minus their gain under oracle / calib):",
