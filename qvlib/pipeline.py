@@ -164,6 +164,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
         variants += [(Control.RANDOM, s, random_direction(rho, s)) for s in random_control_seeds(cfg, donor)]
     rows = []
     base = {"arch": arch_name, "quant": spec.tag, "seed": cfg.seed, "receiver": receiver, "donor": donor, "bits": spec.bits}
+    datafree = _datafree_inputs(cfg, engine, names) if cfg.datafree_criteria and Split.TEST in splits else None
     for control, control_seed, vec in variants:
         vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
         row = {**base, "control": str(control), "control_seed": control_seed, "criterion": None}
@@ -176,8 +177,8 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
                 c = score(lam, split)
                 rows.append({**row, "search": str(Search.SWEEP), "lambda": float(lam), "split": str(split),
                              "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split]))})
-        if Split.TEST in splits:
-            rows += _datafree_rows(cfg, engine, names, vec_dev, rows, row)
+        if datafree is not None:
+            rows += _datafree_rows(cfg, datafree, vec_dev, rows, row)
         if Split.TEST in splits and control != Control.RANDOM and cfg.raw.get("oracle_search", True):
             found = search_lambda(lambda lam: score(lam, Split.TEST))
             c, n = found.best_correct, len(splits[Split.TEST])
@@ -186,22 +187,23 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64, "criterion": pl.Utf8}), output)
 
 
-def _datafree_rows(cfg: Config, engine: Engine, names: list[str], vector: dict, rows: list[dict], row: dict) -> list[dict]:
+def _datafree_inputs(cfg: Config, engine: Engine, names: list[str]) -> dict:
+    """What the data-free criteria read, the same for every vector of a cell: the receiver's quantized
+    tensors, its model and the noise images."""
+    return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model,
+            "inputs": noise_images(cfg.datafree_images, engine.preprocess.img_size, seed=stable_seed("noise-images", cfg.seed))}
+
+
+def _datafree_rows(cfg: Config, datafree: dict, vector: dict, rows: list[dict], row: dict) -> list[dict]:
     """One ``search: datafree`` row per configured criterion: the sweep lambda it picks from the
     receiver's weights (and noise images) alone, with that lambda's test accuracy from the sweep."""
-    criteria = cfg.datafree_criteria
-    if not criteria:
-        return []
-    receiver = {n: engine.base[n] for n in names}
-    inputs = {"model": engine.model, "inputs": noise_images(cfg.datafree_images, engine.preprocess.img_size,
-                                                            seed=stable_seed("noise-images", cfg.seed))}
     test = {r["lambda"]: r for r in rows if r["search"] == Search.SWEEP and r["split"] == Split.TEST
             and r["control"] == row["control"] and r["control_seed"] == row["control_seed"]}
+    extra = {"model": datafree["model"], "inputs": datafree["inputs"]}
     out = []
-    for criterion in criteria:
-        scores = score_lambdas(criterion, receiver, vector, cfg.quant, cfg.lambdas, cfg.policy, **inputs)
-        picked = test[choose_lambda(scores)]
-        out.append({**picked, "search": str(Search.DATAFREE), "criterion": criterion})
+    for criterion in cfg.datafree_criteria:
+        scores = score_lambdas(criterion, datafree["receiver"], vector, cfg.quant, cfg.lambdas, cfg.policy, **extra)
+        out.append({**test[choose_lambda(scores)], "search": str(Search.DATAFREE), "criterion": criterion})
     return out
 
 
