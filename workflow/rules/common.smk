@@ -7,7 +7,7 @@ import yaml
 from snakemake.utils import validate
 
 from qvlib.config import digest_of as digest
-from qvlib.vocab import FINETUNE_MODES
+from qvlib.vocab import FINETUNE_MODES, merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
     config["seeds"] = [int(s) if isinstance(s, str) and s.lstrip("-").isdigit() else s for s in config["seeds"]]
@@ -41,8 +41,8 @@ QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}
 
 # Leave-one-out merged donors (one per merge method): file label merged-<method>, table label merged:<method>.
 MERGED = list(config.get("merged_donors", []))
-MERGED_FILES = [f"merged-{m}" for m in MERGED]
-DONORS = TASKS + MERGED_FILES
+MERGED_FILE_PREFIX = "merged-"
+DONORS = TASKS + [f"{MERGED_FILE_PREFIX}{m}" for m in MERGED]
 
 wildcard_constraints:
     arch="|".join(ARCHS),
@@ -109,12 +109,14 @@ def final_outputs():
 
 def donor_vector(wildcards):
     """A cell's donor vector: a task's own, or the receiver's leave-one-out merge (merged-<method>)."""
-    if wildcards.donor.startswith("merged-"):
-        method = wildcards.donor.removeprefix("merged-")
+    if wildcards.donor.startswith(MERGED_FILE_PREFIX):
+        method = wildcards.donor.removeprefix(MERGED_FILE_PREFIX)
         return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/vectors/loo/{wildcards.receiver}.{method}.safetensors"
     return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/vectors/{wildcards.donor}.safetensors"
 
 
 def donor_label(wildcards):
     """The donor's name in the tables: the task, or merged:<method>."""
-    return wildcards.donor.replace("merged-", "merged:", 1) if wildcards.donor.startswith("merged-") else wildcards.donor
+    if wildcards.donor.startswith(MERGED_FILE_PREFIX):
+        return merged_donor(wildcards.donor.removeprefix(MERGED_FILE_PREFIX))
+    return wildcards.donor
