@@ -38,8 +38,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None, help="replicate (default: the config's first seed)")
     p.add_argument("--grid", type=float, nargs="+", default=PAPER_GRID)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--settings", nargs="+", default=["0.333:1.0"], metavar="KEEP:MARGIN",
-                   help="race settings to compare on the same dense results (keep fraction : margin in standard errors)")
+    p.add_argument("--settings", nargs="+", default=["0.333:2.0"], metavar="KEEP:MARGIN",
+                   help="race settings to compare on the same dense results (keep fraction : margin in standard errors of the paired difference)")
     args = p.parse_args()
     settings = [tuple(float(v) for v in item.split(":")) for item in args.settings]
     set_threads(args.threads)
@@ -64,7 +64,7 @@ def main() -> int:
                 right = torch.stack([engine.correct_mask(engine.quantized(names, spec, vec, lam), split) for lam in args.grid])
                 full = right.sum(dim=1)
                 for keep, margin in settings:
-                    result = race_lambda(lambda lam, idx: int(right[args.grid.index(lam), idx].sum()), args.grid,
+                    result = race_lambda(lambda lam, idx: right[args.grid.index(lam), idx.to(right.device)], args.grid,
                                          split.labels.cpu(), keep=keep, margin=margin)
                     gap = (full.max() - full[args.grid.index(result.best_lambda)]).item() / len(split) * 100
                     gaps[keep, margin].append(gap)

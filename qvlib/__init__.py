@@ -29,10 +29,10 @@ from .quant import (
 )
 from .datafree import LAMBDA_CRITERIA, choose_lambda, score_lambdas
 from .merge import MERGE_METHODS, merge, merge_method
-from .racing import race_lambda
+from .racing import RaceResult, race_lambda
 from .stats import bootstrap_mean, verdict
 from .vectors import WeightVector, patch, quantization_vector, random_direction
-from .vocab import Control, DonorKind, Mode, Precision, Rule, Search, Split, Variant, Verdict
+from .vocab import Control, DonorKind, Mode, Precision, Rule, Search, Split, SweepMethod, Variant, Verdict
 
 __version__ = "0.1.0"
 
@@ -44,10 +44,10 @@ __all__ = [
     "WeightVector", "quantization_vector", "random_direction", "patch",
     "describe", "extract_vector", "patched", "broadcast_lambdas", "quantized", "random_control",
     "merge", "merge_method", "MERGE_METHODS", "merged_vector", "score_lambdas", "choose_lambda", "LAMBDA_CRITERIA",
-    "race_lambda",
+    "race_lambda", "RaceResult",
     # models and runs
     "ArchSpec", "build_vit", "task_model", "freeze_except", "Config",
     # statistics and names
     "bootstrap_mean", "verdict", "Mode", "Variant", "Control", "Split", "Search", "Rule", "Verdict",
-    "DonorKind", "Precision",
+    "DonorKind", "Precision", "SweepMethod",
 ]

@@ -20,6 +20,7 @@ from .data.registry import LoadOptions
 from .models import ArchSpec
 from .quant import VIT_BLOCK_LINEARS, QuantPolicy, QuantSpec
 from .train import TrainConfig
+from .vocab import SweepMethod
 
 
 @dataclass
@@ -106,6 +107,17 @@ class Config:
     @property
     def lambdas(self) -> list[float]:
         return [float(x) for x in self.raw.get("lambdas", [1.0])]
+
+    @property
+    def lambda_search(self) -> dict:
+        """How each cell scores the sweep: ``method`` (dense | racing) and the race's ``keep``,
+        ``margin`` and ``start`` (see qvlib.racing.race_lambda)."""
+        raw = dict(self.raw.get("lambda_search") or {})
+        method = SweepMethod(raw.pop("method", SweepMethod.DENSE))
+        unknown = set(raw) - {"keep", "margin", "start"}
+        if unknown:
+            raise ValueError(f"unknown lambda_search keys: {', '.join(sorted(unknown))}")
+        return {"method": method, **raw}
 
     @property
     def task_names(self) -> list[str]:

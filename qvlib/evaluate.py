@@ -30,6 +30,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: torch.Tensor) -> "Split":
+        """The images at ``indices`` (a copy on the same device)."""
+        indices = indices.to(self.labels.device)
+        return Split(self.images[indices], self.labels[indices])
+
 
 class Engine:
     """Evaluates weight overrides of one model on resident splits."""

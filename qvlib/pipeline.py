@@ -19,11 +19,12 @@ from .data.cache import read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
 from .datafree import choose_lambda, noise_images, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
+from .racing import race_lambda
 from .models import backbone_state, build_vit, check_fits, task_model
 from .quant import QuantSpec, fake_quant
 from .train import pick_device, train
 from .vectors import WeightVector, atomic_write, random_direction
-from .vocab import QUANTIZED_VARIANTS, Control, Mode, Search, Split, Variant
+from .vocab import QUANTIZED_VARIANTS, Control, Mode, Search, Split, SweepMethod, Variant
 
 def set_threads(threads: int | None) -> None:
     if threads:
@@ -169,22 +170,49 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
         vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
         row = {**base, "control": str(control), "control_seed": control_seed, "criterion": None}
 
-        def score(lam: float, split: str) -> int:
-            return engine.correct(engine.quantized(names, spec, vec_dev, lam), splits[split])
+        def patched(lam: float) -> dict[str, torch.Tensor]:
+            return engine.quantized(names, spec, vec_dev, lam)
 
-        for lam in cfg.lambdas:
-            for split in splits:
-                c = score(lam, split)
-                rows.append({**row, "search": str(Search.SWEEP), "lambda": float(lam), "split": str(split),
-                             "correct": c, "n": len(splits[split]), "accuracy": accuracy(c, len(splits[split]))})
-        if datafree is not None:
-            rows += _datafree_rows(cfg, datafree, vec_dev, rows, row)
+        picks = _datafree_picks(cfg, datafree, vec_dev) if datafree is not None else {}
+        sweep = _sweep_rows(cfg, engine, patched, splits, picks.values())
+        rows += [{**row, **r} for r in sweep]
+        full_test = {r["lambda"]: r for r in sweep if r["split"] == Split.TEST and r["n"] == len(splits[Split.TEST])}
+        rows += [{**row, **full_test[lam], "search": str(Search.DATAFREE), "criterion": c} for c, lam in picks.items()]
         if Split.TEST in splits and control != Control.RANDOM and cfg.raw.get("oracle_search", True):
-            found = search_lambda(lambda lam: score(lam, Split.TEST))
+            found = search_lambda(lambda lam: engine.correct(patched(lam), splits[Split.TEST]))
             c, n = found.best_correct, len(splits[Split.TEST])
             rows.append({**row, "search": str(Search.ADAPTIVE), "lambda": found.best_lambda, "split": str(Split.TEST),
                          "correct": c, "n": n, "accuracy": accuracy(c, n)})
     write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64, "criterion": pl.Utf8}), output)
+
+
+def _sweep_rows(cfg: Config, engine: Engine, patched, splits: dict, test_lambdas=()) -> list[dict]:
+    """One row per (lambda, split) of the sweep: ``search: sweep``, every lambda on the whole split
+    (dense), or ``search: racing``, each lambda on the images its race gave it (``n``). A race on
+    test also finishes the lambdas that calib's race and ``test_lambdas`` (data-free picks) chose, so
+    every rule reads a whole-split accuracy."""
+    settings = cfg.lambda_search
+    rows = []
+    if settings["method"] == SweepMethod.DENSE:
+        for lam in cfg.lambdas:
+            for split, data in splits.items():
+                c = engine.correct(patched(lam), data)
+                rows.append({"search": str(Search.SWEEP), "lambda": float(lam), "split": str(split),
+                             "correct": c, "n": len(data), "accuracy": accuracy(c, len(data))})
+        return rows
+    options = {k: v for k, v in settings.items() if k != "method"}
+    races = {split: race_lambda(lambda lam, idx, data=data: engine.correct_mask(patched(lam), data.subset(idx)),
+                                cfg.lambdas, data.labels, seed=stable_seed("race", split, cfg.seed), **options)
+             for split, data in splits.items()}
+    if Split.TEST in races:
+        for lam in [*([races[Split.CALIB].best_lambda] if Split.CALIB in races else []), *test_lambdas]:
+            races[Split.TEST].complete(lam)
+    for split, race in races.items():
+        for lam, n in race.seen.items():
+            if n:
+                rows.append({"search": str(Search.RACING), "lambda": lam, "split": str(split),
+                             "correct": race.correct[lam], "n": n, "accuracy": accuracy(race.correct[lam], n)})
+    return rows
 
 
 def _datafree_inputs(cfg: Config, engine: Engine, names: list[str]) -> dict:
@@ -194,17 +222,12 @@ def _datafree_inputs(cfg: Config, engine: Engine, names: list[str]) -> dict:
             "inputs": noise_images(cfg.datafree_images, engine.preprocess.img_size, seed=stable_seed("noise-images", cfg.seed))}
 
 
-def _datafree_rows(cfg: Config, datafree: dict, vector: dict, rows: list[dict], row: dict) -> list[dict]:
-    """One ``search: datafree`` row per configured criterion: the sweep lambda it picks from the
-    receiver's weights (and noise images) alone, with that lambda's test accuracy from the sweep."""
-    test = {r["lambda"]: r for r in rows if r["search"] == Search.SWEEP and r["split"] == Split.TEST
-            and r["control"] == row["control"] and r["control_seed"] == row["control_seed"]}
+def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, float]:
+    """Per configured criterion, the sweep lambda it picks from the receiver's weights (and noise
+    images) alone; its rows (``search: datafree``) carry that lambda's test accuracy."""
     extra = {"model": datafree["model"], "inputs": datafree["inputs"]}
-    out = []
-    for criterion in cfg.datafree_criteria:
-        scores = score_lambdas(criterion, datafree["receiver"], vector, cfg.quant, cfg.lambdas, cfg.policy, **extra)
-        out.append({**test[choose_lambda(scores)], "search": str(Search.DATAFREE), "criterion": criterion})
-    return out
+    return {c: choose_lambda(score_lambdas(c, datafree["receiver"], vector, cfg.quant, cfg.lambdas, cfg.policy, **extra))
+            for c in cfg.datafree_criteria}
 
 
 # ---------------------------------------------------------------- reports

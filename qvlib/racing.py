@@ -6,31 +6,21 @@ previous one, so each survivor only pays for the new images; the last survivors 
 and the best of them is chosen (ties: the lambda nearest 1, then the smaller). Accuracy against
 lambda need not be unimodal: every lambda gets the same first look, unlike a golden-section search.
 
-A lambda is also kept, whatever its rank, while its accuracy is within ``margin`` standard errors
-of the round's best (a binomial standard error on the images seen so far), so a near-tie is not
-decided on a few dozen images. ``forwards`` counts the image forwards spent, for comparison with
-the dense grid's ``len(grid) * n``.
+A lambda outside the best fraction is still kept while the round's best does not beat it by more
+than ``margin`` standard errors of their *paired* difference: both are scored on the same images,
+so the difference's error comes only from the images on which the two disagree, far fewer than a
+binomial error of each accuracy would suggest. Two lambdas that agree on every image so far are
+not a near-tie worth paying for: either is as good, and rank decides. ``forwards`` counts the image
+forwards spent, for comparison with the dense grid's ``len(grid) * n``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-
-
-@dataclass
-class RaceResult:
-    best_lambda: float
-    best_correct: int  # on the whole split
-    n: int  # images in the split
-    forwards: int  # image forwards spent by the race
-    seen: dict[float, int] = field(default_factory=dict)  # lambda -> images it was scored on
-
-    def dense_forwards(self) -> int:
-        return len(self.seen) * self.n
 
 
 def stratified_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -48,49 +38,111 @@ def stratified_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.argsort(position + jitter, stable=True)
 
 
-def race_lambda(score: Callable[[float, torch.Tensor], int], grid: Sequence[float], labels: torch.Tensor,
-                start: int | None = None, keep: float = 1 / 3, margin: float = 1.0, seed: int = 0) -> RaceResult:
-    """Successive halving over ``grid``. ``score(lam, indices)`` returns how many of the images at
-    ``indices`` the model patched with ``lam`` classifies correctly. The first round sees ``start``
+def _rank_key(lam: float, right: int) -> tuple:
+    return (-right, abs(lam - 1.0), lam)
+
+
+class Race:
+    """The state of one race: which images each lambda has been scored on, and its answers.
+
+    ``score(lam, indices)`` returns, per image at ``indices`` (a bool tensor of the same length),
+    whether the model patched with ``lam`` classifies it correctly."""
+
+    def __init__(self, score: Callable[[float, torch.Tensor], torch.Tensor], grid: Sequence[float], labels: torch.Tensor,
+                 seed: int = 0):
+        self.grid = sorted({float(g) for g in grid})
+        if not self.grid:
+            raise ValueError("the lambda grid is empty")
+        self.n = len(labels)
+        if self.n == 0:
+            raise ValueError("the split is empty")
+        self.score = score
+        self.order = stratified_order(labels, seed)
+        self.right = {lam: torch.zeros(0, dtype=torch.bool) for lam in self.grid}  # answers in race order
+        self.forwards = 0
+
+    def seen(self, lam: float) -> int:
+        return len(self.right[lam])
+
+    def extend(self, lam: float, size: int) -> None:
+        """Score ``lam`` on the first ``size`` images of the race order (only those it has not seen)."""
+        new = self.order[self.seen(lam):size]
+        if len(new):
+            answers = torch.as_tensor(self.score(lam, new)).bool().cpu().flatten()
+            if len(answers) != len(new):
+                raise ValueError(f"score returned {len(answers)} answers for {len(new)} images")
+            self.right[lam] = torch.cat([self.right[lam], answers])
+            self.forwards += len(new)
+
+    def correct(self, lam: float) -> int:
+        return int(self.right[lam].sum())
+
+
+
+@dataclass
+class RaceResult:
+    """The chosen lambda, and the race behind it: ``seen`` and ``correct`` per lambda, ``forwards`` in all."""
+
+    best_lambda: float
+    race: Race
+
+    @property
+    def n(self) -> int:
+        return self.race.n
+
+    @property
+    def best_correct(self) -> int:  # on the whole split
+        return self.race.correct(self.best_lambda)
+
+    @property
+    def forwards(self) -> int:
+        return self.race.forwards
+
+    @property
+    def seen(self) -> dict[float, int]:
+        return {lam: self.race.seen(lam) for lam in self.race.grid}
+
+    @property
+    def correct(self) -> dict[float, int]:
+        return {lam: self.race.correct(lam) for lam in self.race.grid}
+
+    def dense_forwards(self) -> int:
+        return len(self.race.grid) * self.n
+
+    def complete(self, lam: float) -> int:
+        """Score ``lam`` on the rest of the split (a lambda another rule picked); its correct answers."""
+        if lam not in self.race.right:
+            raise ValueError(f"lambda {lam} is not in the race's grid {self.race.grid}")
+        self.race.extend(lam, self.n)
+        return self.race.correct(lam)
+
+
+def race_lambda(score: Callable[[float, torch.Tensor], torch.Tensor], grid: Sequence[float], labels: torch.Tensor,
+                start: int | None = None, keep: float = 1 / 3, margin: float = 2.0, seed: int = 0) -> RaceResult:
+    """Successive halving over ``grid`` (see the module docstring); the first round sees ``start``
     images (default: a sixteenth of the split, at least 32)."""
-    grid = sorted({float(g) for g in grid})
-    if not grid:
-        raise ValueError("the lambda grid is empty")
     if not 0 < keep < 1:
         raise ValueError(f"keep must be in (0, 1), got {keep}")
-    n = len(labels)
-    if n == 0:
-        raise ValueError("the split is empty")
-    order = stratified_order(labels, seed)
-    correct = {lam: 0 for lam in grid}
-    seen = {lam: 0 for lam in grid}
-    alive = list(grid)
+    race = Race(score, grid, labels, seed)
+    n, alive = race.n, list(race.grid)
     size = min(max(1, start if start is not None else max(32, n // 16)), n)
-    forwards = 0
     while True:
         for lam in alive:
-            new = order[seen[lam]:size]
-            if len(new):
-                correct[lam] += int(score(lam, new))
-                forwards += len(new)
-                seen[lam] = size
+            race.extend(lam, size)
         if size >= n or len(alive) == 1:
             break
-        acc = {lam: correct[lam] / size for lam in alive}
-        best = max(acc.values())
-        stderr = math.sqrt(max(best * (1 - best), 1.0 / size) / size)
-        ranked = sorted(alive, key=lambda lam: (-acc[lam], abs(lam - 1.0), lam))
+        ranked = sorted(alive, key=lambda lam: _rank_key(lam, race.correct(lam)))
+        leader = race.right[ranked[0]].float()
         survivors = set(ranked[:max(1, math.ceil(keep * len(alive)))])
-        survivors |= {lam for lam in alive if acc[lam] >= best - margin * stderr}
+        for lam in ranked:
+            diff = leader - race.right[lam].float()
+            if diff.abs().sum() and diff.mean() <= margin * diff.std() / math.sqrt(size):
+                survivors.add(lam)
         if 1.0 in alive:
             survivors.add(1.0)
         alive = [lam for lam in alive if lam in survivors]
         size = min(2 * size, n)
-    finalists = [lam for lam in alive if seen[lam] == n] or alive
-    best_lambda = max(finalists, key=lambda lam: (correct[lam], -abs(lam - 1.0), -lam))
-    if seen[best_lambda] < n:  # only one lambda was left before the whole split: finish it
-        rest = order[seen[best_lambda]:]
-        correct[best_lambda] += int(score(best_lambda, rest))
-        forwards += len(rest)
-        seen[best_lambda] = n
-    return RaceResult(best_lambda, correct[best_lambda], n, forwards, seen)
+    finalists = [lam for lam in alive if race.seen(lam) == n] or alive
+    result = RaceResult(min(finalists, key=lambda lam: _rank_key(lam, race.correct(lam))), race)
+    result.complete(result.best_lambda)  # only one lambda was left before the whole split: finish it
+    return result

@@ -47,13 +47,20 @@ def _best(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
             .group_by(keys, maintain_order=True).first())
 
 
+def whole_split_sweep(transfer: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The sweep's rows scored on a whole split: every ``sweep`` row, and the ``racing`` rows of the
+    lambdas that reached the end of their race (those a race dropped early saw fewer images)."""
+    sweep = transfer.filter(pl.col("search").is_in([str(Search.SWEEP), str(Search.RACING)]))
+    return sweep.filter(pl.col("n") == pl.col("n").max().over([*keys, "split"]))
+
+
 def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
     """One row per (arch, quant, seed, receiver, donor, control): the gain under each lambda rule.
 
     Each random direction picks its own best lambda (oracle, calib) like a donor does; a pair's
     several random directions are then averaged (``directions`` counts them)."""
     keys = [*PAIR_KEYS, "control", "control_seed"]
-    sweep = transfer.filter(pl.col("search") == Search.SWEEP).with_columns(pl.col("control_seed").fill_null(-1))
+    sweep = whole_split_sweep(transfer.with_columns(pl.col("control_seed").fill_null(-1)), keys)
     test = sweep.filter(pl.col("split") == Split.TEST)
     at_one = test.filter(pl.col("lambda") == 1.0).select(*keys, pl.col("gain").alias("gain_lambda1"))
     oracle = _best(test, keys).select(*keys, pl.col("gain").alias("gain_oracle"), pl.col("lambda").alias("lambda_oracle"))

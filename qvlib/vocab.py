@@ -59,7 +59,15 @@ class Search(StrEnum):
 
     SWEEP = "sweep"  # the config's fixed lambda list
     ADAPTIVE = "adaptive"  # the golden-section oracle search on test
+    RACING = "racing"  # the sweep raced on nested subsamples of a split: ``n`` is the images that lambda saw
     DATAFREE = "datafree"  # the sweep's lambda a data-free criterion picks (column ``criterion``), scored on test
+
+
+class SweepMethod(StrEnum):
+    """How a cell scores the lambda sweep on each split (config ``lambda_search: {method}``)."""
+
+    DENSE = "dense"  # every lambda on every image: the reference
+    RACING = "racing"  # successive halving (qvlib.racing): every lambda on a subsample, the best on the whole split
 
 
 class Rule(StrEnum):

@@ -97,6 +97,43 @@ def test_transfer_rows_lambda0_equals_ptq_and_self_equals_qat(grid):
     assert len(adaptive) == 1 and set(adaptive["split"]) == {"test"} and set(adaptive["control"]) == {"none"}
 
 
+def test_racing_cells_reach_the_whole_split_where_a_rule_reads_it(grid, tmp_path):
+    """The same cell dense and raced: racing rows give each lambda's answers on the images it saw;
+    lambda = 1, the oracle, calib's pick (on test) and the data-free picks are scored on the whole
+    split and agree with the dense cell; pairs() reads both alike."""
+    from qvlib import tables
+
+    d, _ = grid
+    lambdas = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+    common = ["--arch", "tiny", "--test-cache", d / "shapes.test.safetensors", "--calib-cache", d / "shapes.calib.safetensors",
+              "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors", "--donor", f"dots={d / 'dots.qv.safetensors'}"]
+    extra = dict(tasks=("shapes", "dots"), pretrain=False, lambdas=lambdas, oracle_search=False,
+                 datafree={"criteria": ["weights"]}, random_controls=1)
+    dense_cfg = mini_config(tmp_path / "dense.yaml", **extra)
+    race_cfg = mini_config(tmp_path / "race.yaml", **extra, lambda_search={"method": "racing", "start": 8, "keep": 0.25, "margin": 0})
+    qv("evaluate-transfer", "--config", dense_cfg, *common, "-o", tmp_path / "dense.parquet")
+    qv("evaluate-transfer", "--config", race_cfg, *common, "-o", tmp_path / "race.parquet")
+    dense, race = pl.read_parquet(tmp_path / "dense.parquet"), pl.read_parquet(tmp_path / "race.parquet")
+    assert set(race["search"]) == {"racing", "datafree"} and set(dense["search"]) == {"sweep", "datafree"}
+    n = {s: dense.filter(pl.col("split") == s)["n"].max() for s in ("test", "calib")}
+    raced = race.filter(pl.col("search") == "racing")
+    assert raced["n"].min() == 8 and raced["n"].sum() < 0.8 * len(lambdas) * (n["test"] + n["calib"]) * 2
+    for (control, split), rows in raced.group_by("control", "split"):
+        full = rows.filter(pl.col("n") == n[split])
+        assert 1.0 in full["lambda"].to_list()
+        joined = full.join(dense.filter(pl.col("search") == "sweep"), on=["control", "split", "lambda"])
+        assert len(joined) == len(full) and joined["correct"].to_list() == joined["correct_right"].to_list()
+    base = pl.DataFrame([{"arch": "tiny", "quant": dense["quant"][0], "seed": 0, "task": "shapes", "model": "ptq",
+                          "split": s, "accuracy": 10.0} for s in ("test", "calib")])
+    got = {name: tables.pairs(tables.with_gain(t, base)).sort("control") for name, t in (("dense", dense), ("race", race))}
+    for col in ("gain_lambda1", "gain_datafree_weights"):
+        assert got["race"][col].to_list() == got["dense"][col].to_list()
+    for col in ("gain_oracle", "gain_calib"):  # the race's pick is no better than the dense best
+        assert all(r <= dn + 1e-9 for r, dn in zip(got["race"][col], got["dense"][col]))
+    datafree = race.filter(pl.col("search") == "datafree")
+    assert datafree["n"].to_list() == [n["test"]] * 2
+
+
 def test_random_control_has_exactly_the_donor_norms():
     g = torch.Generator().manual_seed(0)
     rho = WeightVector({"a": torch.randn(4, 5, generator=g), "b": torch.randn(3, 3, generator=g) * 7})

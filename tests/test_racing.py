@@ -22,7 +22,7 @@ def test_stratified_order_is_a_permutation_whose_prefixes_keep_class_shares():
 def scorer(correct: torch.Tensor, calls: list):
     def score(lam, idx):
         calls.append((lam, idx.tolist()))
-        return int(correct[GRID.index(lam), idx].sum())
+        return correct[GRID.index(lam), idx]
     return score
 
 
@@ -70,7 +70,7 @@ def test_small_splits_grids_and_errors():
     correct = torch.ones(len(GRID), 10, dtype=torch.bool)
     result = race_lambda(scorer(correct, []), GRID, torch.zeros(10))
     assert result.best_lambda == 1.0 and result.best_correct == 10  # all tie: the lambda nearest 1
-    one = race_lambda(lambda lam, idx: len(idx), [0.5], torch.zeros(50), start=8)
+    one = race_lambda(lambda lam, idx: torch.ones(len(idx)), [0.5], torch.zeros(50), start=8)
     assert (one.best_lambda, one.best_correct, one.forwards) == (0.5, 50, 50)
     with pytest.raises(ValueError, match="grid is empty"):
         race_lambda(lambda lam, idx: 0, [], torch.zeros(5))
@@ -78,3 +78,48 @@ def test_small_splits_grids_and_errors():
         race_lambda(lambda lam, idx: 0, GRID, torch.zeros(5), keep=1.0)
     with pytest.raises(ValueError, match="split is empty"):
         race_lambda(lambda lam, idx: 0, GRID, torch.zeros(0))
+
+
+def test_the_margin_reads_the_paired_difference_not_each_accuracy():
+    """A lambda 6 points behind the others that disagrees with them only where it is wrong: two
+    binomial errors of each accuracy (~9 points on the first 125 images) would keep it, the paired
+    difference (~7 discordant images, all lost) drops it after the first round."""
+    n = 2000
+    base = torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.6
+    correct = base.repeat(len(GRID), 1)
+    loser = GRID.index(0.15)
+    flipped = base.nonzero().flatten()[::10]  # wrong on a tenth of the images the others get right
+    correct[loser, flipped] = False
+    paired = race_lambda(scorer(correct, []), GRID, torch.zeros(n), keep=0.1, margin=2.0)
+    assert paired.seen[0.15] == n // 16  # out after the first round
+    assert paired.best_lambda == 1.0  # every other lambda ties: the one nearest 1
+
+
+def test_score_must_answer_every_image():
+    with pytest.raises(ValueError, match="answers for"):
+        race_lambda(lambda lam, idx: torch.ones(len(idx) - 1), GRID, torch.zeros(100))
+
+
+def test_result_records_correct_answers_on_the_images_each_lambda_saw():
+    n = 640
+    correct = torch.rand(len(GRID), n, generator=torch.Generator().manual_seed(2)) < torch.linspace(0.3, 0.8, len(GRID))[:, None]
+    result = race_lambda(scorer(correct, []), GRID, torch.zeros(n), seed=5)
+    order = stratified_order(torch.zeros(n), 5)
+    for lam in GRID:
+        k = result.seen[lam]
+        assert result.correct[lam] == int(correct[GRID.index(lam), order[:k]].sum())
+
+
+def test_complete_scores_a_lambda_on_the_rest_of_the_split_once():
+    n = 512
+    correct = torch.rand(len(GRID), n, generator=torch.Generator().manual_seed(3)) < 0.5
+    calls = []
+    result = race_lambda(scorer(correct, calls), GRID, torch.zeros(n))
+    lam = min(GRID, key=lambda g: result.seen[g])  # a lambda dropped early
+    before, seen = result.forwards, result.seen[lam]
+    assert seen < n
+    assert result.complete(lam) == int(correct[GRID.index(lam)].sum())
+    assert result.seen[lam] == n and result.forwards == before + n - seen
+    assert result.complete(lam) == int(correct[GRID.index(lam)].sum()) and result.forwards == before + n - seen
+    with pytest.raises(ValueError, match="not in the race's grid"):
+        result.complete(0.2)

@@ -120,3 +120,9 @@ def donor_label(wildcards):
     if wildcards.donor.startswith(MERGED_FILE_PREFIX):
         return merged_donor(wildcards.donor.removeprefix(MERGED_FILE_PREFIX))
     return wildcards.donor
+
+
+def optional(cfg, key):
+    """``[cfg[key]]`` where the config sets it, else nothing: a section added after results existed
+    joins a job's settings hash without changing the hash of runs that leave it out."""
+    return [cfg[key]] if key in cfg else []

@@ -58,7 +58,7 @@ rule transfer_cell:
     params:
         eval_hash=lambda wc: digest(config["quant"], config.get("lambdas"), config.get("oracle_search"),
                                     config.get("evaluate"), config.get("random_controls"), config.get("policy"),
-                                    config.get("datafree")),
+                                    config.get("datafree"), *optional(config, "lambda_search")),
         label=donor_label,
     threads: threads_of("evaluate")
     resources:
