@@ -139,7 +139,7 @@ def search_report(folder: Path, device, max_pairs: int):
     evenly over the grid."""
     from qvlib.config import Config
     from qvlib.data.cache import read_split_cache
-    from qvlib.pipeline import load_engine
+    from qvlib.pipeline import cache_path, load_engine
 
     cfg = Config.load(folder.parent / "config.yaml")  # the run's effective config
     arch = folder.name
@@ -150,7 +150,7 @@ def search_report(folder: Path, device, max_pairs: int):
     todo = every[:: max(1, len(every) // max_pairs)][:max_pairs]
     for receiver in sorted({r for r, _ in todo}):
         engine, _ = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", str(device))
-        images, labels, _ = read_split_cache(folder / "cache" / f"{receiver}.test.safetensors")
+        images, labels, _ = read_split_cache(cache_path(cfg, arch, folder.parent, receiver, "test"))
         split = load_split(images, labels, engine.device)
         names = cfg.policy.select_model(engine.model)
         for donor in [d for r, d in todo if r == receiver]:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qvlib.config import Config  # noqa: E402
-from qvlib.pipeline import _splits, load_engine, random_control_seeds, set_threads  # noqa: E402
+from qvlib.pipeline import cache_path, cached_splits, load_engine, random_control_seeds, set_threads  # noqa: E402
 from qvlib.racing import race_lambda  # noqa: E402
 from qvlib.vectors import WeightVector, random_direction  # noqa: E402
 from qvlib.vocab import Split  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> int:
     for receiver in tasks:
         engine, _ = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", "cpu")
         names = cfg.policy.select_model(engine.model)
-        split = _splits(engine, {Split.TEST: args.results / "cache" / f"{receiver}.test.safetensors"})[Split.TEST]
+        split = cached_splits(engine, {Split.TEST: cache_path(cfg, arch, args.results.parent, receiver, Split.TEST)})[Split.TEST]
         for donor in tasks:
             if donor == receiver:
                 continue

@@ -15,7 +15,7 @@ from . import plots, tables
 from .config import Config
 from .diagnostics import cosine_table, merged_cosine_table, norms_table
 from .data.base import Preprocess
-from .data.cache import read_split_cache, write_split_cache
+from .data.cache import cache_relpath, read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
 from .datafree import choose_lambda, noise_images, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
@@ -32,8 +32,10 @@ def set_threads(threads: int | None) -> None:
 
 
 def arch_preprocess(arch) -> Preprocess:
-    """Preprocessing of an arch (timm data config at the arch's own input size), from a headless build."""
-    return Preprocess.from_model(build_vit(arch, num_classes=0))
+    """Preprocessing of an arch (timm data config at the arch's own input size), from a headless build
+    on the meta device (no weights are allocated, so a ViT-L costs nothing to ask)."""
+    with torch.device("meta"):
+        return Preprocess.from_model(build_vit(arch, num_classes=0))
 
 
 def pretrain(cfg: Config, arch_name: str, output: Path, device: str | None = None, progress: bool = True) -> None:
@@ -70,6 +72,11 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
 
 
 # ---------------------------------------------------------------- evaluation
+def cache_path(cfg: Config, arch_name: str, out: Path, task: str, split: str) -> Path:
+    """Where the run under ``out`` (results/<name>) keeps ``task``'s ``split`` preprocessed for ``arch_name``."""
+    return Path(out) / cache_relpath(arch_preprocess(cfg.arch(arch_name)).pixels(), task, split)
+
+
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
     """Write the preprocessed ``test`` and ``calib`` splits (``outputs``: split -> path)."""
     pre = arch_preprocess(cfg.arch(arch_name))
@@ -94,7 +101,7 @@ def load_engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | Non
     return Engine(model, pre, pick_device(device), cfg.eval_batch_size(), cfg.eval_precision()), ckpt
 
 
-def _splits(engine: Engine, caches: dict[str, Path]) -> dict:
+def cached_splits(engine: Engine, caches: dict[str, Path]) -> dict:
     """Cached splits loaded onto the engine's device, checked against the arch's input size."""
     out = {}
     for split, path in caches.items():
@@ -114,7 +121,7 @@ def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qa
     qat_ckpt = WeightVector.load(qat)
     _check_spec(qat_ckpt.metadata, spec, qat)
     qat_weights = {n: qat_ckpt[n].to(engine.device) for n in names}
-    splits = _splits(engine, caches)
+    splits = cached_splits(engine, caches)
 
     models = {
         Variant.FT: {},
@@ -159,7 +166,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     if rho.metadata.get("arch") not in (None, arch_name):
         raise ValueError(f"vector {vector} is for arch {rho.metadata.get('arch')!r}, the receiver is {arch_name!r}")
     WeightVector({n: engine.base[n].cpu() for n in names}).check_compatible(rho)
-    splits = _splits(engine, caches)
+    splits = cached_splits(engine, caches)
     variants = [(Control.SELF if donor == receiver else Control.DONOR, None, rho)]
     if controls and donor != receiver:
         variants += [(Control.RANDOM, s, random_direction(rho, s)) for s in random_control_seeds(cfg, donor)]

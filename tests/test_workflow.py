@@ -52,7 +52,7 @@ def test_every_output_exists_with_the_right_shape(finished):
         for mode in ("ft", "qat"):
             assert (out / "seed0" / "checkpoints" / f"{task}.{mode}.safetensors").exists()
             assert (work / "logs" / "mini" / "tiny" / "seed0" / "finetune" / f"{task}.{mode}.log").exists()
-        assert (out / "cache" / f"{task}.test.safetensors").exists()  # shared by every seed
+        assert len(list((out.parent / "cache").glob(f"*/{task}.test.safetensors"))) == 1  # shared by every seed and arch
     assert (out / "seed0" / "backbone.safetensors").exists()
 
     base = pl.read_parquet(out / "baselines.parquet")
@@ -187,9 +187,26 @@ def test_paper_config_dag(tmp_path):
     assert jobs["finetune"] == 4 * 22 * 2
     assert jobs["transfer_cell"] == 4 * 22 * (22 + 1)  # + each receiver's leave-one-out merged donor
     assert jobs["merge_leave_one_out"] == 4 * 22
-    assert jobs["baselines"] == jobs["cache_splits"] == jobs["extract_vector"] == 4 * 22
+    assert jobs["baselines"] == jobs["extract_vector"] == 4 * 22
+    assert jobs["cache_splits"] == 22  # the four archs read 224 px bicubic crop 0.9 images: one cache per task
     assert jobs["tables"] == jobs["figures"] == jobs["diagnostics"] == 4
     assert "pretrain" not in jobs
+
+
+def test_archs_share_caches_only_where_their_pixels_agree(tmp_path):
+    """Two archs at the same input size share a task's cache; one at another size gets its own."""
+    cfg = yaml.safe_load(mini_config(tmp_path / "c.yaml", pretrain=False).read_text())
+    tiny = cfg["archs"]["tiny"]
+    cfg["archs"]["wide"] = {**tiny, "overrides": {**tiny["overrides"], "embed_dim": 2 * tiny["overrides"]["embed_dim"]}}
+    cfg["archs"]["big"] = {**tiny, "overrides": {**tiny["overrides"], "img_size": 2 * tiny["overrides"]["img_size"]}}
+    path = tmp_path / "archs.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, path, "--dry-run")
+    jobs = planned_jobs(proc)
+    tasks = len(cfg["tasks"])
+    assert jobs["cache_splits"] == 2 * tasks and jobs["baselines"] == 3 * tasks
+    folders = set(re.findall(r"results/mini/cache/([^/\s]+)/", proc.stdout))
+    assert len(folders) == 2, folders
 
 
 @pytest.mark.parametrize("change,message", [

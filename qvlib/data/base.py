@@ -42,6 +42,11 @@ class Preprocess:
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def pixels(self) -> str:
+        """What decides the cached uint8 images (size, interpolation, crop), not the normalisation done
+        on the device: archs with the same ``pixels()`` share one cache per task, e.g. ``224px-bicubic-crop0.9``."""
+        return f"{self.img_size}px-{self.interpolation}-crop{self.crop_pct:g}"
+
     def pil_transform(self) -> Callable:
         """PIL image -> uint8 tensor (3, img_size, img_size): grey becomes 3 channels."""
         interp = v2.InterpolationMode(self.interpolation)

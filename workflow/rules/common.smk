@@ -1,12 +1,16 @@
 # Shared helpers: config validation, the effective config file every `qv` call reads, paths,
 # resources. Nothing here knows the method.
 import json
+import re
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
 
 from qvlib.config import digest_of as digest
+from qvlib.data.cache import cache_relpath
+from qvlib.models import ArchSpec
+from qvlib.pipeline import arch_preprocess
 from qvlib.vocab import FINETUNE_MODES, merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
@@ -39,6 +43,20 @@ CONFIG = _write_effective_config()
 # project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
 QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
 
+# Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
+# interpolation and crop agree share one cache per task: results/<name>/cache/<pixels>/<task>.<split>.
+PIXELS = {arch: arch_preprocess(ArchSpec.from_config(arch, config["archs"][arch])).pixels() for arch in ARCHS}
+
+
+def cache_file(arch, task, split):
+    return f"{OUT}/{cache_relpath(PIXELS[arch], task, split)}"
+
+
+def pixels_arch(pixels):
+    """The first arch whose preprocessing a cache folder holds: it writes that cache for all of them."""
+    return next(arch for arch in ARCHS if PIXELS[arch] == pixels)
+
+
 # Leave-one-out merged donors (one per merge method): file label merged-<method>, table label merged:<method>.
 MERGED = list(config.get("merged_donors", []))
 MERGED_FILE_PREFIX = "merged-"
@@ -51,6 +69,7 @@ wildcard_constraints:
     donor="|".join(DONORS),
     method="|".join(MERGED) or "no-merge-method",
     mode="|".join(FINETUNE_MODES),
+    pixels="|".join(re.escape(p) for p in PIXELS.values()),
     seed=r"-?\d+",
 
 

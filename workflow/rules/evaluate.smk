@@ -1,19 +1,21 @@
 rule cache_splits:
-    """Each task's test and calib splits, preprocessed once for every seed and evaluation that reads them."""
+    """Each task's test and calib splits, preprocessed once for every seed, evaluation and arch that
+    reads them (archs with the same pixels key share the files)."""
     output:
-        test=f"{OUT}/{{arch}}/cache/{{task}}.test.safetensors",
-        calib=f"{OUT}/{{arch}}/cache/{{task}}.calib.safetensors",
+        test=f"{OUT}/{cache_relpath('{pixels}', '{task}', 'test')}",
+        calib=f"{OUT}/{cache_relpath('{pixels}', '{task}', 'calib')}",
     log:
-        f"{LOGS}/{{arch}}/cache/{{task}}.log",
+        f"{LOGS}/cache/{{pixels}}/{{task}}.log",
     params:
-        data_hash=lambda wc: digest(config["archs"][wc.arch].get("timm_name"), config["archs"][wc.arch].get("overrides"), task_digest(wc.task)),
+        data_hash=lambda wc: digest(wc.pixels, task_digest(wc.task)),
+        arch=lambda wc: pixels_arch(wc.pixels),
     threads: threads_of("cache")
     resources:
         **resources_of("cache"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} cache-splits --config {CONFIG} --arch {wildcards.arch} --task {wildcards.task} --threads {threads} "
+        "{QV} cache-splits --config {CONFIG} --arch {params.arch} --task {wildcards.task} --threads {threads} "
         "--test {output.test} --calib {output.calib} 2> {log}"
 
 
@@ -22,8 +24,8 @@ rule baselines:
     input:
         ft=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
         qat=f"{RUN}/checkpoints/{{task}}.qat.safetensors",
-        test=f"{OUT}/{{arch}}/cache/{{task}}.test.safetensors",
-        calib=f"{OUT}/{{arch}}/cache/{{task}}.calib.safetensors",
+        test=lambda wc: cache_file(wc.arch, wc.task, "test"),
+        calib=lambda wc: cache_file(wc.arch, wc.task, "calib"),
     output:
         f"{RUN}/baselines/{{task}}.parquet",
     log:
@@ -49,8 +51,8 @@ rule transfer_cell:
     input:
         ft=f"{RUN}/checkpoints/{{receiver}}.ft.safetensors",
         vector=donor_vector,
-        test=f"{OUT}/{{arch}}/cache/{{receiver}}.test.safetensors",
-        calib=f"{OUT}/{{arch}}/cache/{{receiver}}.calib.safetensors",
+        test=lambda wc: cache_file(wc.arch, wc.receiver, "test"),
+        calib=lambda wc: cache_file(wc.arch, wc.receiver, "calib"),
     output:
         f"{RUN}/transfer/{{receiver}}/{{donor}}.parquet",
     log:
