@@ -19,7 +19,7 @@ from .data.cache import cache_relpath, read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
 from .datafree import choose_lambda, noise_images, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
-from .racing import race_lambda
+from .racing import race_splits
 from .models import backbone_state, build_vit, check_fits, task_model
 from .quant import QuantSpec, fake_quant
 from .train import pick_device, train
@@ -208,12 +208,9 @@ def _sweep_rows(cfg: Config, engine: Engine, patched, splits: dict, test_lambdas
                              "correct": c, "n": len(data), "accuracy": accuracy(c, len(data))})
         return rows
     options = {k: v for k, v in settings.items() if k != "method"}
-    races = {split: race_lambda(lambda lam, idx, data=data: engine.correct_mask(patched(lam), data.subset(idx)),
-                                cfg.lambdas, data.labels, seed=stable_seed("race", split, cfg.seed), **options)
-             for split, data in splits.items()}
-    if Split.TEST in races:
-        for lam in [*([races[Split.CALIB].best_lambda] if Split.CALIB in races else []), *test_lambdas]:
-            races[Split.TEST].complete(lam)
+    races = race_splits(lambda split, lam, idx: engine.correct_mask(patched(lam), splits[split].subset(idx)), cfg.lambdas,
+                        {split: data.labels for split, data in splits.items()}, finish_on_test=list(test_lambdas),
+                        seed=cfg.seed, **options)
     for split, race in races.items():
         for lam, n in race.seen.items():
             if n:

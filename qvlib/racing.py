@@ -1,7 +1,7 @@
 """A racing lambda search: successive halving over nested, class-stratified subsamples of a split.
 
 Every lambda of the grid is scored on a small subsample; the best fraction (and lambda = 1, the
-paper's default, while it is in the grid) goes on to a subsample twice as large, which contains the
+paper's default, on the split whose lambda = 1 accuracy a table reads) goes on to a subsample twice as large, which contains the
 previous one, so each survivor only pays for the new images; the last survivors see the whole split
 and the best of them is chosen (ties: the lambda nearest 1, then the smaller). Accuracy against
 lambda need not be unimodal: every lambda gets the same first look, unlike a golden-section search.
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+
+from .data.registry import stable_seed
+from .vocab import Split
 
 
 def stratified_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -118,9 +121,11 @@ class RaceResult:
 
 
 def race_lambda(score: Callable[[float, torch.Tensor], torch.Tensor], grid: Sequence[float], labels: torch.Tensor,
-                start: int | None = None, keep: float = 1 / 3, margin: float = 2.0, seed: int = 0) -> RaceResult:
+                start: int | None = None, keep: float = 1 / 3, margin: float = 2.0, seed: int = 0,
+                keep_lambda: float | None = 1.0) -> RaceResult:
     """Successive halving over ``grid`` (see the module docstring); the first round sees ``start``
-    images (default: a sixteenth of the split, at least 32)."""
+    images (default: a sixteenth of the split, at least 32). ``keep_lambda`` (default 1, the paper's
+    lambda) stays in the race to the whole split whatever its rank; None keeps none."""
     if not 0 < keep < 1:
         raise ValueError(f"keep must be in (0, 1), got {keep}")
     race = Race(score, grid, labels, seed)
@@ -138,11 +143,29 @@ def race_lambda(score: Callable[[float, torch.Tensor], torch.Tensor], grid: Sequ
             diff = leader - race.right[lam].float()
             if diff.abs().sum() and diff.mean() <= margin * diff.std() / math.sqrt(size):
                 survivors.add(lam)
-        if 1.0 in alive:
-            survivors.add(1.0)
+        if keep_lambda in alive:
+            survivors.add(keep_lambda)
         alive = [lam for lam in alive if lam in survivors]
         size = min(2 * size, n)
     finalists = [lam for lam in alive if race.seen(lam) == n] or alive
     result = RaceResult(min(finalists, key=lambda lam: _rank_key(lam, race.correct(lam))), race)
     result.complete(result.best_lambda)  # only one lambda was left before the whole split: finish it
     return result
+
+
+def race_splits(score: Callable[[str, float, torch.Tensor], torch.Tensor], grid: Sequence[float],
+                labels: Mapping[str, torch.Tensor], finish_on_test: Sequence[float] = (), seed: int = 0,
+                **options) -> dict[str, RaceResult]:
+    """One race per split of a cell's vector, as the tables read them: on ``test`` lambda = 1 reaches
+    the whole split (the lambda = 1 rule) and the race's pick is the oracle; on ``calib`` nothing is
+    kept by force, its pick is scored on the whole test split, like each of ``finish_on_test`` (the
+    data-free criteria's picks). ``score(split, lam, indices)`` answers per image."""
+    races = {}
+    for split, split_labels in labels.items():
+        on_test = split == Split.TEST
+        races[split] = race_lambda(lambda lam, idx, split=split: score(split, lam, idx), grid, split_labels,
+                                   seed=stable_seed("race", split, seed), keep_lambda=1.0 if on_test else None, **options)
+    if Split.TEST in races:
+        for lam in [*([races[Split.CALIB].best_lambda] if Split.CALIB in races else []), *finish_on_test]:
+            races[Split.TEST].complete(lam)
+    return races

@@ -123,3 +123,18 @@ def test_complete_scores_a_lambda_on_the_rest_of_the_split_once():
     assert result.complete(lam) == int(correct[GRID.index(lam)].sum()) and result.forwards == before + n - seen
     with pytest.raises(ValueError, match="not in the race's grid"):
         result.complete(0.2)
+
+
+def test_race_splits_keeps_lambda_one_on_test_only_and_finishes_calibs_pick_on_test():
+    from qvlib.racing import race_splits
+
+    n = 1024
+    gen = torch.Generator().manual_seed(4)
+    p = torch.tensor([0.80, 0.75, 0.70, 0.60, 0.55, 0.50, 0.30, 0.30, 0.25, 0.20, 0.20])  # lambda = 1 far behind
+    correct = {s: torch.rand(len(GRID), n, generator=gen) < p[:, None] for s in ("test", "calib")}
+    races = race_splits(lambda s, lam, idx: correct[s][GRID.index(lam), idx], GRID,
+                        {"test": torch.zeros(n), "calib": torch.zeros(n)}, finish_on_test=[0.6], keep=0.2, margin=0.0)
+    assert races["test"].seen[1.0] == n and races["calib"].seen[1.0] < n
+    assert races["calib"].best_lambda == 0.15 and races["test"].best_lambda == 0.15
+    assert races["test"].seen[0.6] == n  # a data-free pick, finished on test
+    assert races["test"].forwards + races["calib"].forwards < 0.35 * 2 * len(GRID) * n

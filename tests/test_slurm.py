@@ -3,6 +3,7 @@ stood up on localhost (tests/slurm/cluster.sh; needs root and Debian's Slurm pac
 .ci/run installs). The cluster is torn down by its pid files whatever the outcome."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,6 +69,14 @@ def test_workflow_on_slurm_produces_the_same_outputs(cluster, tmp_path):
     text = proc.stdout + proc.stderr
     # GPU rules asked Slurm's gpu partition for a GPU (fake GPUs on the test node); CPU rules for none
     assert "slurm_partition=gpu, runtime=5, gpu=1" in text and "slurm_partition=cpu, runtime=5, gpu=0" in text
+    # each receiver's row of cells went to Slurm as one group job, never as single cells
+    submitted = re.findall(r"has been submitted with SLURM jobid \S+ \(log: (\S+)\)", text)
+    rows = [log for log in submitted if "/group_row-" in log]
+    assert sorted(re.search(r"group_(row-[^/]+?)_transfer_cell", log).group(1) for log in rows) == \
+        ["row-tiny-seed0-dots", "row-tiny-seed0-shapes"], submitted
+    assert not [log for log in submitted if "rule_transfer_cell" in log]
+    cells = pl.read_parquet(out / "transfer.parquet").select("receiver", "donor").unique()
+    assert len(cells) > len(rows)  # several cells per submission
 
 
 def test_failing_rule_is_reported_as_failed(cluster, tmp_path):

@@ -26,6 +26,9 @@ SEEDS = list(config["seeds"])
 # Per replicate: everything trained or evaluated at one seed. Caches hold data only and are shared.
 RUN = f"{OUT}/{{arch}}/seed{{seed}}"
 RUN_LOGS = f"{LOGS}/{{arch}}/seed{{seed}}"
+# The cluster job group of a receiver's row of transfer cells (ignored when running locally); the Slurm
+# profile's group-components names this same template.
+ROW_GROUP = "row-{arch}-seed{seed}-{receiver}"
 
 
 def _write_effective_config():

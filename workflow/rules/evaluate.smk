@@ -65,6 +65,10 @@ rule transfer_cell:
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
+    # On a cluster (profiles/slurm), a receiver's row of cells is one submission: the profile's
+    # group-components joins every cell of this group name into one group job.
+    group:
+        ROW_GROUP
     conda:
         "../envs/qvlib.yaml"
     shell:
