@@ -29,6 +29,7 @@ from .quant import (
 )
 from .datafree import LAMBDA_CRITERIA, choose_lambda, score_lambdas
 from .merge import MERGE_METHODS, merge, merge_method
+from .packing import load_packed, pack_checkpoint, unpack_checkpoint
 from .racing import RaceResult, race_lambda
 from .stats import bootstrap_mean, verdict
 from .vectors import WeightVector, patch, quantization_vector, random_direction
@@ -45,6 +46,8 @@ __all__ = [
     "describe", "extract_vector", "patched", "broadcast_lambdas", "quantized", "random_control",
     "merge", "merge_method", "MERGE_METHODS", "merged_vector", "score_lambdas", "choose_lambda", "LAMBDA_CRITERIA",
     "race_lambda", "RaceResult",
+    # packed export
+    "pack_checkpoint", "unpack_checkpoint", "load_packed",
     # models and runs
     "ArchSpec", "build_vit", "task_model", "freeze_except", "Config",
     # statistics and names

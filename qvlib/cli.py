@@ -50,7 +50,16 @@ def _info_args(p):
 
 
 def _info(args) -> int:
-    info = {"path": str(args.checkpoint), **checkpoints.describe(WeightVector.load(args.checkpoint), policy_of(args))}
+    from .packing import is_packed, packed_sizes
+
+    ckpt = WeightVector.load(args.checkpoint)
+    info = {"path": str(args.checkpoint), "file_bytes": args.checkpoint.stat().st_size}
+    if is_packed(ckpt):
+        sizes = packed_sizes(ckpt)
+        info.update(sizes, packed_ratio=round(sizes["quantized_bytes"] / sizes["quantized_float32_bytes"], 4),
+                    metadata=dict(ckpt.metadata))
+    else:
+        info.update(checkpoints.describe(ckpt, policy_of(args)))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -200,17 +209,46 @@ def _quantize_args(p):
     p.add_argument("checkpoint", type=Path)
     add_quant_args(p)
     add_pattern_arg(p)
+    p.add_argument("--packed", action="store_true",
+                   help="write integer codes bit-packed (bits per weight) with float32 scales, not fake-quantized float32")
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _quantize(args) -> int:
+    from .packing import pack_checkpoint, packed_sizes
+
     spec = quant_spec(args)
-    checkpoints.quantized(WeightVector.load(args.checkpoint), spec, policy_of(args), str(args.checkpoint)).save(args.output)
+    ckpt = WeightVector.load(args.checkpoint)
+    if args.packed:
+        packed = pack_checkpoint(ckpt, spec, policy_of(args))
+        packed.save(args.output)
+        sizes = packed_sizes(packed)
+        print(f"wrote {args.output} ({spec.tag}, packed): quantized tensors {sizes['quantized_bytes']:,} bytes, "
+              f"{sizes['quantized_bytes'] / sizes['quantized_float32_bytes']:.4f} of float32 (bits/32 = {spec.bits / 32:.4f})")
+        return 0
+    checkpoints.quantized(ckpt, spec, policy_of(args), str(args.checkpoint)).save(args.output)
     print(f"wrote {args.output} ({spec.tag})")
     return 0
 
 
-register("quantize", "write the fake-quantized checkpoint (block linear weights only)", _quantize_args, _quantize)
+register("quantize", "write the quantized checkpoint: fake-quantized float32, or packed integers (--packed)",
+         _quantize_args, _quantize)
+
+
+def _unpack_args(p):
+    p.add_argument("packed", type=Path, help="a checkpoint written by qv quantize --packed")
+    p.add_argument("-o", "--output", type=Path, required=True)
+
+
+def _unpack(args) -> int:
+    from .packing import unpack_checkpoint
+
+    unpack_checkpoint(WeightVector.load(args.packed)).save(args.output)
+    print(f"wrote {args.output} (fake-quantized float32, bit-exact with qv quantize)")
+    return 0
+
+
+register("unpack", "a packed checkpoint back to its fake-quantized float32 weights", _unpack_args, _unpack)
 
 
 # ---------------------------------------------------------------- workflow steps
