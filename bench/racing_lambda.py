@@ -45,11 +45,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None, help="replicate (default: the config's first seed)")
     p.add_argument("--grid", type=float, nargs="+", default=PAPER_GRID)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--settings", nargs="+", default=["0.333:2.0"], metavar="KEEP:MARGIN[:START]",
-                   help="race settings to compare on the same dense results (keep fraction : margin in standard "
-                        "errors of the paired difference [: images of the first round])")
+    p.add_argument("--settings", nargs="+", default=["keep=0.333,margin=2"], metavar="KEY=VALUE,...",
+                   help="race settings to compare on the same dense results: keyword arguments of "
+                        "qvlib.racing.race_lambda (keep, margin, tolerance, start)")
     args = p.parse_args()
-    settings = [tuple(item.split(":")) for item in args.settings]
+    settings = list(args.settings)
     set_threads(args.threads)
     arch = args.results.name
     cfg = Config.load(args.results.parent / "config.yaml").with_seed(args.seed)
@@ -73,7 +73,7 @@ def main() -> int:
                 n = len(splits[Split.TEST])
                 dense_calib_pick = best(calib_full, args.grid)
                 for key in settings:
-                    options = {"keep": float(key[0]), "margin": float(key[1]), **({"start": int(key[2])} if len(key) > 2 else {})}
+                    options = {k: int(v) if k == "start" else float(v) for k, v in (kv.split("=") for kv in key.split(","))}
                     races = race_splits(lambda s, lam, idx: right[s][args.grid.index(lam), idx.to(right[s].device)], args.grid,
                                         {s: data.labels.cpu() for s, data in splits.items()}, seed=cfg.seed, **options)
                     oracle = args.grid.index(races[Split.TEST].best_lambda)
@@ -91,7 +91,7 @@ def main() -> int:
         st = stats[key]
         within = sum(g <= 0.5 for g in st["oracle"])
         calib_within = sum(abs(g) <= 0.5 for g in st["calib"])
-        print(f"keep {key[0]}, margin {key[1]}{', start ' + key[2] if len(key) > 2 else ''}: oracle within 0.5 points of "
+        print(f"{key}: oracle within 0.5 points of "
               f"the dense best {within}/{cells} = {within / cells:.3f} (goal >= 0.95), largest gap {max(st['oracle']):.2f}; "
               f"calib pick's test accuracy within 0.5 points of the dense calib pick's {calib_within}/{cells} = "
               f"{calib_within / cells:.3f}; image forwards race {st['forwards']:,} / dense {dense_forwards:,} = "

@@ -7,7 +7,7 @@ and the best of them is chosen (ties: the lambda nearest 1, then the smaller). A
 lambda need not be unimodal: every lambda gets the same first look, unlike a golden-section search.
 
 A lambda outside the best fraction is still kept while the round's best does not beat it by more
-than ``margin`` standard errors of their *paired* difference: both are scored on the same images,
+than ``margin`` standard errors of their *paired* difference (less an indifference ``tolerance``): both are scored on the same images,
 so the difference's error comes only from the images on which the two disagree, far fewer than a
 binomial error of each accuracy would suggest. Two lambdas that agree on every image so far are
 not a near-tie worth paying for: either is as good, and rank decides. ``forwards`` counts the image
@@ -121,11 +121,13 @@ class RaceResult:
 
 
 def race_lambda(score: Callable[[float, torch.Tensor], torch.Tensor], grid: Sequence[float], labels: torch.Tensor,
-                start: int | None = None, keep: float = 1 / 3, margin: float = 2.0, seed: int = 0,
+                start: int | None = None, keep: float = 1 / 3, margin: float = 2.0, tolerance: float = 0.0, seed: int = 0,
                 keep_lambda: float | None = 1.0) -> RaceResult:
     """Successive halving over ``grid`` (see the module docstring); the first round sees ``start``
     images (default: a sixteenth of the split, at least 32). ``keep_lambda`` (default 1, the paper's
-    lambda) stays in the race to the whole split whatever its rank; None keeps none."""
+    lambda) stays in the race to the whole split whatever its rank; None keeps none. ``tolerance``
+    (accuracy points) is an indifference zone: a lambda is kept by the margin test only while it
+    could beat the round's best by more than that, so near-ties are not paid for."""
     if not 0 < keep < 1:
         raise ValueError(f"keep must be in (0, 1), got {keep}")
     race = Race(score, grid, labels, seed)
@@ -141,7 +143,7 @@ def race_lambda(score: Callable[[float, torch.Tensor], torch.Tensor], grid: Sequ
         survivors = set(ranked[:max(1, math.ceil(keep * len(alive)))])
         for lam in ranked:
             diff = leader - race.right[lam].float()
-            if diff.abs().sum() and diff.mean() <= margin * diff.std() / math.sqrt(size):
+            if diff.abs().sum() and diff.mean() + tolerance / 100 <= margin * diff.std() / math.sqrt(size):
                 survivors.add(lam)
         if keep_lambda in alive:
             survivors.add(keep_lambda)
