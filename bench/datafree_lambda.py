@@ -46,7 +46,7 @@ def main() -> int:
         engine, ckpt = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", "cpu")
         inputs = noise_images(args.images, engine.preprocess.img_size)
         for donor in [t for t in cfg.task_names if t != receiver]:
-            rho = WeightVector.load(run / "vectors" / f"{donor}.safetensors")
+            rho = WeightVector.load(run / cfg.quant.tag / "vectors" / f"{donor}.safetensors")
             control_seed = random_control_seeds(cfg, donor)[0]
             for control, vec, seed in ((Control.DONOR, rho, None), (Control.RANDOM, random_direction(rho, control_seed), control_seed)):
                 gains = test.filter((pl.col("receiver") == receiver) & (pl.col("donor") == donor) & (pl.col("control") == control))

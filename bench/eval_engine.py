@@ -154,7 +154,7 @@ def search_report(folder: Path, device, max_pairs: int):
         split = load_split(images, labels, engine.device)
         names = cfg.policy.select_model(engine.model)
         for donor in [d for r, d in todo if r == receiver]:
-            vec = {n: t.to(engine.device) for n, t in WeightVector.load(run / "vectors" / f"{donor}.safetensors").items()}
+            vec = {n: t.to(engine.device) for n, t in WeightVector.load(run / cfg.quant.tag / "vectors" / f"{donor}.safetensors").items()}
             score = lambda lam: engine.correct(engine.quantized(names, cfg.quant, vec, lam), split)
             dense = {lam: score(lam) for lam in dense_grid()}
             found = search_lambda(score)

@@ -64,7 +64,7 @@ def main() -> int:
         for donor in tasks:
             if donor == receiver:
                 continue
-            rho = WeightVector.load(run / "vectors" / f"{donor}.safetensors")
+            rho = WeightVector.load(run / cfg.quant.tag / "vectors" / f"{donor}.safetensors")
             for vector in (rho, random_direction(rho, random_control_seeds(cfg, donor)[0])):
                 vec = {n: t.to(engine.device) for n, t in vector.items()}
                 right = {s: torch.stack([engine.correct_mask(engine.quantized(names, cfg.quant, vec, lam), data)

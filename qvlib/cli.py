@@ -258,16 +258,17 @@ def add_job_args(p, task: bool = False) -> None:
     if task:
         p.add_argument("--task", required=True, help="a task name from the config")
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
+    p.add_argument("--quant", default=None, help="quantizer tag, one of the config's quantizers, e.g. w3-channel (default: the first)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (Snakemake passes {threads})")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
 def load_config(args: argparse.Namespace):
-    """The run config at the replicate seed a job names (``--seed``)."""
+    """The run config at the replicate seed and quantizer a job names (``--seed``, ``--quant``)."""
     from .config import Config
 
-    return Config.load(args.config).with_seed(getattr(args, "seed", None))
+    return Config.load(args.config).with_seed(getattr(args, "seed", None)).with_quant(getattr(args, "quant", None))
 
 
 def _pretrain_args(p):
@@ -397,13 +398,16 @@ def _tables_args(p):
     p.add_argument("--cosine", type=Path, nargs="+", required=True, help="per-seed cosine parquet files")
     for name in ("baselines", "transfer", "donor", "receiver", "specific", "summary-specific", "norms", "cosine"):
         p.add_argument(f"--out-{name}", type=Path, required=True)
+    p.add_argument("--out-quantizers", type=Path, default=None, help="the quantizer comparison (parquet)")
+    p.add_argument("--out-quantizers-md", type=Path, default=None, help="the quantizer comparison (markdown)")
 
 
 def _tables(args) -> int:
     from .pipeline import assemble_tables
 
     outputs = {name: getattr(args, f"out_{name}") for name in
-               ("baselines", "transfer", "donor", "receiver", "specific", "summary_specific", "norms", "cosine")}
+               ("baselines", "transfer", "donor", "receiver", "specific", "summary_specific", "norms", "cosine",
+                "quantizers", "quantizers_md") if getattr(args, f"out_{name}") is not None}
     assemble_tables(args.baselines, args.cells, args.norms, args.cosine, outputs)
     return 0
 
@@ -416,6 +420,7 @@ def _diagnostics_args(p):
     p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     p.add_argument("--arch", required=True)
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
+    p.add_argument("--quant", default=None, help="quantizer tag, one of the config's quantizers (default: the first)")
     p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`)")
     p.add_argument("--ft", type=Path, nargs="+", required=True, help="FT checkpoints (task taken from metadata)")
     p.add_argument("--vectors", type=Path, nargs="+", required=True, help="quantization vectors (task from metadata)")
@@ -437,6 +442,7 @@ register("diagnostics", "relative norms of FT updates and vectors, and the cosin
 
 def _figures_args(p):
     p.add_argument("--arch", required=True)
+    p.add_argument("--quant", default=None, help="the quantizer tag whose grid to draw (default: the tables hold one)")
     for name in ("baselines", "transfer", "summary-specific", "norms", "cosine"):
         p.add_argument(f"--{name}", type=Path, required=True)
     for name in ("gain", "cosine", "summary"):
@@ -447,7 +453,7 @@ def _figures(args) -> int:
     from .pipeline import figures
 
     print(figures(args.arch, args.baselines, args.transfer, args.summary_specific, args.norms, args.cosine,
-                  args.out_gain, args.out_cosine, args.out_summary))
+                  args.out_gain, args.out_cosine, args.out_summary, quant=args.quant))
     return 0
 
 

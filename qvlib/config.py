@@ -30,6 +30,7 @@ class Config:
     raw: dict
     path: Path
     replicate: int | None = None
+    quant_tag: str | None = None  # the quantizer a job runs (None: the first of ``quants``)
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -51,7 +52,13 @@ class Config:
         """This config at replicate ``seed`` (None: the first of ``seeds``), which must be one of ``seeds``."""
         if seed is not None and int(seed) not in self.seeds:
             raise ValueError(f"seed {seed} is not one of this config's seeds {self.seeds}")
-        return Config(self.raw, self.path, None if seed is None else int(seed))
+        return Config(self.raw, self.path, None if seed is None else int(seed), self.quant_tag)
+
+    def with_quant(self, tag: str | None) -> "Config":
+        """This config for the quantizer of ``tag`` (None: the first of ``quants``)."""
+        if tag is not None and tag not in self.quant_tags:
+            raise ValueError(f"quantizer {tag!r} is not one of this config's quantizers {self.quant_tags}")
+        return Config(self.raw, self.path, self.replicate, tag)
 
     @property
     def name(self) -> str:
@@ -96,8 +103,27 @@ class Config:
         return Path(self.raw.get("data_root", "data")).expanduser()
 
     @property
+    def quants(self) -> list[QuantSpec]:
+        """Every quantizer of the run (``quant``: one mapping or a list of them); FT is shared, QAT,
+        vectors, baselines and cells are per quantizer, named by its tag."""
+        raw = self.raw.get("quant", {})
+        specs = [QuantSpec.from_mapping(q) for q in (raw if isinstance(raw, list) else [raw])]
+        if not specs:
+            raise ValueError(f"{self.path}: quant is an empty list")
+        tags = [s.tag for s in specs]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"{self.path}: quantizers must differ, got tags {tags}")
+        return specs
+
+    @property
+    def quant_tags(self) -> list[str]:
+        return [s.tag for s in self.quants]
+
+    @property
     def quant(self) -> QuantSpec:
-        return QuantSpec.from_mapping(self.raw.get("quant", {}))
+        """The quantizer of this job (``with_quant``), else the first."""
+        specs = self.quants
+        return specs[0] if self.quant_tag is None else specs[self.quant_tags.index(self.quant_tag)]
 
     @property
     def policy(self) -> QuantPolicy:

@@ -237,8 +237,9 @@ def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, floa
 # ---------------------------------------------------------------- reports
 def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path], cosine: list[Path],
                     outputs: dict[str, Path]) -> None:
-    """Every seed's per-task and per-cell files into the run's tables (``outputs``: table name -> path:
-    baselines, transfer, donor, receiver, specific, summary_specific, norms, cosine)."""
+    """Every seed's and quantizer's per-task and per-cell files into the run's tables (``outputs``: table
+    name -> path: baselines, transfer, donor, receiver, specific, summary_specific, norms, cosine,
+    quantizers, and quantizers_md, its markdown)."""
     base = tables.read_all(baselines)
     transfer = tables.with_gain(tables.read_all(cells), base)
     pair_rows = tables.pairs(transfer)
@@ -246,9 +247,14 @@ def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path],
     frames = {"baselines": base, "transfer": transfer, "donor": tables.summary_donor(pair_rows),
               "receiver": tables.summary_receiver(pair_rows), "specific": specific,
               "summary_specific": tables.summary_specific(specific),
-              "norms": tables.read_all(norms), "cosine": tables.read_all(cosine)}
+              "norms": tables.read_all(norms), "cosine": tables.read_all(cosine),
+              "quantizers": tables.quantizers(base, pair_rows)}
     for name, frame in frames.items():
-        write_parquet(frame, outputs[name])
+        if name in outputs:
+            write_parquet(frame, outputs[name])
+    if "quantizers_md" in outputs:
+        text = plots.quantizers_markdown(base["arch"][0], frames["quantizers"])
+        atomic_write(outputs["quantizers_md"], lambda tmp: Path(tmp).write_text(text))
 
 
 def vectors_by_task(paths: list[Path]) -> dict[str, WeightVector]:
@@ -266,26 +272,40 @@ def diagnostics(cfg: Config, arch_name: str, backbone: Path | None, ft: list[Pat
                 out_norms: Path, out_cosine: Path, merged: list[Path] = ()) -> None:
     """Relative norms of every FT update and vector, and the vectors' cosine matrix, at one seed; with
     ``merged`` (leave-one-out merged donors), each one's cosine with its receiver's vector too."""
+    tag = pl.lit(cfg.quant.tag).alias("quant")
     start = backbone_state(cfg.arch(arch_name, backbone_path=backbone))
     fts, vecs = vectors_by_task(ft), vectors_by_task(vectors)
     missing = sorted(set(vecs) - set(fts))
     if missing:
         raise ValueError(f"no FT checkpoint for task {missing[0]!r}")
-    write_parquet(norms_table(arch_name, cfg.seed, start, fts, vecs, cfg.policy), out_norms)
+    write_parquet(norms_table(arch_name, cfg.seed, start, fts, vecs, cfg.policy).with_columns(tag), out_norms)
     cosine = cosine_table(arch_name, cfg.seed, vecs)
     if merged:
         cosine = pl.concat([cosine, merged_cosine_table(arch_name, cfg.seed, vecs, [WeightVector.load(p) for p in merged])])
-    write_parquet(cosine, out_cosine)
+    write_parquet(cosine.with_columns(tag), out_cosine)
+
+
+def _of_quant(path: Path, quant: str | None) -> pl.DataFrame:
+    """A table's rows of one quantizer (all rows when ``quant`` is None or the table has no column)."""
+    df = pl.read_parquet(path)
+    if quant is None or "quant" not in df.columns:
+        return df
+    out = df.filter(pl.col("quant") == quant)
+    if not len(out):
+        raise ValueError(f"{path} has no rows of quantizer {quant!r} (it has {sorted(df['quant'].unique())})")
+    return out
 
 
 def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: Path, norms: Path, cosine: Path,
-            out_gain: Path, out_cosine: Path, out_summary: Path) -> str:
-    """The gain and cosine heatmaps and the markdown summary (returned, and written to ``out_summary``)."""
-    pair_rows = tables.pairs(pl.read_parquet(transfer))
-    plots.heatmap_gain(pair_rows, out_gain, title=f"{arch_name}: gain over PTQ (points)")
-    plots.heatmap_cosine(pl.read_parquet(cosine), out_cosine, title=f"{arch_name}: cosine of quantization vectors")
-    text = plots.summary_markdown(arch_name, pl.read_parquet(baselines), pair_rows, pl.read_parquet(summary_specific),
-                                  pl.read_parquet(norms))
+            out_gain: Path, out_cosine: Path, out_summary: Path, quant: str | None = None) -> str:
+    """The gain and cosine heatmaps and the markdown summary (returned, and written to ``out_summary``)
+    of one quantizer's grid (``quant``: its tag; None: the tables hold one quantizer)."""
+    pair_rows = tables.pairs(_of_quant(transfer, quant))
+    name = f"{arch_name} {quant}" if quant else arch_name
+    plots.heatmap_gain(pair_rows, out_gain, title=f"{name}: gain over PTQ (points)")
+    plots.heatmap_cosine(_of_quant(cosine, quant), out_cosine, title=f"{name}: cosine of quantization vectors")
+    text = plots.summary_markdown(name, _of_quant(baselines, quant), pair_rows, _of_quant(summary_specific, quant),
+                                  _of_quant(norms, quant))
     atomic_write(out_summary, lambda tmp: Path(tmp).write_text(text))
     return text
 

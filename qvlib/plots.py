@@ -395,3 +395,25 @@ def replace_readme_block(readme: str, block: str) -> str:
         raise ValueError(f"the README has no {README_START} ... {README_END} block to replace")
     start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
     return readme[:start] + block + readme[end:]
+
+
+def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
+    """The quantizer comparison (``tables.quantizers``) as markdown: per bit-width, FT, PTQ, QV-patched
+    and QAT accuracy under each quantizer, and the patched models' gain over the best data-free PTQ."""
+    lines = [f"# {arch}: quantization vectors against better quantizers", "",
+             "Top-1 (%) on the test splits, means over tasks (FT, PTQ, QAT) or single-donor pairs (patched), "
+             "seeds pooled. `best PTQ` is, per receiver, the best PTQ accuracy among this run's quantizers of the "
+             "same bit-width; `over best PTQ` is the patched model's accuracy minus it: positive means the vector "
+             "adds something a better data-free quantizer alone does not. `random` is the same with the pairs' "
+             "norm-matched random directions.", ""]
+    for (bits,), rows in table.group_by("bits", maintain_order=True):
+        lines += [f"## {bits} bits", ""]
+        view = rows.select(
+            "quant", pl.col("rule").map_elements(rule_label, return_dtype=pl.Utf8).alias("lambda rule"),
+            pl.col("ft").alias("FT"), pl.col("ptq").alias("PTQ"), pl.col("best_ptq_same_bits").alias("best PTQ"),
+            pl.col("patched").alias("QV-patched"), pl.col("random").alias("random-patched"), pl.col("qat").alias("QAT"),
+            pl.col("patched_over_best_ptq").alias("patched over best PTQ"),
+            pl.col("random_over_best_ptq").alias("random over best PTQ"), "pairs", "seeds")
+        lines += [markdown_table(view), ""]
+    lines.append(machine_line())
+    return "\n".join(lines) + "\n"

@@ -201,3 +201,36 @@ def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
                   pl.col(col).filter(pl.col("control") == Control.RANDOM).mean().alias(f"{key}_random_mean")]
     pairs_n = (pl.col("control") == Control.DONOR).sum().alias("pairs")
     return base.join(pair_rows.group_by(RUN_KEYS).agg(pairs_n, *gains), on=RUN_KEYS, how="left").sort(RUN_KEYS)
+
+
+def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
+    """Per arch, quantizer and lambda rule (seeds pooled): FT, PTQ, QAT and QV-patched test accuracy
+    (single donors, and their random controls), and the patched models' gain over the *best data-free
+    PTQ of the same bit-width* on each receiver: whether a vector adds anything once a better
+    quantizer is used. Means over tasks / pairs, test split."""
+    test = baselines.filter(pl.col("split") == Split.TEST).pivot(on="model", index=[*RUN_KEYS, "task", "bits"], values="accuracy")
+    best_ptq = test.group_by("arch", "seed", "bits", "task").agg(pl.col(Variant.PTQ).max().alias("best_ptq"))
+    test = test.join(best_ptq, on=["arch", "seed", "bits", "task"])
+    base = test.group_by("arch", "quant", "bits").agg(
+        pl.col(Variant.FT).mean().alias("ft"), pl.col(Variant.PTQ).mean().alias("ptq"),
+        pl.col(Variant.QAT_PTQ).mean().alias("qat"), pl.col("best_ptq").mean().alias("best_ptq_same_bits"),
+        pl.col("seed").n_unique().alias("seeds"))
+    pairs_ = single_donors(pair_rows).filter(pl.col("control").is_in([str(Control.DONOR), str(Control.RANDOM)]))
+    pairs_ = pairs_.join(test.select(*RUN_KEYS, pl.col("task").alias("receiver"), Variant.PTQ, "best_ptq"),
+                         on=[*RUN_KEYS, "receiver"])
+    frames = []
+    for rule, col in rule_columns(pairs_.columns).items():
+        if rule.startswith("datafree"):
+            continue
+        patched = pl.col(Variant.PTQ) + pl.col(col)
+        agg = []
+        for control, name in ((Control.DONOR, "patched"), (Control.RANDOM, "random")):
+            pick = pl.col("control") == control
+            agg += [patched.filter(pick).mean().alias(name),
+                    (patched - pl.col("best_ptq")).filter(pick).mean().alias(f"{name}_over_best_ptq")]
+        frames.append(pairs_.group_by("arch", "quant").agg(pl.lit(rule).alias("rule"), *agg,
+                                                           (pl.col("control") == Control.DONOR).sum().alias("pairs")))
+    out = base.join(pl.concat(frames), on=["arch", "quant"], how="left")
+    order = {str(r): i for i, r in enumerate(Rule)}
+    return (out.with_columns(pl.col("rule").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_o"))
+            .sort("arch", "bits", "quant", "_o").drop("_o"))

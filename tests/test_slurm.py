@@ -61,7 +61,8 @@ def test_workflow_on_slurm_produces_the_same_outputs(cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = tmp_path / "results" / "slurm" / "tiny"
     for name in ("baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet",
-                 "diagnostics.parquet", "cosine.parquet", "summary.md", "heatmap_gain.png", "heatmap_cosine.png"):
+                 "diagnostics.parquet", "cosine.parquet", "quantizers.md", "w2-channel/summary.md", "w2-channel/heatmap_gain.png",
+                 "w2-channel/heatmap_cosine.png"):
         assert (out / name).stat().st_size > 0, name
     transfer = pl.read_parquet(out / "transfer.parquet")
     zero = transfer.filter(pl.col("lambda") == 0.0)
@@ -73,7 +74,7 @@ def test_workflow_on_slurm_produces_the_same_outputs(cluster, tmp_path):
     submitted = re.findall(r"has been submitted with SLURM jobid \S+ \(log: (\S+)\)", text)
     rows = [log for log in submitted if "/group_row-" in log]
     assert sorted(re.search(r"group_(row-[^/]+?)_transfer_cell", log).group(1) for log in rows) == \
-        ["row-tiny-seed0-dots", "row-tiny-seed0-shapes"], submitted
+        ["row-tiny-seed0-w2-channel-dots", "row-tiny-seed0-w2-channel-shapes"], submitted
     assert not [log for log in submitted if "rule_transfer_cell" in log]
     cells = pl.read_parquet(out / "transfer.parquet").select("receiver", "donor").unique()
     assert len(cells) > len(rows)  # several cells per submission
@@ -90,4 +91,4 @@ def test_failing_rule_is_reported_as_failed(cluster, tmp_path):
     proc = run_slurm(tmp_path, cfg, cluster)
     assert proc.returncode != 0
     assert "Error in rule" in proc.stdout + proc.stderr
-    assert not (tmp_path / "results" / "broken" / "tiny" / "summary.md").exists()
+    assert not (tmp_path / "results" / "broken" / "tiny" / "w2-channel" / "summary.md").exists()

@@ -16,8 +16,9 @@ from qvlib.vectors import WeightVector
 pytestmark = pytest.mark.slow
 TASKS = ("shapes", "dots", "blur")
 REPORT = ["baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet", "specific.parquet",
-          "summary_specific.parquet", "diagnostics.parquet", "cosine.parquet", "summary.md", "heatmap_gain.png",
-          "heatmap_cosine.png"]
+          "summary_specific.parquet", "diagnostics.parquet", "cosine.parquet", "quantizers.parquet", "quantizers.md"]
+FIGURES = ["summary.md", "heatmap_gain.png", "heatmap_cosine.png"]  # per quantizer
+QUANT = "w2-channel"  # the miniature's quantizer
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -48,10 +49,13 @@ def test_every_output_exists_with_the_right_shape(finished):
     out = work / "results" / "mini" / "tiny"
     for name in REPORT:
         assert (out / name).stat().st_size > 0, name
+    for name in FIGURES:
+        assert (out / QUANT / name).stat().st_size > 0, name
     for task in TASKS:
         for mode in ("ft", "qat"):
-            assert (out / "seed0" / "checkpoints" / f"{task}.{mode}.safetensors").exists()
-            assert (work / "logs" / "mini" / "tiny" / "seed0" / "finetune" / f"{task}.{mode}.log").exists()
+            run = "seed0" if mode == "ft" else f"seed0/{QUANT}"  # FT is shared by every quantizer
+            assert (out / run / "checkpoints" / f"{task}.{mode}.safetensors").exists()
+            assert (work / "logs" / "mini" / "tiny" / run / "finetune" / f"{task}.{mode}.log").exists()
         assert len(list((out.parent / "cache").glob(f"*/{task}.test.safetensors"))) == 1  # shared by every seed and arch
     assert (out / "seed0" / "backbone.safetensors").exists()
 
@@ -76,7 +80,7 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert len(free.join(sweep, on=keys, how="anti", nulls_equal=True)) == 0
     assert free.join(sweep, on=keys, nulls_equal=True).select((pl.col("correct") == pl.col("correct_right")).all()).item()
     for receiver in ("blur", "dots", "shapes"):  # the leave-one-out donor never holds the receiver's own vector
-        loo = WeightVector.load(work / "results" / "mini" / "tiny" / "seed0" / "vectors" / "loo" / f"{receiver}.mean.safetensors")
+        loo = WeightVector.load(work / "results" / "mini" / "tiny" / "seed0" / QUANT / "vectors" / "loo" / f"{receiver}.mean.safetensors")
         assert json.loads(loo.metadata["merged"])["tasks"] == sorted({"blur", "dots", "shapes"} - {receiver})
     assert {"gain", "ptq_accuracy", "accuracy", "correct", "n", "lambda", "split", "quant", "seed", "control_seed"} <= set(transfer.columns)
 
@@ -113,13 +117,13 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert len(cos) == 9 + 3 and cos.filter(pl.col("task_b") == "merged:mean")["task_a"].sort().to_list() == ["blur", "dots", "shapes"]
     assert cos.filter(pl.col("task_a") == pl.col("task_b"))["cosine"].to_list() == pytest.approx([1.0] * 3)
 
-    with Image.open(out / "heatmap_gain.png") as im:
+    with Image.open(out / QUANT / "heatmap_gain.png") as im:
         assert im.format == "PNG"
         w, h = gain_figure_size(3, 3, 3)  # controls: random, self, merged:mean
         assert abs(im.size[0] - w * DPI) <= 1 and abs(im.size[1] - h * DPI) <= 1
-    with Image.open(out / "heatmap_cosine.png") as im:
+    with Image.open(out / QUANT / "heatmap_cosine.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
-    summary = (out / "summary.md").read_text()
+    summary = (out / QUANT / "summary.md").read_text()
     assert "Transfer beyond a random direction" in summary and "best_minus_random" in summary
     assert "Summary written on:" in summary and "<!-- readme:start -->" in summary
     assert "leave-one-out merged donor" in summary and "lambda chosen data-free (weights)" in summary
@@ -133,7 +137,7 @@ def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
     bigger = tmp_path / "bigger.yaml"
     bigger.write_text(yaml.safe_dump(data))
     jobs = planned_jobs(snakemake(work, bigger, "--dry-run"))
-    assert jobs == {"finetune": 2, "extract_vector": 1, "cache_splits": 1, "baselines": 1,
+    assert jobs == {"finetune": 1, "qat": 1, "extract_vector": 1, "cache_splits": 1, "baselines": 1,
                     "merge_leave_one_out": 4,  # every receiver's merge now holds one more vector
                     # its own row (3 donors + self), one cell per other receiver, every merged-donor cell
                     "transfer_cell": 4 + 3 + 4,
@@ -144,7 +148,7 @@ def test_deleting_a_cell_reruns_only_that_cell(finished):
     work, cfg = finished
     snakemake(work, cfg)  # restore the original effective config after the dry run above
     assert planned_jobs(snakemake(work, cfg, "--dry-run")) == {}
-    cell = work / "results" / "mini" / "tiny" / "seed0" / "transfer" / "dots" / "blur.parquet"
+    cell = work / "results" / "mini" / "tiny" / "seed0" / QUANT / "transfer" / "dots" / "blur.parquet"
     before = pl.read_parquet(cell)
     cell.unlink()
     jobs = planned_jobs(snakemake(work, cfg, "--dry-run"))
@@ -160,7 +164,7 @@ def test_adding_a_seed_plans_only_its_jobs(finished, tmp_path):
     more = tmp_path / "more.yaml"
     more.write_text(yaml.safe_dump(data))
     jobs = planned_jobs(snakemake(work, more, "--dry-run"))
-    assert jobs == {"pretrain": 1, "finetune": 6, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3,
+    assert jobs == {"pretrain": 1, "finetune": 3, "qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3,
                     "transfer_cell": 9 + 3, "diagnostics": 1, "tables": 1, "figures": 1, "all": 1,
                     "total": 32}  # no cache: data is shared
     # the same from the command line, as the README's three-seed study runs it
@@ -176,7 +180,7 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
     other.write_text(yaml.safe_dump(data))
     proc = snakemake(work, other, "--dry-run")
     jobs = planned_jobs(proc)
-    assert jobs == {"finetune": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
+    assert jobs == {"qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
                     "diagnostics": 1, "tables": 1, "figures": 1, "all": 1, "total": 28}
     assert re.search(r"output: \S+\.qat\.safetensors", proc.stdout)
     assert not re.search(r"output: \S+\.ft\.safetensors", proc.stdout)
@@ -184,7 +188,7 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
 
 def test_paper_config_dag(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / "paper.yaml", "--dry-run"))
-    assert jobs["finetune"] == 4 * 22 * 2
+    assert jobs["finetune"] == jobs["qat"] == 4 * 22
     assert jobs["transfer_cell"] == 4 * 22 * (22 + 1)  # + each receiver's leave-one-out merged donor
     assert jobs["merge_leave_one_out"] == 4 * 22
     assert jobs["baselines"] == jobs["extract_vector"] == 4 * 22
@@ -235,5 +239,30 @@ def test_config_on_the_command_line_changes_the_embedded_default(tmp_path):
                            "--cores", "1", "--dry-run", "--config", "seeds=[0,1]"], capture_output=True, text=True, env=env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = planned_jobs(proc)
-    assert jobs["pretrain"] == 2 and jobs["finetune"] == 2 * 2 * 6
+    assert jobs["pretrain"] == 2 and jobs["finetune"] == jobs["qat"] == 2 * 6
     assert yaml.safe_load((tmp_path / "results" / "default" / "config.yaml").read_text())["seeds"] == [0, 1]
+
+
+def test_adding_a_quantizer_runs_only_its_jobs_and_compares_them(finished, tmp_path):
+    """A second quantizer (2-bit, mse scale) beside the first: its QAT, vectors, baselines and cells,
+    never FT; then both sit in the tables, each with its own figures, and quantizers.md compares them."""
+    work, cfg = finished
+    data = yaml.safe_load(cfg.read_text())
+    data["quant"] = [data["quant"], {"bits": 2, "granularity": "channel", "scale": "mse"}]
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump(data))
+    snakemake(work, cfg)  # the original effective config first, as other tests leave it changed
+    jobs = planned_jobs(snakemake(work, two, "--dry-run"))
+    assert jobs == {"qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
+                    "diagnostics": 1, "tables": 1, "figures": 2, "all": 1, "total": 29}  # both tags' figures read the tables
+    snakemake(work, two)
+    out = work / "results" / "mini" / "tiny"
+    for tag in (QUANT, "w2-channel-mse"):
+        assert (out / tag / "summary.md").read_text().startswith(f"# tiny {tag}")
+    table = pl.read_parquet(out / "quantizers.parquet")
+    assert sorted(table["quant"].unique()) == [QUANT, "w2-channel-mse"] and set(table["bits"]) == {2}
+    base = pl.read_parquet(out / "baselines.parquet").filter((pl.col("model") == "ptq") & (pl.col("split") == "test"))
+    best = base.group_by("task").agg(pl.col("accuracy").max())["accuracy"].mean()
+    assert table["best_ptq_same_bits"].to_list() == pytest.approx([best] * len(table))
+    assert (table["best_ptq_same_bits"] >= table["ptq"] - 1e-9).all()
+    assert "## 2 bits" in (out / "quantizers.md").read_text()

@@ -7,11 +7,11 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from qvlib.config import digest_of as digest
+from qvlib.config import Config, digest_of as digest
 from qvlib.data.cache import cache_relpath
 from qvlib.models import ArchSpec
 from qvlib.pipeline import arch_preprocess
-from qvlib.vocab import FINETUNE_MODES, merged_donor
+from qvlib.vocab import Mode, merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
     config["seeds"] = [int(s) if isinstance(s, str) and s.lstrip("-").isdigit() else s for s in config["seeds"]]
@@ -26,9 +26,14 @@ SEEDS = list(config["seeds"])
 # Per replicate: everything trained or evaluated at one seed. Caches hold data only and are shared.
 RUN = f"{OUT}/{{arch}}/seed{{seed}}"
 RUN_LOGS = f"{LOGS}/{{arch}}/seed{{seed}}"
+# Per quantizer of a replicate (named by its tag, e.g. w3-channel): QAT, vectors, baselines, cells.
+# FT does not read the quantizer and stays in RUN, shared by every quantizer.
+QRUN = f"{RUN}/{{quant}}"
+QRUN_LOGS = f"{RUN_LOGS}/{{quant}}"
+QUANTS = {spec.tag: spec for spec in Config(config, Path("config.yaml")).quants}
 # The cluster job group of a receiver's row of transfer cells (ignored when running locally); the Slurm
 # profile's group-components names this same template.
-ROW_GROUP = "row-{arch}-seed{seed}-{receiver}"
+ROW_GROUP = "row-{arch}-seed{seed}-{quant}-{receiver}"
 
 
 def _write_effective_config():
@@ -71,8 +76,8 @@ wildcard_constraints:
     receiver="|".join(TASKS),
     donor="|".join(DONORS),
     method="|".join(MERGED) or "no-merge-method",
-    mode="|".join(FINETUNE_MODES),
     pixels="|".join(re.escape(p) for p in PIXELS.values()),
+    quant="|".join(re.escape(q) for q in QUANTS),
     seed=r"-?\d+",
 
 
@@ -97,6 +102,11 @@ def needs_pretrain(arch):
     return config["archs"][arch].get("backbone", {}).get("source") == "pretrain"
 
 
+def quant_json(wildcards):
+    """The quantizer of a job's {quant} wildcard, as recorded in files (absmax scale left out)."""
+    return QUANTS[wildcards.quant].to_json()
+
+
 def backbone_input(wildcards):
     return [f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/backbone.safetensors"] if needs_pretrain(wildcards.arch) else []
 
@@ -119,13 +129,17 @@ def final_outputs():
     files = []
     for arch in ARCHS:
         files += [f"{OUT}/{arch}/{name}" for name in REPORT_FILES]
+        files += [f"{OUT}/{arch}/{quant}/{name}" for quant in QUANTS for name in FIGURE_FILES]
         for seed in SEEDS:
             run = f"{OUT}/{arch}/seed{seed}"
-            files += [f"{run}/checkpoints/{task}.{mode}.safetensors" for task in TASKS for mode in FINETUNE_MODES]
-            files += [f"{run}/vectors/{task}.safetensors" for task in TASKS]
-            files += [f"{run}/baselines/{task}.parquet" for task in TASKS]
-            files += [f"{run}/vectors/loo/{r}.{m}.safetensors" for r in TASKS for m in MERGED]
-            files += [f"{run}/transfer/{r}/{d}.parquet" for r in TASKS for d in DONORS]
+            files += [f"{run}/checkpoints/{task}.{Mode.FT}.safetensors" for task in TASKS]
+            for quant in QUANTS:
+                qrun = f"{run}/{quant}"
+                files += [f"{qrun}/checkpoints/{task}.{Mode.QAT}.safetensors" for task in TASKS]
+                files += [f"{qrun}/vectors/{task}.safetensors" for task in TASKS]
+                files += [f"{qrun}/baselines/{task}.parquet" for task in TASKS]
+                files += [f"{qrun}/vectors/loo/{r}.{m}.safetensors" for r in TASKS for m in MERGED]
+                files += [f"{qrun}/transfer/{r}/{d}.parquet" for r in TASKS for d in DONORS]
     return files
 
 
@@ -133,8 +147,8 @@ def donor_vector(wildcards):
     """A cell's donor vector: a task's own, or the receiver's leave-one-out merge (merged-<method>)."""
     if wildcards.donor.startswith(MERGED_FILE_PREFIX):
         method = wildcards.donor.removeprefix(MERGED_FILE_PREFIX)
-        return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/vectors/loo/{wildcards.receiver}.{method}.safetensors"
-    return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/vectors/{wildcards.donor}.safetensors"
+        return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/{wildcards.quant}/vectors/loo/{wildcards.receiver}.{method}.safetensors"
+    return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/{wildcards.quant}/vectors/{wildcards.donor}.safetensors"
 
 
 def donor_label(wildcards):

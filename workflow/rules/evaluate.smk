@@ -23,22 +23,23 @@ rule baselines:
     """FT, PTQ(FT), QAT quantized and QAT of one task at one seed (the paper's Tables 1 and 4)."""
     input:
         ft=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
-        qat=f"{RUN}/checkpoints/{{task}}.qat.safetensors",
+        qat=f"{QRUN}/checkpoints/{{task}}.qat.safetensors",
         test=lambda wc: cache_file(wc.arch, wc.task, "test"),
         calib=lambda wc: cache_file(wc.arch, wc.task, "calib"),
     output:
-        f"{RUN}/baselines/{{task}}.parquet",
+        f"{QRUN}/baselines/{{task}}.parquet",
     log:
-        f"{RUN_LOGS}/baselines/{{task}}.log",
+        f"{QRUN_LOGS}/baselines/{{task}}.log",
     params:
-        eval_hash=lambda wc: digest(config["quant"], config.get("evaluate"), config.get("policy")),
+        eval_hash=lambda wc: digest(quant_json(wc), config.get("evaluate"), config.get("policy")),
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} evaluate-baselines --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
+        "{QV} evaluate-baselines --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
+        "--task {wildcards.task} "
         "--threads {threads} --ft {input.ft} --qat {input.qat} --test-cache {input.test} --calib-cache {input.calib} "
         "-o {output} 2> {log}"
 
@@ -54,11 +55,11 @@ rule transfer_cell:
         test=lambda wc: cache_file(wc.arch, wc.receiver, "test"),
         calib=lambda wc: cache_file(wc.arch, wc.receiver, "calib"),
     output:
-        f"{RUN}/transfer/{{receiver}}/{{donor}}.parquet",
+        f"{QRUN}/transfer/{{receiver}}/{{donor}}.parquet",
     log:
-        f"{RUN_LOGS}/transfer/{{receiver}}/{{donor}}.log",
+        f"{QRUN_LOGS}/transfer/{{receiver}}/{{donor}}.log",
     params:
-        eval_hash=lambda wc: digest(config["quant"], config.get("lambdas"), config.get("oracle_search"),
+        eval_hash=lambda wc: digest(quant_json(wc), config.get("lambdas"), config.get("oracle_search"),
                                     config.get("evaluate"), config.get("random_controls"), config.get("policy"),
                                     config.get("datafree"), *optional(config, "lambda_search")),
         label=donor_label,
@@ -72,6 +73,6 @@ rule transfer_cell:
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} evaluate-transfer --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} "
+        "{QV} evaluate-transfer --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
         "--receiver {wildcards.receiver} --donor {params.label}={input.vector} --ft {input.ft} "
         "--test-cache {input.test} --calib-cache {input.calib} --threads {threads} -o {output} 2> {log}"

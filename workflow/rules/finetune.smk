@@ -1,17 +1,16 @@
 rule finetune:
-    """FT or QAT of one task's block linear weights from the shared backbone, at one replicate seed."""
+    """Plain fine-tuning (FT) of one task's block linear weights from the shared backbone, at one
+    replicate seed. FT never reads the quantizer: it is shared by every quantizer of the run."""
     input:
         backbone=backbone_input,
     output:
-        ckpt=f"{RUN}/checkpoints/{{task}}.{{mode}}.safetensors",
-        metrics=f"{RUN}/checkpoints/{{task}}.{{mode}}.metrics.json",
+        ckpt=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
+        metrics=f"{RUN}/checkpoints/{{task}}.ft.metrics.json",
     log:
-        f"{RUN_LOGS}/finetune/{{task}}.{{mode}}.log",
+        f"{RUN_LOGS}/finetune/{{task}}.ft.log",
     params:
         backbone=backbone_flag,
-        # FT never reads the quantizer: changing `quant` reruns QAT (and what follows), never FT
-        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config.get("policy"),
-                                        config["quant"] if wc.mode == "qat" else None),
+        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config.get("policy")),
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
@@ -19,4 +18,28 @@ rule finetune:
         "../envs/qvlib.yaml"
     shell:
         "{QV} finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
-        "--mode {wildcards.mode} {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"
+        "--mode ft {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"
+
+
+rule qat:
+    """Quantization-aware fine-tuning of one task with one quantizer (its tag in {quant}); the same
+    settings as FT otherwise. Adding a quantizer runs these jobs and what follows them, never FT."""
+    input:
+        backbone=backbone_input,
+    output:
+        ckpt=f"{QRUN}/checkpoints/{{task}}.qat.safetensors",
+        metrics=f"{QRUN}/checkpoints/{{task}}.qat.metrics.json",
+    log:
+        f"{QRUN_LOGS}/finetune/{{task}}.qat.log",
+    params:
+        backbone=backbone_flag,
+        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config.get("policy"),
+                                        quant_json(wc)),
+    threads: threads_of("finetune")
+    resources:
+        **resources_of("finetune"),
+    conda:
+        "../envs/qvlib.yaml"
+    shell:
+        "{QV} finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
+        "--task {wildcards.task} --mode qat {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"

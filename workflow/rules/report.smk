@@ -1,3 +1,4 @@
+# Per arch: every seed's and quantizer's rows (tables carry `seed` and `quant`) and the quantizer comparison.
 REPORT_FILES = [
     "baselines.parquet",
     "transfer.parquet",
@@ -7,10 +8,11 @@ REPORT_FILES = [
     "summary_specific.parquet",
     "diagnostics.parquet",
     "cosine.parquet",
-    "summary.md",
-    "heatmap_gain.png",
-    "heatmap_cosine.png",
+    "quantizers.parquet",
+    "quantizers.md",
 ]
+# Per arch and quantizer ({OUT}/{arch}/{quant}/): the heatmaps and the summary of that quantizer's grid.
+FIGURE_FILES = ["summary.md", "heatmap_gain.png", "heatmap_cosine.png"]
 
 
 rule diagnostics:
@@ -18,19 +20,19 @@ rule diagnostics:
     input:
         backbone=backbone_input,
         ft=expand(f"{RUN}/checkpoints/{{task}}.ft.safetensors", task=TASKS, allow_missing=True),
-        vectors=expand(f"{RUN}/vectors/{{task}}.safetensors", task=TASKS, allow_missing=True),
-        merged=expand(f"{RUN}/vectors/loo/{{receiver}}.{{method}}.safetensors", receiver=TASKS, method=MERGED, allow_missing=True),
+        vectors=expand(f"{QRUN}/vectors/{{task}}.safetensors", task=TASKS, allow_missing=True),
+        merged=expand(f"{QRUN}/vectors/loo/{{receiver}}.{{method}}.safetensors", receiver=TASKS, method=MERGED, allow_missing=True),
     output:
-        norms=f"{RUN}/diagnostics.parquet",
-        cosine=f"{RUN}/cosine.parquet",
+        norms=f"{QRUN}/diagnostics.parquet",
+        cosine=f"{QRUN}/cosine.parquet",
     log:
-        f"{RUN_LOGS}/diagnostics.log",
+        f"{QRUN_LOGS}/diagnostics.log",
     params:
         backbone=backbone_flag,
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} {params.backbone} "
+        "{QV} diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} {params.backbone} "
         "--ft {input.ft} --vectors {input.vectors} --merged {input.merged} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
 
 
@@ -38,10 +40,11 @@ rule tables:
     """Every seed's baselines and cells with gains, specific gains over the random controls with
     bootstrap intervals, donor/receiver summaries (Tables 2, 3, 5-7) and the diagnostics."""
     input:
-        baselines=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/baselines/{{task}}.parquet", seed=SEEDS, task=TASKS),
-        cells=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/transfer/{{receiver}}/{{donor}}.parquet", seed=SEEDS, receiver=TASKS, donor=DONORS),
-        norms=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/diagnostics.parquet", seed=SEEDS),
-        cosine=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/cosine.parquet", seed=SEEDS),
+        baselines=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/baselines/{{task}}.parquet", seed=SEEDS, quant=QUANTS, task=TASKS),
+        cells=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/transfer/{{receiver}}/{{donor}}.parquet", seed=SEEDS, quant=QUANTS,
+                     receiver=TASKS, donor=DONORS),
+        norms=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/diagnostics.parquet", seed=SEEDS, quant=QUANTS),
+        cosine=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/cosine.parquet", seed=SEEDS, quant=QUANTS),
     output:
         baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",
@@ -51,6 +54,8 @@ rule tables:
         summary_specific=f"{OUT}/{{arch}}/summary_specific.parquet",
         norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
+        quantizers=f"{OUT}/{{arch}}/quantizers.parquet",
+        quantizers_md=f"{OUT}/{{arch}}/quantizers.md",
     log:
         f"{LOGS}/{{arch}}/tables.log",
     conda:
@@ -59,12 +64,13 @@ rule tables:
         "{QV} tables --baselines {input.baselines} --cells {input.cells} --norms {input.norms} --cosine {input.cosine} "
         "--out-baselines {output.baselines} --out-transfer {output.transfer} --out-donor {output.donor} "
         "--out-receiver {output.receiver} --out-specific {output.specific} "
-        "--out-summary-specific {output.summary_specific} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
+        "--out-summary-specific {output.summary_specific} --out-norms {output.norms} --out-cosine {output.cosine} "
+        "--out-quantizers {output.quantizers} --out-quantizers-md {output.quantizers_md} 2> {log}"
 
 
 rule figures:
-    """Gain heatmaps at lambda = 1 and at the best lambda (the paper's Fig. 2), controls beside them,
-    the QV cosine heatmap, and a markdown summary with the verdict against random directions."""
+    """Per quantizer: gain heatmaps at lambda = 1 and at the best lambda (the paper's Fig. 2), controls
+    beside them, the QV cosine heatmap, and a markdown summary with the verdict against random directions."""
     input:
         baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",
@@ -72,14 +78,14 @@ rule figures:
         norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
     output:
-        gain=report(f"{OUT}/{{arch}}/heatmap_gain.png", category="Figures"),
-        cosine=report(f"{OUT}/{{arch}}/heatmap_cosine.png", category="Figures"),
-        summary=report(f"{OUT}/{{arch}}/summary.md", category="Summary"),
+        gain=report(f"{OUT}/{{arch}}/{{quant}}/heatmap_gain.png", category="Figures", subcategory="{quant}"),
+        cosine=report(f"{OUT}/{{arch}}/{{quant}}/heatmap_cosine.png", category="Figures", subcategory="{quant}"),
+        summary=report(f"{OUT}/{{arch}}/{{quant}}/summary.md", category="Summary", subcategory="{quant}"),
     log:
-        f"{LOGS}/{{arch}}/figures.log",
+        f"{LOGS}/{{arch}}/{{quant}}/figures.log",
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} figures --arch {wildcards.arch} --baselines {input.baselines} --transfer {input.transfer} "
+        "{QV} figures --arch {wildcards.arch} --quant {wildcards.quant} --baselines {input.baselines} --transfer {input.transfer} "
         "--summary-specific {input.summary_specific} --norms {input.norms} --cosine {input.cosine} "
         "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} 2> {log}"

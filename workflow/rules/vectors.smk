@@ -1,12 +1,12 @@
 rule extract_vector:
     """rho_D = theta_QAT(D) - theta_FT(D)."""
     input:
-        qat=f"{RUN}/checkpoints/{{task}}.qat.safetensors",
+        qat=f"{QRUN}/checkpoints/{{task}}.qat.safetensors",
         ft=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
     output:
-        f"{RUN}/vectors/{{task}}.safetensors",
+        f"{QRUN}/vectors/{{task}}.safetensors",
     log:
-        f"{RUN_LOGS}/vectors/{{task}}.log",
+        f"{QRUN_LOGS}/vectors/{{task}}.log",
     resources:
         mem_mb=2000,
         runtime=10,
@@ -21,11 +21,11 @@ rule merge_leave_one_out:
     include the receiver's own vector (nor its QAT model); adding a task rebuilds these merges and
     their cells, nothing else."""
     input:
-        lambda wc: [f"{OUT}/{wc.arch}/seed{wc.seed}/vectors/{t}.safetensors" for t in TASKS if t != wc.receiver],
+        lambda wc: [f"{OUT}/{wc.arch}/seed{wc.seed}/{wc.quant}/vectors/{t}.safetensors" for t in TASKS if t != wc.receiver],
     output:
-        f"{RUN}/vectors/loo/{{receiver}}.{{method}}.safetensors",
+        f"{QRUN}/vectors/loo/{{receiver}}.{{method}}.safetensors",
     log:
-        f"{RUN_LOGS}/vectors/loo/{{receiver}}.{{method}}.log",
+        f"{QRUN_LOGS}/vectors/loo/{{receiver}}.{{method}}.log",
     resources:
         mem_mb=2000,
         runtime=10,

@@ -62,6 +62,11 @@ def rows(node: dict, schema: dict, prefix: str) -> list[str]:
     node = _resolve(node, schema)
     meaning = " ".join(str(node.get("description", "")).split()).replace("|", "\\|")
     out = [f"| `{prefix}` | {_type(node)} | {_default(node)} | {meaning} |"] if prefix else []
+    for option in node.get("oneOf", []):  # e.g. quant: one quantizer or a list of them; document the quantizer once
+        option = _resolve(option, schema)
+        if option.get("properties"):
+            for name, child in option["properties"].items():
+                out += rows(child, schema, f"{prefix}.{name}")
     for name, child in node.get("properties", {}).items():
         out += rows(child, schema, f"{prefix}.{name}" if prefix else name)
     extra = node.get("additionalProperties")
