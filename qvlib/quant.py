@@ -66,6 +66,20 @@ def mse_scale(blocks: torch.Tensor, spec: "QuantSpec") -> torch.Tensor:
     return clipped_scale(blocks, spec, MSE_RATIOS)
 
 
+@register_scale("hqq")
+def hqq_scale(blocks: torch.Tensor, spec: "QuantSpec") -> torch.Tensor:
+    """HQQ's calibration-free scale fit (half-quadratic quantization, scale only, symmetric), as
+    torchao implements it: per block, the scale is refined by alternating a sparsity-promoting
+    estimate of the quantization error (an lp norm, p < 1, so a few large weights may be clipped)
+    with a closed-form scale update. The codes are then the round-to-nearest ones of that scale, on
+    the paper's symmetric integer grid, like every other scale here."""
+    # torchao keeps this fit private (no public wrapper takes qmin/qmax); the version is pinned in pyproject.toml
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq as fit
+
+    _, scale = fit(blocks.float(), [1, blocks.shape[1]], spec.qmin, spec.qmax)
+    return scale.float().reshape(-1, 1)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How weights are quantized: bit-width and the blocks that share one scale."""

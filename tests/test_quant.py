@@ -201,3 +201,24 @@ def test_mse_scale_never_reconstructs_worse_than_absmax_and_is_absmax_with_ratio
     assert torch.equal(clipped_scale(blocks, spec, [1.0]), absmax_scale(blocks, spec))
     with pytest.raises(ValueError, match="clipping grid is empty"):
         clipped_scale(blocks, spec, [])
+
+
+def test_hqq_scale_is_torchaos_fit_on_the_papers_grid_and_beats_absmax_on_heavy_tails():
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(torch.tensor(3.0)).sample((64, 96)) * 0.02
+    w[7] = 0.0
+    for bits in (2, 3, 4):
+        spec = QuantSpec(bits=bits, scale="hqq")
+        assert spec.tag == f"w{bits}-channel-hqq"
+        codes, scale = quantize(w, spec)
+        qdata, ref_scale = _choose_qparams_and_quantize_scale_only_hqq(w, [1, 96], spec.qmin, spec.qmax)
+        nonzero = torch.arange(64) != 7
+        assert torch.equal(scale[nonzero], ref_scale.float()[nonzero])  # the library's scale, untouched
+        assert torch.equal(codes[nonzero].int(), qdata[nonzero])  # and its codes: round to nearest on [qmin, qmax]
+        assert int(codes.min()) >= spec.qmin and int(codes.max()) <= spec.qmax
+        assert (fake_quant(w, spec)[7] == 0).all()
+        err_abs = (fake_quant(w, QuantSpec(bits=bits)) - w).pow(2).sum()
+        err_hqq = (fake_quant(w, spec) - w).pow(2).sum()
+        assert err_hqq < err_abs  # heavy tails: a smaller scale than absmax reconstructs better
