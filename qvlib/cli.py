@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoints
-from .quant import DEFAULT_POLICY, GRANULARITIES, QuantPolicy, QuantSpec
+from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, QuantPolicy, QuantSpec
 from .vectors import WeightVector, atomic_write
 from .vocab import FINETUNE_MODES, Split
 
@@ -27,10 +27,13 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=3, help="bit-width, 2..8 (default 3, as in the paper)")
     p.add_argument("--granularity", default="channel", choices=GRANULARITIES)
     p.add_argument("--group-size", type=int, default=None, help="columns per scale with --granularity group")
+    p.add_argument("--scale", default="absmax", choices=list(SCALES),
+                   help="how a block's scale is chosen: absmax (the paper's), mse (clipping that minimises the squared "
+                        "error), hqq (HQQ's half-quadratic fit); all data-free")
 
 
 def quant_spec(args: argparse.Namespace) -> QuantSpec:
-    return QuantSpec(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
+    return QuantSpec(bits=args.bits, granularity=args.granularity, group_size=args.group_size, scale=args.scale)
 
 
 # ---------------------------------------------------------------- checkpoint commands
