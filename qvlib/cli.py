@@ -464,21 +464,27 @@ register("figures", "gain and cosine heatmaps and the markdown summary", _figure
 
 
 def _readme_args(p):
-    p.add_argument("--summary", type=Path, required=True, help="a run's summary.md (qv figures)")
-    p.add_argument("--readme", type=Path, default=Path("README.md"), help="the file whose readme block is replaced")
+    p.add_argument("--summary", type=Path, default=None, help="a run's summary.md (qv figures): its headline block")
+    p.add_argument("--quantizers", type=Path, default=None, help="a run's quantizers.md (qv tables): its comparison block")
+    p.add_argument("--readme", type=Path, default=Path("README.md"), help="the file whose blocks are replaced")
 
 
 def _readme(args) -> int:
-    from .plots import readme_block, replace_readme_block
+    from .plots import QUANTIZERS_BLOCK, readme_block, replace_readme_block
 
-    block = readme_block(args.summary.read_text())
-    text = replace_readme_block(args.readme.read_text(), block)
+    sources = [(path, name) for path, name in ((args.summary, "readme"), (args.quantizers, QUANTIZERS_BLOCK)) if path]
+    if not sources:
+        raise SystemExit("qv readme: give --summary and/or --quantizers")
+    text = args.readme.read_text()
+    for path, name in sources:
+        text = replace_readme_block(text, readme_block(path.read_text(), name), name)
     atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))
-    print(f"{args.readme}: demo block replaced from {args.summary}")
+    for path, name in sources:
+        print(f"{args.readme}: {name} block replaced from {path}")
     return 0
 
 
-register("readme", "copy a summary's headline block (verdicts, per-seed table, machine) into the README",
+register("readme", "copy a summary's headline block (verdicts, per-seed table, machine) or a quantizer comparison into the README",
          _readme_args, _readme)
 
 

@@ -128,7 +128,7 @@ def _save(fig, output: str | Path, tight: bool = True) -> Path:
     return path
 
 
-README_START, README_END = "<!-- readme:start -->", "<!-- readme:end -->"
+README_START, README_END = "<!-- readme:start -->", "<!-- readme:end -->"  # the summary's block the README copies
 
 
 def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
@@ -381,20 +381,29 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
     ])
 
 
-def readme_block(summary: str) -> str:
-    """The part of a summary between the readme markers, markers included."""
-    if README_START not in summary or README_END not in summary:
-        raise ValueError(f"the summary has no {README_START} ... {README_END} block")
-    start = summary.index(README_START)
-    return summary[start:summary.index(README_END) + len(README_END)]
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def replace_readme_block(readme: str, block: str) -> str:
-    """``readme`` with its readme-marker block replaced by ``block``."""
-    if README_START not in readme or README_END not in readme:
-        raise ValueError(f"the README has no {README_START} ... {README_END} block to replace")
-    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
+def readme_block(summary: str, name: str = "readme") -> str:
+    """The part of a summary between the ``name`` markers (``<!-- name:start -->``), markers included."""
+    start_mark, end_mark = _markers(name)
+    if start_mark not in summary or end_mark not in summary:
+        raise ValueError(f"the summary has no {start_mark} ... {end_mark} block")
+    start = summary.index(start_mark)
+    return summary[start:summary.index(end_mark) + len(end_mark)]
+
+
+def replace_readme_block(readme: str, block: str, name: str = "readme") -> str:
+    """``readme`` with its ``name``-marker block replaced by ``block``."""
+    start_mark, end_mark = _markers(name)
+    if start_mark not in readme or end_mark not in readme:
+        raise ValueError(f"the README has no {start_mark} ... {end_mark} block to replace")
+    start, end = readme.index(start_mark), readme.index(end_mark) + len(end_mark)
     return readme[:start] + block + readme[end:]
+
+
+QUANTIZERS_BLOCK = "readme-quantizers"
 
 
 def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
@@ -405,7 +414,7 @@ def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
              "seeds pooled. `best PTQ` is, per receiver, the best PTQ accuracy among this run's quantizers of the "
              "same bit-width; `over best PTQ` is the patched model's accuracy minus it: positive means the vector "
              "adds something a better data-free quantizer alone does not. `random` is the same with the pairs' "
-             "norm-matched random directions.", ""]
+             "norm-matched random directions.", "", _markers(QUANTIZERS_BLOCK)[0]]
     for (bits,), rows in table.group_by("bits", maintain_order=True):
         lines += [f"## {bits} bits", ""]
         view = rows.select(
@@ -415,5 +424,5 @@ def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
             pl.col("patched_over_best_ptq").alias("patched over best PTQ"),
             pl.col("random_over_best_ptq").alias("random over best PTQ"), "pairs", "seeds")
         lines += [markdown_table(view), ""]
-    lines.append(machine_line())
+    lines += [machine_line(), _markers(QUANTIZERS_BLOCK)[1]]
     return "\n".join(lines) + "\n"

@@ -130,3 +130,60 @@ def test_a_merged_donor_is_its_own_kind_apart_from_single_donors():
     heads = tables.headline(pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": m, "split": "test",
                                            "accuracy": a} for m, a in (("ft", 90.0), ("ptq", 50.0), ("qat", 85.0), ("qat_ptq", 88.0))]), p)
     assert (heads["pairs"][0], heads["oracle_mean"][0]) == (1, 20.0)  # the headline is about single donors
+
+
+def test_racing_rows_that_saw_part_of_a_split_are_not_read_by_any_rule():
+    """A race's dropped lambda (n < the split) may look best on its few images; the rules ignore it."""
+    rows = cell("none", None, {("test", 1.0): 70.0, ("test", 0.5): 60.0, ("calib", 1.0): 55.0, ("calib", 0.5): 65.0})
+    rows += [{**rows[0], "lambda": 2.0, "accuracy": 99.0, "n": 10, "split": split} for split in ("test", "calib")]
+    raced = pl.DataFrame([{**r, "search": "racing"} for r in rows])
+    base = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": "ptq", "split": s,
+                          "accuracy": 50.0} for s in ("test", "calib")])
+    donor = tables.pairs(tables.with_gain(raced, base)).row(0, named=True)
+    assert (donor["gain_lambda1"], donor["gain_oracle"], donor["lambda_oracle"], donor["lambda_calib"]) == (20.0, 20.0, 1.0, 0.5)
+
+
+def test_quantizer_comparison_reads_gains_over_the_best_ptq_of_the_same_bits():
+    base_rows = []
+    for quant, bits, ptq, qat in (("w2-channel", 2, 40.0, 80.0), ("w2-channel-mse", 2, 50.0, 82.0), ("w3-channel", 3, 85.0, 88.0)):
+        for model, acc in (("ft", 90.0), ("ptq", ptq), ("qat_ptq", qat), ("qat", 89.0)):
+            base_rows.append({"arch": "a", "quant": quant, "seed": 0, "task": "R", "bits": bits, "model": model,
+                              "split": "test", "accuracy": acc})
+    baselines = pl.DataFrame(base_rows)
+    pair_rows = pl.DataFrame([
+        {"arch": "a", "quant": q, "seed": 0, "receiver": "R", "donor": "D", "control": c, "kind": "single",
+         "gain_lambda1": g1, "gain_oracle": go, "gain_calib": gc, "directions": 1}
+        for q, c, g1, go, gc in (("w2-channel", "none", 20.0, 25.0, 22.0), ("w2-channel", "random", 2.0, 5.0, 4.0),
+                                 ("w2-channel-mse", "none", 6.0, 8.0, 7.0), ("w2-channel-mse", "random", 1.0, 3.0, 2.0),
+                                 ("w3-channel", "none", 1.0, 2.0, 1.0), ("w3-channel", "random", 0.0, 1.0, 0.5))])
+    out = tables.quantizers(baselines, pair_rows)
+    row = {(r["quant"], r["rule"]): r for r in out.to_dicts()}
+    absmax = row[("w2-channel", "oracle")]
+    # patched = PTQ 40 + 25 = 65; the best 2-bit PTQ on R is mse's 50: 65 - 50 = +15; random 40 + 5 - 50 = -5
+    assert (absmax["ptq"], absmax["best_ptq_same_bits"], absmax["patched"], absmax["patched_over_best_ptq"]) == (40.0, 50.0, 65.0, 15.0)
+    assert (absmax["random"], absmax["random_over_best_ptq"], absmax["qat"], absmax["ft"]) == (45.0, -5.0, 80.0, 90.0)
+    mse = row[("w2-channel-mse", "lambda=1")]
+    assert (mse["patched"], mse["patched_over_best_ptq"], mse["random_over_best_ptq"]) == (56.0, 6.0, 1.0)
+    w3 = row[("w3-channel", "calib")]
+    assert (w3["best_ptq_same_bits"], w3["patched_over_best_ptq"]) == (85.0, 1.0)  # 3 bits compared only with 3 bits
+    assert out["rule"].to_list()[:3] == ["lambda=1", "oracle", "calib"]
+
+
+def test_qv_readme_replaces_the_summary_and_quantizer_blocks(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    qv = str(Path(sys.executable).parent / "qv")
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- readme:start -->old<!-- readme:end -->\nmid\n<!-- readme-quantizers:start -->old<!-- readme-quantizers:end -->\n")
+    (tmp_path / "summary.md").write_text("x <!-- readme:start -->NEW HEADLINE<!-- readme:end --> y")
+    (tmp_path / "quantizers.md").write_text("# t\n<!-- readme-quantizers:start -->| a |<!-- readme-quantizers:end -->\n")
+    proc = subprocess.run([qv, "readme", "--summary", tmp_path / "summary.md", "--quantizers", tmp_path / "quantizers.md",
+                           "--readme", readme], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert readme.read_text() == ("top\n<!-- readme:start -->NEW HEADLINE<!-- readme:end -->\nmid\n"
+                                  "<!-- readme-quantizers:start -->| a |<!-- readme-quantizers:end -->\n")
+    (tmp_path / "bad.md").write_text("no markers")
+    proc = subprocess.run([qv, "readme", "--quantizers", tmp_path / "bad.md", "--readme", readme], capture_output=True, text=True)
+    assert proc.returncode != 0 and "readme-quantizers:start" in proc.stderr
