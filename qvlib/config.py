@@ -174,12 +174,13 @@ class Config:
     def load_options(self, task: str, preprocess: Preprocess) -> LoadOptions:
         opts = {**self.raw.get("task_defaults", {}), **self.task(task)}
         opts.pop("train", None)
-        known = set(LoadOptions.__dataclass_fields__) - {"preprocess", "root", "seed"}
+        known = set(LoadOptions.__dataclass_fields__) - {"preprocess", "root", "seed", "calib_position"}
         unknown = set(opts) - known
         if unknown:
             raise ValueError(f"task {task!r}: unknown option(s) {sorted(unknown)}; allowed: {sorted(known)} and train")
         return LoadOptions(preprocess=preprocess, root=self.data_root, seed=self.data_seed,
-                           download=bool(self.raw.get("download", False)), **opts)
+                           download=bool(self.raw.get("download", False)),
+                           calib_position=self.raw.get("calib_position", "head"), **opts)
 
     def finetune_train(self, task: str) -> TrainConfig:
         base = dict(self.raw["finetune"])

@@ -39,6 +39,23 @@ def test_calib_split_convention():
     assert len(calib_indices(100_000)[1]) == 5000  # at most 5,000
 
 
+def test_calib_from_the_tail_is_what_random_split_holds_out():
+    """The paper's code validates on random_split(train, [n - k, k], generator seeded 0)[1]: calib_position tail."""
+    import torch
+    from torch.utils.data import random_split
+
+    n = 1234
+    train, calib = calib_indices(n, position="tail")
+    kept, held = random_split(range(n), [n - 123, 123], generator=torch.Generator().manual_seed(0))
+    assert calib == sorted(held.indices) and train == sorted(kept.indices)
+    assert calib != calib_indices(n)[1] and len(calib) == len(calib_indices(n)[1])  # same size, other images
+    with pytest.raises(ValueError, match="head, tail"):
+        calib_indices(n, position="middle")
+    task = load_task("shapes", opts(n_train=200, n_test=50, calib_position="tail"))
+    assert task.provenance["calib_position"] == "tail" and len(task.calib) == 20
+    assert "calib_position" not in load_task("shapes", opts(n_train=200, n_test=50)).provenance
+
+
 @pytest.mark.parametrize("name", EMBEDDED)
 def test_embedded_tasks_are_deterministic_and_shaped(name):
     small = dict(n_train=200, n_test=50)

@@ -133,18 +133,29 @@ class TaskData:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+CALIB_POSITIONS = ("head", "tail")
+
+
 def calib_indices(n_train: int, seed: int = CALIB_SEED, fraction: float = CALIB_FRACTION,
-                  max_size: int = CALIB_MAX) -> tuple[list[int], list[int]]:
-    """(train, calib) index lists: calib is ``fraction`` of the training set, at most ``max_size``,
-    drawn with ``seed``; both sorted and disjoint."""
+                  max_size: int = CALIB_MAX, position: str = "head") -> tuple[list[int], list[int]]:
+    """(train, calib) index lists: calib is ``fraction`` of the training set, at most ``max_size``, from
+    a permutation drawn with ``seed``: its first images (``head``) or its last (``tail``: what
+    ``torch.utils.data.random_split(train, [n - n_calib, n_calib])`` with a generator seeded ``seed``
+    holds out, the authors' validation split); both lists sorted and disjoint."""
+    if position not in CALIB_POSITIONS:
+        raise ValueError(f"calib position must be one of {', '.join(CALIB_POSITIONS)}, got {position!r}")
     n_calib = min(int(n_train * fraction), max_size)
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_calib:]), sorted(perm[:n_calib])
+    cut = n_calib if position == "head" else n_train - n_calib
+    train, calib = (perm[cut:], perm[:cut]) if position == "head" else (perm[:cut], perm[cut:])
+    return sorted(train), sorted(calib)
 
 
 def with_calib(name: str, classes: Sequence[str], train_full: Dataset, test: Dataset,
-               provenance: dict[str, Any]) -> TaskData:
-    train_idx, calib_idx = calib_indices(len(train_full))
+               provenance: dict[str, Any], position: str = "head") -> TaskData:
+    train_idx, calib_idx = calib_indices(len(train_full), position=position)
+    if position != "head":  # recorded (and fingerprinted) only where it differs from the default
+        provenance = {**provenance, "calib_position": position}
     return TaskData(name, list(classes), _subset(train_full, train_idx), _subset(train_full, calib_idx), test, provenance)
 
 

@@ -37,6 +37,7 @@ class LoadOptions:
     max_train: int | None = None
     max_test: int | None = None
     source: Mapping[str, Any] = field(default_factory=dict)
+    calib_position: str = "head"  # where calib is cut from the seeded permutation of train (qvlib.data.base.calib_indices)
 
 
 Loader = Callable[[str, LoadOptions], tuple[Dataset, Dataset, list[str], dict]]
@@ -66,7 +67,7 @@ def load_task(name: str, opts: LoadOptions) -> TaskData:
     train = _limit(train, opts.max_train, opts.seed)
     test = _limit(test, opts.max_test, opts.seed + 1)
     provenance = {**provenance, "max_train": opts.max_train, "max_test": opts.max_test, "seed": opts.seed}
-    return with_calib(name, classes, train, test, provenance)
+    return with_calib(name, classes, train, test, provenance, position=opts.calib_position)
 
 
 def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:

@@ -120,7 +120,8 @@ def arch_digest(arch):
 
 
 def task_digest(task):
-    return digest(config["tasks"][task], config.get("task_defaults"), config.get("data_root"), config.get("data_seed"))
+    return digest(config["tasks"][task], config.get("task_defaults"), config.get("data_root"), config.get("data_seed"),
+                  *optional(config, "calib_position"))
 
 
 def final_outputs():
