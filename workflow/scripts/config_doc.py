@@ -24,8 +24,9 @@ Every key the workflow reads, generated from `workflow/schemas/config.schema.yam
 stale). The workflow validates a config against that schema before any job starts, and fills in the
 defaults below. `<arch>` and `<task>` stand for the names you choose under `archs` and `tasks`.
 
-Configs here: `config.yaml` (the embedded offline demo, the default), `paper.yaml` (the paper's
-22-task grid on four ViTs); `.test/config/config.yaml` is the miniature the tests run.
+Configs here: `config.yaml` (the embedded offline demo, the default), `quantizers.yaml` (layered on
+the default: three quantizers side by side), `paper.yaml` (the paper's 22-task grid on four ViTs);
+`.test/config/config.yaml` is the miniature the tests run.
 
 | key | type | default | meaning |
 |---|---|---|---|
