@@ -416,7 +416,7 @@ def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
              "adds something a better data-free quantizer alone does not. `random` is the same with the pairs' "
              "norm-matched random directions.", "", _markers(QUANTIZERS_BLOCK)[0]]
     for (bits,), rows in table.group_by("bits", maintain_order=True):
-        lines += [f"## {bits} bits", ""]
+        lines += [f"**{bits} bits**", ""]  # bold, not a heading: the block also sits inside the README's sections
         view = rows.select(
             "quant", pl.col("rule").map_elements(rule_label, return_dtype=pl.Utf8).alias("lambda rule"),
             pl.col("ft").alias("FT"), pl.col("ptq").alias("PTQ"), pl.col("best_ptq_same_bits").alias("best PTQ"),

@@ -265,4 +265,4 @@ def test_adding_a_quantizer_runs_only_its_jobs_and_compares_them(finished, tmp_p
     best = base.group_by("task").agg(pl.col("accuracy").max())["accuracy"].mean()
     assert table["best_ptq_same_bits"].to_list() == pytest.approx([best] * len(table))
     assert (table["best_ptq_same_bits"] >= table["ptq"] - 1e-9).all()
-    assert "## 2 bits" in (out / "quantizers.md").read_text()
+    assert "**2 bits**" in (out / "quantizers.md").read_text()
