@@ -123,7 +123,7 @@ class Config:
     def quant(self) -> QuantSpec:
         """The quantizer of this job (``with_quant``), else the first."""
         specs = self.quants
-        return specs[0] if self.quant_tag is None else specs[self.quant_tags.index(self.quant_tag)]
+        return specs[0] if self.quant_tag is None else next(s for s in specs if s.tag == self.quant_tag)
 
     @property
     def policy(self) -> QuantPolicy:
@@ -137,10 +137,10 @@ class Config:
     @property
     def lambda_search(self) -> dict:
         """How each cell scores the sweep: ``method`` (dense | racing) and the race's ``keep``,
-        ``margin`` and ``start`` (see qvlib.racing.race_lambda)."""
+        ``margin``, ``tolerance`` and ``start`` (see qvlib.racing.race_lambda)."""
         raw = dict(self.raw.get("lambda_search") or {})
         method = SweepMethod(raw.pop("method", SweepMethod.DENSE))
-        unknown = set(raw) - {"keep", "margin", "start"}
+        unknown = set(raw) - {"keep", "margin", "tolerance", "start"}
         if unknown:
             raise ValueError(f"unknown lambda_search keys: {', '.join(sorted(unknown))}")
         return {"method": method, **raw}

@@ -138,3 +138,23 @@ def test_race_splits_keeps_lambda_one_on_test_only_and_finishes_calibs_pick_on_t
     assert races["calib"].best_lambda == 0.15 and races["test"].best_lambda == 0.15
     assert races["test"].seen[0.6] == n  # a data-free pick, finished on test
     assert races["test"].forwards + races["calib"].forwards < 0.35 * 2 * len(GRID) * n
+
+
+def test_every_race_setting_passes_the_config_and_its_schema_and_reaches_the_race(tmp_path):
+    from pathlib import Path
+
+    import yaml
+    from jsonschema import validate
+
+    from qvlib.config import Config
+
+    settings = {"method": "racing", "keep": 0.25, "margin": 1.5, "tolerance": 0.5, "start": 64}
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    validate(settings, schema["properties"]["lambda_search"])
+    options = Config({"lambda_search": settings}, tmp_path).lambda_search
+    assert options == settings
+    correct = torch.ones(len(GRID), 256, dtype=torch.bool)
+    result = race_lambda(scorer(correct, []), GRID, torch.zeros(256), **{k: v for k, v in options.items() if k != "method"})
+    assert result.seen[GRID[0]] == 64  # start reached the race
+    with pytest.raises(ValueError, match="unknown lambda_search keys: speed"):
+        Config({"lambda_search": {"method": "racing", "speed": 2}}, tmp_path).lambda_search
