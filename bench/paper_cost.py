@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from qvlib.config import Config  # noqa: E402
 from qvlib.data.base import CALIB_FRACTION, CALIB_MAX  # noqa: E402
-from qvlib.pipeline import arch_preprocess  # noqa: E402
+from qvlib.pipeline import arch_pixels  # noqa: E402
 from qvlib.vocab import Precision  # noqa: E402
 
 # (images in the training source before calib is carved, test images) of the paper's tasks.
@@ -114,7 +114,7 @@ def main() -> int:
           f"{forwards['vectors']:,} vectors evaluated per arch and seed")
     by_pixels = defaultdict(list)
     for arch in cfg.arch_names:
-        by_pixels[arch_preprocess(cfg.arch(arch)).pixels()].append(arch)
+        by_pixels[arch_pixels(cfg, arch)].append(arch)
     cache_bytes = 0
     for pixels, archs in by_pixels.items():
         side = int(pixels.split("px")[0])

@@ -59,8 +59,7 @@ def _info(args) -> int:
     info = {"path": str(args.checkpoint), "file_bytes": args.checkpoint.stat().st_size}
     if is_packed(ckpt):
         sizes = packed_sizes(ckpt)
-        info.update(sizes, packed_ratio=round(sizes["quantized_bytes"] / sizes["quantized_float32_bytes"], 4),
-                    metadata=dict(ckpt.metadata))
+        info.update(sizes, packed_ratio=round(sizes["packed_ratio"], 4), metadata=dict(ckpt.metadata))
     else:
         info.update(checkpoints.describe(ckpt, policy_of(args)))
     if args.json:
@@ -227,7 +226,7 @@ def _quantize(args) -> int:
         packed.save(args.output)
         sizes = packed_sizes(packed)
         print(f"wrote {args.output} ({spec.tag}, packed): quantized tensors {sizes['quantized_bytes']:,} bytes, "
-              f"{sizes['quantized_bytes'] / sizes['quantized_float32_bytes']:.4f} of float32 (bits/32 = {spec.bits / 32:.4f})")
+              f"{sizes['packed_ratio']:.4f} of float32 (bits/32 = {spec.bits / 32:.4f})")
         return 0
     checkpoints.quantized(ckpt, spec, policy_of(args), str(args.checkpoint)).save(args.output)
     print(f"wrote {args.output} ({spec.tag})")

@@ -88,10 +88,11 @@ def unpack_checkpoint(packed: WeightVector) -> WeightVector:
 
 
 def packed_sizes(packed: WeightVector) -> dict[str, int]:
-    """Bytes of the quantized part (codes and scales) and of the same weights in float32."""
+    """Bytes of the quantized part (codes and scales), of the same weights in float32, and their ratio."""
     shapes = json.loads(packed.metadata["packed"])
     stored = sum(packed[n + CODES_SUFFIX].numel() + 4 * packed[n + SCALE_SUFFIX].numel() for n in shapes)
-    return {"quantized_bytes": stored, "quantized_float32_bytes": 4 * sum(math.prod(s) for s in shapes.values())}
+    dense = 4 * sum(math.prod(s) for s in shapes.values())
+    return {"quantized_bytes": stored, "quantized_float32_bytes": dense, "packed_ratio": stored / dense}
 
 
 def load_packed(path) -> WeightVector:

@@ -72,9 +72,14 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
 
 
 # ---------------------------------------------------------------- evaluation
+def arch_pixels(cfg: Config, arch_name: str) -> str:
+    """The pixels key (:meth:`Preprocess.pixels`) of an arch's cached splits."""
+    return arch_preprocess(cfg.arch(arch_name)).pixels()
+
+
 def cache_path(cfg: Config, arch_name: str, out: Path, task: str, split: str) -> Path:
     """Where the run under ``out`` (results/<name>) keeps ``task``'s ``split`` preprocessed for ``arch_name``."""
-    return Path(out) / cache_relpath(arch_preprocess(cfg.arch(arch_name)).pixels(), task, split)
+    return Path(out) / cache_relpath(arch_pixels(cfg, arch_name), task, split)
 
 
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:

@@ -128,7 +128,12 @@ def _save(fig, output: str | Path, tight: bool = True) -> Path:
     return path
 
 
-README_START, README_END = "<!-- readme:start -->", "<!-- readme:end -->"  # the summary's block the README copies
+def _markers(name: str) -> tuple[str, str]:
+    """The HTML comments around a block that ``qv readme`` copies from a run's markdown into the README."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+README_START, README_END = _markers("readme")  # the summary's block the README copies
 
 
 def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
@@ -379,10 +384,6 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
         markdown_table(qv, digits=3),
         "",
     ])
-
-
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def readme_block(summary: str, name: str = "readme") -> str:

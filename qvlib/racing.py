@@ -81,7 +81,6 @@ class Race:
         return int(self.right[lam].sum())
 
 
-
 @dataclass
 class RaceResult:
     """The chosen lambda, and the race behind it: ``seen`` and ``correct`` per lambda, ``forwards`` in all."""

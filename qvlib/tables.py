@@ -14,8 +14,8 @@ from typing import Iterable
 import polars as pl
 
 from .stats import bootstrap_mean, verdict
-from .vocab import (DATAFREE_GAIN_PREFIX, MERGED_PREFIX, Control, DonorKind, Rule, Search, Split, Variant,
-                    rule_columns)
+from .vocab import (DATAFREE_GAIN_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Search, Split,
+                    Variant, rule_columns)
 
 RUN_KEYS = ["arch", "quant", "seed"]  # one replicate of one grid
 PAIR_KEYS = [*RUN_KEYS, "receiver", "donor"]
@@ -138,9 +138,7 @@ def summary_specific(spec_rows: pl.DataFrame) -> pl.DataFrame:
             for seed, seed_rows in rows.group_by("seed", maintain_order=True):
                 out.append({**base, "seed": seed[0], **_interval_row(seed_rows, pooled=False)})
             out.append({**base, "seed": None, **_interval_row(rows, pooled=True)})
-    order = {str(r): i for i, r in enumerate(Rule)}
-    return (pl.DataFrame(out, schema_overrides={"seed": pl.Int64, "task": pl.Utf8})
-            .with_columns(pl.col("rule").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_order"))
+    return (pl.DataFrame(out, schema_overrides={"seed": pl.Int64, "task": pl.Utf8}).with_columns(rule_order())
             .sort(["arch", "quant", "kind", "scope", "task", "_order", "rule", "seed"], nulls_last=True).drop("_order"))
 
 
@@ -219,18 +217,20 @@ def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame
     pairs_ = pairs_.join(test.select(*RUN_KEYS, pl.col("task").alias("receiver"), Variant.PTQ, "best_ptq"),
                          on=[*RUN_KEYS, "receiver"])
     frames = []
-    for rule, col in rule_columns(pairs_.columns).items():
-        if rule.startswith("datafree"):
-            continue
+    for rule, col in RULE_COLUMNS.items():  # the fixed rules; data-free ones have their own comparison in summary.md
         patched = pl.col(Variant.PTQ) + pl.col(col)
         agg = []
         for control, name in ((Control.DONOR, "patched"), (Control.RANDOM, "random")):
             pick = pl.col("control") == control
             agg += [patched.filter(pick).mean().alias(name),
                     (patched - pl.col("best_ptq")).filter(pick).mean().alias(f"{name}_over_best_ptq")]
-        frames.append(pairs_.group_by("arch", "quant").agg(pl.lit(rule).alias("rule"), *agg,
+        frames.append(pairs_.group_by("arch", "quant").agg(pl.lit(str(rule)).alias("rule"), *agg,
                                                            (pl.col("control") == Control.DONOR).sum().alias("pairs")))
     out = base.join(pl.concat(frames), on=["arch", "quant"], how="left")
+    return out.with_columns(rule_order()).sort("arch", "bits", "quant", "_order").drop("_order")
+
+
+def rule_order() -> pl.Expr:
+    """``_order``: a rule's place in :class:`Rule` (lambda = 1, oracle, calib), data-free rules after them."""
     order = {str(r): i for i, r in enumerate(Rule)}
-    return (out.with_columns(pl.col("rule").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_o"))
-            .sort("arch", "bits", "quant", "_o").drop("_o"))
+    return pl.col("rule").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_order")

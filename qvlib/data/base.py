@@ -146,8 +146,8 @@ def calib_indices(n_train: int, seed: int = CALIB_SEED, fraction: float = CALIB_
         raise ValueError(f"calib position must be one of {', '.join(CALIB_POSITIONS)}, got {position!r}")
     n_calib = min(int(n_train * fraction), max_size)
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = n_calib if position == "head" else n_train - n_calib
-    train, calib = (perm[cut:], perm[:cut]) if position == "head" else (perm[:cut], perm[cut:])
+    calib = perm[:n_calib] if position == "head" else perm[n_train - n_calib:]
+    train = perm[n_calib:] if position == "head" else perm[:n_train - n_calib]
     return sorted(train), sorted(calib)
 
 

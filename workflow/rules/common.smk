@@ -9,8 +9,7 @@ from snakemake.utils import validate
 
 from qvlib.config import Config, digest_of as digest
 from qvlib.data.cache import cache_relpath
-from qvlib.models import ArchSpec
-from qvlib.pipeline import arch_preprocess
+from qvlib.pipeline import arch_pixels
 from qvlib.vocab import Mode, merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
@@ -30,7 +29,6 @@ RUN_LOGS = f"{LOGS}/{{arch}}/seed{{seed}}"
 # FT does not read the quantizer and stays in RUN, shared by every quantizer.
 QRUN = f"{RUN}/{{quant}}"
 QRUN_LOGS = f"{RUN_LOGS}/{{quant}}"
-QUANTS = {spec.tag: spec for spec in Config(config, Path("config.yaml")).quants}
 # The cluster job group of a receiver's row of transfer cells (ignored when running locally); the Slurm
 # profile's group-components names this same template.
 ROW_GROUP = "row-{arch}-seed{seed}-{quant}-{receiver}"
@@ -47,13 +45,15 @@ def _write_effective_config():
 
 
 CONFIG = _write_effective_config()
+RUN_CONFIG = Config(config, Path(CONFIG))
+QUANTS = {spec.tag: spec for spec in RUN_CONFIG.quants}
 # Every rule runs the `qv` command through this repository's qvlib, so the same shell lines work in the
 # project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
 QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
 
 # Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
 # interpolation and crop agree share one cache per task: results/<name>/cache/<pixels>/<task>.<split>.
-PIXELS = {arch: arch_preprocess(ArchSpec.from_config(arch, config["archs"][arch])).pixels() for arch in ARCHS}
+PIXELS = {arch: arch_pixels(RUN_CONFIG, arch) for arch in ARCHS}
 
 
 def cache_file(arch, task, split):
