@@ -37,15 +37,17 @@ def describe(ckpt: WeightVector, policy: QuantPolicy = DEFAULT_POLICY) -> dict:
 
 def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DEFAULT_POLICY,
                    qat_name: str = "the QAT checkpoint", ft_name: str = "the FT checkpoint") -> WeightVector:
-    """``rho = theta_QAT - theta_FT`` over the policy's tensors, with provenance metadata. The two
+    """``rho = theta_QAT - theta_FT`` over the tensors the policy's vectors carry (scope linear: the
+    quantized ones; scope all: every tensor but the head), with provenance metadata. The two
     checkpoints must come from the same arch and task (when their metadata says)."""
     for key in ("arch", "task"):
         a, b = qat.metadata.get(key), ft.metadata.get(key)
         if a is not None and b is not None and a != b:
             raise ValueError(f"{qat_name} has {key}={a!r} but {ft_name} has {key}={b!r}")
-    rho = quantization_vector(qat, ft, _require_quantized(ft, ft_name, policy))
+    _require_quantized(ft, ft_name, policy)
+    rho = quantization_vector(qat, ft, policy.select_carried(ft))
     meta = {k: v for k, v in ft.metadata.items() if k in ("arch", "task", "seed", "config_hash")}
-    meta.update(mode="qv", quant=qat.metadata.get("quant", ""), source={"qat": qat_name, "ft": ft_name})
+    meta.update(mode="qv", quant=qat.metadata.get("quant", ""), scope=policy.scope, source={"qat": qat_name, "ft": ft_name})
     return rho.with_metadata(meta)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoints
-from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, QuantPolicy, QuantSpec
+from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, SCOPES, QuantPolicy, QuantSpec
 from .vectors import WeightVector, atomic_write
 from .vocab import FINETUNE_MODES, Split
 
@@ -39,11 +39,14 @@ def quant_spec(args: argparse.Namespace) -> QuantSpec:
 # ---------------------------------------------------------------- checkpoint commands
 def add_pattern_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default=DEFAULT_POLICY.pattern,
-                   help="regex of the tensors that are quantized and held by vectors (default: the block linear weights)")
+                   help="regex of the tensors that are quantized (default: the block linear weights)")
+    p.add_argument("--scope", default=DEFAULT_POLICY.scope, choices=list(SCOPES),
+                   help="what a vector holds: linear = only the quantized tensors (the paper's text); all = every "
+                        "tensor but the head (the authors' code, for models fine-tuned with all parameters)")
 
 
 def policy_of(args: argparse.Namespace) -> QuantPolicy:
-    return QuantPolicy(pattern=args.pattern)
+    return QuantPolicy(pattern=args.pattern, scope=args.scope)
 
 
 def _info_args(p):

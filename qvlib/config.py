@@ -127,8 +127,10 @@ class Config:
 
     @property
     def policy(self) -> QuantPolicy:
-        """Which tensors are quantized, trained and held by vectors (``policy: {pattern: regex}``)."""
-        return QuantPolicy(pattern=self.raw.get("policy", {}).get("pattern", VIT_BLOCK_LINEARS))
+        """Which tensors are quantized (``policy: {pattern: regex}``), and which are trained and held by
+        vectors (``policy: {scope: linear | all}``)."""
+        section = self.raw.get("policy", {})
+        return QuantPolicy(pattern=section.get("pattern", VIT_BLOCK_LINEARS), scope=section.get("scope", "linear"))
 
     @property
     def lambdas(self) -> list[float]:

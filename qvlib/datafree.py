@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant
+from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant, quantized_patch
 from .registry import Registry
 
 LAMBDA_CRITERIA: Registry = Registry("data-free lambda criterion")
@@ -50,15 +50,17 @@ def output_divergence(receiver: Mapping[str, torch.Tensor], vector: Mapping[str,
                       model: torch.nn.Module, inputs: torch.Tensor, **_) -> dict[float, float]:
     """Mean KL divergence from the full-precision receiver's class probabilities to the patched,
     quantized receiver's, on synthetic ``inputs`` (no labels, no task data): the lambda whose
-    quantized model behaves most like the model the user fine-tuned."""
+    quantized model behaves most like the model the user fine-tuned. Tensors the vector carries but
+    the policy does not quantize (scope all) are patched unquantized."""
     names = policy.select(vector)
     device = next(model.parameters()).device
     x = inputs.to(device)
-    base = {n: receiver[n].to(device) for n in names}
+    base = {n: receiver[n].to(device) for n in vector}
+    rho = {n: t.to(device) for n, t in vector.items()}
     reference = torch.func.functional_call(model, base, (x,), strict=False).float().log_softmax(dim=1)
     scores = {}
     for lam in lambdas:
-        patched = {n: fake_quant(base[n] + lam * vector[n].to(device), spec) for n in names}
+        patched = quantized_patch(base, names, spec, rho, lam)
         logp = torch.func.functional_call(model, patched, (x,), strict=False).float().log_softmax(dim=1)
         scores[float(lam)] = float(torch.nn.functional.kl_div(logp, reference, log_target=True, reduction="batchmean"))
     return scores

@@ -16,7 +16,7 @@ import torch
 
 from .data.base import Preprocess
 from .precision import autocast_for, check_precision
-from .quant import QuantSpec, fake_quant
+from .quant import QuantSpec, quantized_patch
 from .vocab import Precision
 
 
@@ -72,14 +72,9 @@ class Engine:
     @torch.inference_mode()
     def quantized(self, names: Iterable[str], spec: QuantSpec | None, vector: Mapping[str, torch.Tensor] | None = None,
                   lam: float = 0.0) -> dict[str, torch.Tensor]:
-        """``Q(theta + lam * vector)`` for the named tensors (``spec`` None: no quantization)."""
-        out = {}
-        for n in names:
-            w = self.base[n]
-            if vector is not None and lam != 0.0:
-                w = w + lam * vector[n]
-            out[n] = fake_quant(w, spec) if spec is not None else w
-        return out
+        """Overrides ``Q(theta + lam * vector)`` for the quantized ``names`` (``spec`` None: no
+        quantization), plus ``theta + lam * vector`` for the vector's other tensors (scope all)."""
+        return quantized_patch(self.base, names, spec, vector, lam)
 
 
 def load_split(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> Split:

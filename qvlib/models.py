@@ -11,12 +11,11 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .quant import DEFAULT_POLICY, QuantPolicy
+from .quant import DEFAULT_POLICY, HEAD_PREFIX, QuantPolicy
 from .vectors import WeightVector
 
 # Keys a user may override on top of a timm architecture name.
 ARCH_OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-HEAD_PREFIX = "head."
 
 
 @dataclass(frozen=True)
@@ -120,8 +119,9 @@ def set_fixed_head(model: VisionTransformer, task: str, seed: int) -> None:
 
 
 def freeze_except(model: torch.nn.Module, policy: QuantPolicy = DEFAULT_POLICY) -> list[str]:
-    """Train only the parameters that ``policy`` selects; returns their names."""
-    names = set(policy.select_model(model))
+    """Train only the parameters that ``policy`` trains (scope linear: the quantized ones; scope all:
+    every one); returns their names."""
+    names = set(policy.trained_model(model))
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     return [n for n, _ in model.named_parameters() if n in names]
@@ -129,11 +129,14 @@ def freeze_except(model: torch.nn.Module, policy: QuantPolicy = DEFAULT_POLICY) 
 
 def task_model(arch: ArchSpec, backbone: Mapping[str, torch.Tensor], task: str, num_classes: int, seed: int,
                policy: QuantPolicy = DEFAULT_POLICY) -> VisionTransformer:
-    """The starting point of every fine-tuning run: shared backbone + the task's fixed random head, frozen
-    except for the tensors ``policy`` selects (the quantized linear weights)."""
+    """The starting point of every fine-tuning run: the shared backbone and a head for the task.
+    Scope linear (the paper's text): the task's fixed random head, everything frozen but the
+    quantized linear weights. Scope all (the authors' code): timm's own freshly initialised head
+    (seeded; FT and QAT of a task start from the same one), and every parameter trains."""
     model = build_vit(arch, num_classes, seed=seed)
     load_backbone(model, backbone, arch.name)
-    set_fixed_head(model, task, seed)
+    if policy.scope == "linear":
+        set_fixed_head(model, task, seed)
     freeze_except(model, policy)
     return model
 

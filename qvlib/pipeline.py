@@ -62,13 +62,14 @@ def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Pat
     model = task_model(arch, backbone_state(arch), task_name, task.num_classes, seed=cfg.seed, policy=cfg.policy)
     meta = {**_metadata(cfg, arch_name, task_name, mode), "num_classes": task.num_classes}
     train(model, task.train, pre, cfg.finetune_train(task_name), mode, output, meta,
-          spec=cfg.quant if mode == Mode.QAT else None, device=device, progress=progress)
+          spec=cfg.quant if mode == Mode.QAT else None, device=device, progress=progress,
+          quantized=cfg.policy.select_model(model))
 
 
 def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
     return {"arch": arch, "task": task, "mode": mode, "seed": cfg.seed, "quant": cfg.quant.to_json(),
             "config": cfg.name, "config_hash": cfg.digest("archs", "finetune", "pretrain", "quant", "data_seed"),
-            "policy": cfg.policy.pattern}
+            "policy": cfg.policy.pattern, "scope": cfg.policy.scope}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -125,14 +126,17 @@ def evaluate_baselines(cfg: Config, arch_name: str, task_name: str, ft: Path, qa
     names = cfg.policy.select_model(engine.model)
     qat_ckpt = WeightVector.load(qat)
     _check_spec(qat_ckpt.metadata, spec, qat)
-    qat_weights = {n: qat_ckpt[n].to(engine.device) for n in names}
+    # Every parameter of the QAT model (scope all trains the head and the rest too; scope linear
+    # leaves them equal to FT's), its quantized tensors fake-quantized for QAT_PTQ.
+    check_fits(qat_ckpt, engine.base, str(qat), arch_name)
+    qat_weights = {n: qat_ckpt[n].to(engine.device) for n in engine.base}
     splits = cached_splits(engine, caches)
 
     models = {
         Variant.FT: {},
         Variant.PTQ: engine.quantized(names, spec),
         Variant.QAT: qat_weights,
-        Variant.QAT_PTQ: {n: fake_quant(w, spec) for n, w in qat_weights.items()},
+        Variant.QAT_PTQ: {n: fake_quant(w, spec) if n in names else w for n, w in qat_weights.items()},
     }
     rows = []
     for model_name, overrides in models.items():
@@ -170,14 +174,18 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
     _check_spec(rho.metadata, spec, vector)
     if rho.metadata.get("arch") not in (None, arch_name):
         raise ValueError(f"vector {vector} is for arch {rho.metadata.get('arch')!r}, the receiver is {arch_name!r}")
-    WeightVector({n: engine.base[n].cpu() for n in names}).check_compatible(rho)
+    carried = cfg.policy.select_carried(engine.base)
+    try:
+        WeightVector({n: engine.base[n].cpu() for n in carried}).check_compatible(rho)
+    except ValueError as err:
+        raise ValueError(f"vector {vector} does not hold what policy scope {cfg.policy.scope!r} patches: {err}") from None
     splits = cached_splits(engine, caches)
     variants = [(Control.SELF if donor == receiver else Control.DONOR, None, rho)]
     if controls and donor != receiver:
         variants += [(Control.RANDOM, s, random_direction(rho, s)) for s in random_control_seeds(cfg, donor)]
     rows = []
     base = {"arch": arch_name, "quant": spec.tag, "seed": cfg.seed, "receiver": receiver, "donor": donor, "bits": spec.bits}
-    datafree = _datafree_inputs(cfg, engine, names) if cfg.datafree_criteria and Split.TEST in splits else None
+    datafree = _datafree_inputs(cfg, engine, carried) if cfg.datafree_criteria and Split.TEST in splits else None
     for control, control_seed, vec in variants:
         vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
         row = {**base, "control": str(control), "control_seed": control_seed, "criterion": None}
@@ -225,8 +233,8 @@ def _sweep_rows(cfg: Config, engine: Engine, patched, splits: dict, test_lambdas
 
 
 def _datafree_inputs(cfg: Config, engine: Engine, names: list[str]) -> dict:
-    """What the data-free criteria read, the same for every vector of a cell: the receiver's quantized
-    tensors, its model and the noise images."""
+    """What the data-free criteria read, the same for every vector of a cell: the receiver's tensors
+    that vectors carry, its model and the noise images."""
     return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model,
             "inputs": noise_images(cfg.datafree_images, engine.preprocess.img_size, seed=stable_seed("noise-images", cfg.seed))}
 

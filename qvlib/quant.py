@@ -193,32 +193,71 @@ def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 VIT_BLOCK_LINEARS = r"^blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))\.weight$"
 
 
+# What fine-tuning trains and a quantization vector carries (config ``policy: {scope}``):
+#   linear: only the quantized tensors (the paper's text: block linear weights, a fixed random head);
+#   all:    every parameter, the head included (the authors' code); vectors carry every tensor but the head.
+Scope = Literal["linear", "all"]
+SCOPES: tuple[str, ...] = ("linear", "all")
+HEAD_PREFIX = "head."
+
+
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Which parameters are quantized, trained and carried by a quantization vector (in this method
-    the same tensors): a regex over parameter names. Built once from the config (``Config.policy``)
-    and passed down; ``DEFAULT_POLICY`` is the paper's.
+    """Which tensors are quantized (a regex over parameter names, 2-D tensors only), and with
+    ``scope`` which are trained and carried by a quantization vector. Built once from the config
+    (``Config.policy``) and passed down; ``DEFAULT_POLICY`` is the paper text's.
 
-    Only 2-D tensors can match, so biases and norm parameters are excluded whatever the pattern.
+    scope ``linear``: trained = carried = quantized. scope ``all``: every parameter trains (the
+    head too); a vector carries every floating tensor except the head's; only the pattern's tensors
+    are fake-quantized, in QAT and after patching, and the rest of a vector is added unquantized.
     """
 
     pattern: str = VIT_BLOCK_LINEARS
+    scope: Scope = "linear"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
     def matches(self, name: str, tensor: torch.Tensor | None = None) -> bool:
+        """Is this tensor quantized?"""
         if tensor is not None and tensor.dim() != 2:
             return False
         return re.search(self.pattern, name) is not None
 
+    def carries(self, name: str, tensor: torch.Tensor | None = None) -> bool:
+        """Is this tensor part of a quantization vector (and so patched)?"""
+        if self.scope == "linear":
+            return self.matches(name, tensor)
+        return not name.startswith(HEAD_PREFIX) and (tensor is None or tensor.is_floating_point())
+
+    def trains(self, name: str, tensor: torch.Tensor | None = None) -> bool:
+        """Does fine-tuning (FT and QAT) update this parameter?"""
+        return self.scope == "all" or self.matches(name, tensor)
+
+    @staticmethod
+    def _items(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
+        return named.items() if isinstance(named, Mapping) else named
+
     def select(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Names of the matching tensors, in order, from a state dict or ``model.named_parameters()``."""
-        items = named.items() if isinstance(named, Mapping) else named
-        return [name for name, t in items if self.matches(name, t)]
+        """Names of the quantized tensors, in order, from a state dict or ``model.named_parameters()``."""
+        return [name for name, t in self._items(named) if self.matches(name, t)]
+
+    def select_carried(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Names of the tensors a vector holds, in order."""
+        return [name for name, t in self._items(named) if self.carries(name, t)]
 
     def select_model(self, model: torch.nn.Module) -> list[str]:
+        """The model's quantized parameters; an error when there are none."""
         names = self.select(model.named_parameters())
         if not names:
             raise ValueError(f"no parameter of {type(model).__name__} matches the quantization pattern {self.pattern!r}")
         return names
+
+    def trained_model(self, model: torch.nn.Module) -> list[str]:
+        """The model's parameters that fine-tuning updates (at least the quantized ones)."""
+        self.select_model(model)
+        return [name for name, p in model.named_parameters() if self.trains(name, p)]
 
 
 # The paper's policy: every module that quantizes, trains or patches takes this as its default.
@@ -229,6 +268,25 @@ def layer_type(name: str) -> str:
     """The layer kind of a block linear parameter name (``qkv``, ``proj``, ``fc1``, ``fc2``), else ``other``."""
     match = re.search(r"\.(qkv|proj|fc1|fc2)\.weight$", name)
     return match.group(1) if match else "other"
+
+
+def quantized_patch(base: Mapping[str, torch.Tensor], names: Iterable[str], spec: QuantSpec | None,
+                    vector: Mapping[str, torch.Tensor] | None = None, lam: float = 0.0) -> dict[str, torch.Tensor]:
+    """``Q(theta + lam * rho)`` for the quantized ``names``, and ``theta + lam * rho`` unquantized for
+    every other tensor the vector carries (scope ``all``: biases, norms, embeddings). ``spec`` None
+    leaves everything unquantized."""
+    names = list(names)
+    quantized = set(names)
+    patched = names + [n for n in (vector or {}) if n not in quantized]
+    out = {}
+    for n in patched:
+        if n not in base:
+            raise KeyError(f"the vector holds {n!r}, which the receiver does not have")
+        w = base[n]
+        if vector is not None and lam != 0.0 and n in vector:
+            w = w + lam * vector[n]
+        out[n] = fake_quant(w, spec) if spec is not None and n in quantized else w
+    return out
 
 
 def fake_quant_state(

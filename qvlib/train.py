@@ -151,11 +151,13 @@ def train(
     device: str | None = None,
     state_fn: Callable[[torch.nn.Module], Mapping[str, torch.Tensor]] | None = None,
     progress: bool = True,
+    quantized: list[str] | None = None,
 ) -> RunResult:
     """Train the parameters of ``model`` that require grad; write the final weights to ``output``.
 
-    ``mode`` 'qat' fake-quantizes the trained weights in the forward pass (straight-through
-    gradient). Writes ``output`` (safetensors: ``model.state_dict()``, or ``state_fn(model)``) and ``output``'s metrics JSON only at the end; ``state_path`` holds the
+    ``mode`` 'qat' fake-quantizes the ``quantized`` parameters (default: every trained one) in the
+    forward pass (straight-through gradient); with scope all the trained set is larger than the
+    quantized one. Writes ``output`` (safetensors: ``model.state_dict()``, or ``state_fn(model)``) and ``output``'s metrics JSON only at the end; ``state_path`` holds the
     resumable state meanwhile and is removed on success.
     """
     if mode not in set(Mode):
@@ -171,6 +173,10 @@ def train(
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trained:
         raise ValueError("no parameter requires grad: nothing to train")
+    quantized = trained if quantized is None else list(quantized)
+    frozen = [n for n in quantized if n not in trained]
+    if mode == Mode.QAT and frozen:
+        raise ValueError(f"QAT would fake-quantize {frozen[0]!r}, which does not train")
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps(len(train_ds))
@@ -198,7 +204,7 @@ def train(
                 x = preprocess.normalize(x.to(dev, non_blocking=True))
                 y = y.to(dev, non_blocking=True)
                 with autocast:
-                    logits = quantized_forward(model, trained, spec, x) if mode == Mode.QAT else model(x)
+                    logits = quantized_forward(model, quantized, spec, x) if mode == Mode.QAT else model(x)
                     loss = torch.nn.functional.cross_entropy(logits.float(), y) / accum
                 loss.backward()
                 step_loss += float(loss.detach())

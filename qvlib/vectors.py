@@ -192,7 +192,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def quantization_vector(qat: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor], names: Iterable[str]) -> WeightVector:
-    """``rho = theta_QAT - theta_FT`` over ``names`` (the quantized linear weights)."""
+    """``rho = theta_QAT - theta_FT`` over ``names`` (what the policy's vectors carry)."""
     names = list(names)
     return WeightVector({n: _get(qat, n, "QAT") for n in names}) - WeightVector({n: _get(ft, n, "FT") for n in names})
 

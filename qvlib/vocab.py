@@ -37,7 +37,7 @@ class Control(StrEnum):
 
     DONOR = "none"  # a real donor's quantization vector
     RANDOM = "random"  # a random direction with the donor vector's per-tensor norms
-    SELF = "self"  # the receiver's own vector: at lambda = 1 exactly its QAT model
+    SELF = "self"  # the receiver's own vector: at lambda = 1 exactly its QAT model (scope all: with the FT head)
 
 
 class Precision(StrEnum):

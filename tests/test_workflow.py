@@ -266,3 +266,32 @@ def test_adding_a_quantizer_runs_only_its_jobs_and_compares_them(finished, tmp_p
     assert table["best_ptq_same_bits"].to_list() == pytest.approx([best] * len(table))
     assert (table["best_ptq_same_bits"] >= table["ptq"] - 1e-9).all()
     assert "**2 bits**" in (out / "quantizers.md").read_text()
+
+
+def test_scope_all_end_to_end_vectors_hold_every_non_head_tensor(tmp_path):
+    """The authors' protocol on the miniature: every parameter trains, vectors carry all but the head,
+    cells patch them (quantizing only the block linears) on the receiver's own head."""
+    from test_evaluate import reference_correct
+
+    from qvlib.data.cache import read_split_cache
+    from qvlib.quant import QuantSpec
+
+    cfg = mini_config(tmp_path / "all.yaml", name="all", tasks=("shapes", "dots"), pretrain=False,
+                      policy={"scope": "all"}, merged_donors=[], datafree={"criteria": ["outputs"], "noise_images": 8})
+    snakemake(tmp_path, cfg)
+    run = tmp_path / "results" / "all" / "tiny" / "seed0"
+    ft = WeightVector.load(run / "checkpoints" / "shapes.ft.safetensors")
+    rho = WeightVector.load(run / QUANT / "vectors" / "dots.safetensors")
+    assert set(rho) == {k for k in ft if not k.startswith("head.")} and rho.metadata["scope"] == "all"
+    assert float(rho["norm.weight"].abs().sum()) > 0 and float(rho["pos_embed"].abs().sum()) > 0
+    qat = WeightVector.load(run / QUANT / "checkpoints" / "shapes.qat.safetensors")
+    assert not __import__("torch").equal(qat["head.weight"], ft["head.weight"])  # the head trains too
+    cell = pl.read_parquet(run / QUANT / "transfer" / "shapes" / "dots.parquet")
+    images, labels, _ = read_split_cache(next((tmp_path / "results" / "all" / "cache").glob("*/shapes.test.safetensors")))
+    donor = cell.filter((pl.col("control") == "none") & (pl.col("search") == "sweep") & (pl.col("split") == "test"))
+    for lam in (1.0, 2.0):  # every carried tensor patched, only the block linears quantized, the FT head kept
+        got = donor.filter(pl.col("lambda") == lam)["correct"].item()
+        assert got == reference_correct(dict(ft), images, labels, QuantSpec(bits=2), rho, lam)
+    base = pl.read_parquet(run / QUANT / "baselines" / "shapes.parquet")
+    qat_fp = base.filter((pl.col("model") == "qat") & (pl.col("split") == "test"))["correct"].item()
+    assert qat_fp == reference_correct(dict(qat), images, labels, None)  # the QAT model with its own head

@@ -47,6 +47,8 @@ def _write_effective_config():
 CONFIG = _write_effective_config()
 RUN_CONFIG = Config(config, Path(CONFIG))
 QUANTS = {spec.tag: spec for spec in RUN_CONFIG.quants}
+# What `qv extract` selects: the config's quantized pattern and training scope (shell-quoted).
+POLICY_ARGS = "--pattern '{}' --scope {}".format(RUN_CONFIG.policy.pattern, RUN_CONFIG.policy.scope)
 # Every rule runs the `qv` command through this repository's qvlib, so the same shell lines work in the
 # project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
 QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"

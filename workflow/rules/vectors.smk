@@ -7,13 +7,15 @@ rule extract_vector:
         f"{QRUN}/vectors/{{task}}.safetensors",
     log:
         f"{QRUN_LOGS}/vectors/{{task}}.log",
+    params:
+        policy=POLICY_ARGS,
     resources:
         mem_mb=2000,
         runtime=10,
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} extract --qat {input.qat} --ft {input.ft} -o {output} > {log} 2>&1"
+        "{QV} extract --qat {input.qat} --ft {input.ft} {params.policy} -o {output} > {log} 2>&1"
 
 
 rule merge_leave_one_out:
