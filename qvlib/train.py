@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.base import ArrayDataset, Preprocess
+from .data.augment import AugmentedDataset, augmented
 from .quant import QuantSpec, fake_quant_ste
 from .vectors import WeightVector, atomic_write
 from .precision import autocast_for, check_precision
@@ -45,6 +46,7 @@ class TrainConfig:
     log_every: int = 50
     num_workers: int = 0
     precision: str = Precision.BF16
+    augment: bool = False  # timm's training augmentation of the original images (qvlib.data.augment)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -79,15 +81,18 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return perm[pos * size:(pos + 1) * size]
 
 
-class PlannedBatches(Sampler[list[int]]):
-    """Batch sampler for a DataLoader that yields the planned batches from micro-step ``start`` on."""
+class PlannedBatches(Sampler[list]):
+    """Batch sampler for a DataLoader that yields the planned batches from micro-step ``start`` on;
+    ``keyed``: each item is ``(index, step)``, for datasets that draw per-step augmentation."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, keyed: bool = False):
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.keyed = keyed
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         for step in range(self.start, self.stop):
-            yield batch_indices(self.n, self.batch_size, self.seed, step).tolist()
+            idx = batch_indices(self.n, self.batch_size, self.seed, step).tolist()
+            yield [(i, step) for i in idx] if self.keyed else idx
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -99,7 +104,8 @@ def batches(ds: Dataset, cfg: TrainConfig, start: int, stop: int) -> Iterator[tu
             idx = batch_indices(len(ds), cfg.batch_size, cfg.seed, step)
             yield ds.images[idx], ds.labels[idx]
         return
-    loader = DataLoader(ds, batch_sampler=PlannedBatches(len(ds), cfg.batch_size, cfg.seed, start, stop),
+    keyed = isinstance(ds, AugmentedDataset)
+    loader = DataLoader(ds, batch_sampler=PlannedBatches(len(ds), cfg.batch_size, cfg.seed, start, stop, keyed),
                         num_workers=cfg.num_workers, persistent_workers=False)
     for x, y in loader:
         yield x, torch.as_tensor(y)
@@ -167,6 +173,8 @@ def train(
         raise ValueError("mode 'qat' needs a QuantSpec")
     from tqdm.auto import tqdm
 
+    if cfg.augment:
+        train_ds = augmented(train_ds, preprocess, cfg.seed)
     dev = pick_device(device)
     model.to(dev)
     model.train()

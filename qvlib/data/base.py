@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,13 +48,18 @@ class Preprocess:
         on the device: archs with the same ``pixels()`` share one cache per task, e.g. ``224px-bicubic-crop0.9``."""
         return f"{self.img_size}px-{self.interpolation}-crop{self.crop_pct:g}"
 
+    def resize_size(self) -> int:
+        """The shorter side before the centre crop, as timm computes it: floor(img_size / crop_pct)
+        (224 at crop 0.9 -> 248)."""
+        return math.floor(self.img_size / self.crop_pct)
+
     def pil_transform(self) -> Callable:
         """PIL image -> uint8 tensor (3, img_size, img_size): grey becomes 3 channels."""
         interp = v2.InterpolationMode(self.interpolation)
         return v2.Compose([
             v2.Lambda(lambda im: im.convert("RGB")),
             v2.PILToTensor(),
-            v2.Resize(int(round(self.img_size / self.crop_pct)), interpolation=interp, antialias=True),
+            v2.Resize(self.resize_size(), interpolation=interp, antialias=True),
             v2.CenterCrop(self.img_size),
         ])
 
