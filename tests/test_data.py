@@ -110,12 +110,18 @@ def test_mnist_family_from_idx_files(tmp_path, name, folder):
 def test_emnist_letters_labels_start_at_zero(tmp_path):
     raw = tmp_path / "EMNIST" / "raw"
     raw.mkdir(parents=True)
+    stored = np.zeros((26, 28, 28))
+    stored[0, :, 3] = 255  # a vertical bar in the file: EMNIST stores letters transposed
     for prefix, n in (("train", 30), ("test", 26)):
-        _write_idx(raw / f"emnist-letters-{prefix}-images-idx3-ubyte", np.zeros((n, 28, 28)))
+        _write_idx(raw / f"emnist-letters-{prefix}-images-idx3-ubyte", stored if prefix == "test" else np.zeros((n, 28, 28)))
         _write_idx(raw / f"emnist-letters-{prefix}-labels-idx1-ubyte", np.arange(n) % 26 + 1)
     task = load_task("emnist", opts(tmp_path))
     assert task.num_classes == 26 and task.classes[0] == "a"
     assert sorted(y for _, y in task.test) == list(range(26))
+    image = task.test[0][0][0].float()
+    assert image.mean(dim=1).max() > 4 * image.mean(dim=0).max()  # upright: the bar is now a row
+    as_stored = load_task("emnist", opts(tmp_path, source={"transpose": False})).test[0][0][0].float()
+    assert as_stored.mean(dim=0).max() > 4 * as_stored.mean(dim=1).max()
 
 
 def test_cifar10_from_pickled_batches(tmp_path, monkeypatch):
@@ -199,7 +205,6 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
 
 
 def test_hf_source_needs_an_id():
-    pytest.importorskip("datasets")
     with pytest.raises(ValueError, match="needs an 'id'"):
         load_task("eurosat", opts(source={"kind": "hf"}))
 
@@ -231,3 +236,67 @@ def test_preprocess_normalize_and_errors():
     with pytest.raises(ValueError, match="expected 1 or 3 channels"):
         PRE.resize_batch(torch.zeros(1, 2, 4, 4, dtype=torch.uint8))
     assert PRE.resize_batch(torch.zeros(2, 1, 8, 8, dtype=torch.uint8)).shape == (2, 3, 16, 16)
+
+
+def _save_hf_dataset(root: Path, source: dict, n_classes: int, n_train: int = 30, n_test: int = 10) -> list:
+    """A tiny dataset in a task source's on-disk format: its splits and image/label columns, written
+    with save_to_disk under root/<id>. Returns the test split's original images."""
+    import datasets
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    image_col, label_col = source.get("image", "image"), source.get("label", "label")
+    label_feature = datasets.ClassLabel(num_classes=n_classes) if label_col == "label" else datasets.Value("int64")
+    features = datasets.Features({image_col: datasets.Image(), label_col: label_feature})
+    splits, originals = {}, []
+    for split, n in ((source.get("train", "train"), n_train), (source.get("test", "test"), n_test)):
+        images = [Image.fromarray(g.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+        labels = [i % n_classes for i in range(n)]
+        splits[split] = datasets.Dataset.from_dict({image_col: images, label_col: labels}, features=features)
+        originals = images
+    datasets.DatasetDict(splits).save_to_disk(str(root / source["id"]))
+    return originals
+
+
+PAPER_SOURCES = {name: task["source"] for name, task in
+                 __import__("yaml").safe_load((Path(__file__).parent.parent / "config" / "paper.yaml").read_text())["tasks"].items()}
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_SOURCES))
+def test_every_paper_source_loads_from_a_dataset_saved_in_its_format(tmp_path, task):
+    source = PAPER_SOURCES[task]
+    originals = _save_hf_dataset(tmp_path, source, n_classes=3)
+    data = load_task(task, opts(tmp_path, source=source))
+    assert (len(data.train) + len(data.calib), len(data.test)) == (30, 10) and len(data.calib) == 3
+    assert data.num_classes == 3
+    image, label = data.test[4]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and label == 4 % 3
+    original = torch.from_numpy(np.array(originals[4])).permute(2, 0, 1)
+    upright = original.transpose(1, 2) if task == "emnist" else original  # EMNIST letters are stored transposed
+    assert torch.equal(image, upright)
+    assert data.provenance["source"] == f"hf:{source['id']}" and data.provenance["transposed"] == (task == "emnist")
+
+
+def test_hf_source_names_a_missing_column(tmp_path):
+    _save_hf_dataset(tmp_path, {"id": "x/y"}, n_classes=2)
+    with pytest.raises(ValueError, match="split 'train' of 'x/y' has no column 'img' \\(columns: image, label\\); set source image/label"):
+        load_task("cifar10", opts(tmp_path, source={"kind": "hf", "id": "x/y", "image": "img"}))
+    with pytest.raises(FileNotFoundError, match="splits 'train', 'valid'"):
+        load_task("cifar10", opts(tmp_path, source={"kind": "hf", "id": "x/y", "test": "valid"}))
+
+
+def test_image_cells_in_any_stored_form(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from qvlib.data.registry import _as_pil
+
+    im = Image.new("RGB", (3, 2), (1, 2, 3))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    for cell in (im, buf.getvalue(), {"bytes": buf.getvalue(), "path": None}, str(tmp_path / "a.png")):
+        assert _as_pil(cell).convert("RGB").getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(TypeError, match="cannot read an image from a int cell"):
+        _as_pil(3)

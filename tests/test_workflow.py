@@ -186,15 +186,28 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
     assert not re.search(r"output: \S+\.ft\.safetensors", proc.stdout)
 
 
-def test_paper_config_dag(tmp_path):
-    jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / "paper.yaml", "--dry-run"))
-    assert jobs["finetune"] == jobs["qat"] == 4 * 22
-    assert jobs["transfer_cell"] == 4 * 22 * (22 + 1)  # + each receiver's leave-one-out merged donor
-    assert jobs["merge_leave_one_out"] == 4 * 22
-    assert jobs["baselines"] == jobs["extract_vector"] == 4 * 22
-    assert jobs["cache_splits"] == 22  # the four archs read 224 px bicubic crop 0.9 images: one cache per task
-    assert jobs["tables"] == jobs["figures"] == jobs["diagnostics"] == 4
+@pytest.mark.parametrize("config", ["paper.yaml", "paper-text.yaml"])
+def test_paper_config_dag(tmp_path, config):
+    jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / config, "--dry-run"))
+    seeds, archs, tasks = 3, 4, 22
+    assert jobs["finetune"] == jobs["qat"] == seeds * archs * tasks
+    assert jobs["transfer_cell"] == seeds * archs * tasks * (tasks + 1)  # + each receiver's leave-one-out merged donor
+    assert jobs["merge_leave_one_out"] == seeds * archs * tasks
+    assert jobs["baselines"] == jobs["extract_vector"] == seeds * archs * tasks
+    assert jobs["cache_splits"] == tasks  # the four archs read 224 px bicubic crop 0.9 images: one cache per task
+    assert jobs["tables"] == jobs["figures"] == archs and jobs["diagnostics"] == seeds * archs
     assert "pretrain" not in jobs
+
+
+def test_paper_configs_differ_only_in_the_protocol_the_text_and_the_code_disagree_on():
+    code = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    text = yaml.safe_load((REPO / "config" / "paper-text.yaml").read_text())
+    assert code.pop("policy") == {"scope": "all"} and "policy" not in text
+    assert code["finetune"].pop("augment") is True and "augment" not in text["finetune"]
+    assert (code.pop("name"), text.pop("name")) == ("paper", "paper-text")
+    assert code == text
+    assert code["seeds"] == [1, 2, 3] and code["finetune"]["precision"] == code["evaluate"]["precision"] == "fp32"
+    assert all(t["source"]["kind"] == "hf" for t in code["tasks"].values())  # the authors' Hugging Face ids
 
 
 def test_archs_share_caches_only_where_their_pixels_agree(tmp_path):

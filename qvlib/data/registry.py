@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import io
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -219,20 +220,22 @@ def _torchvision_loader(name: str, opts: LoadOptions):
 
     transform = opts.preprocess.pil_transform()
     train = make(spec.train)
+    upright = _oriented(name, opts, train)
     if spec.test is None:
         n_test = len(train) // 5
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(stable_seed("split", name))).tolist()
-        full = TransformedDataset(train, transform, spec.target_map)
+        full = TransformedDataset(upright, transform, spec.target_map)
         train_ds, test_ds = Subset(full, sorted(perm[n_test:])), Subset(full, sorted(perm[:n_test]))
     else:
-        train_ds = TransformedDataset(train, transform, spec.target_map)
-        test_ds = TransformedDataset(make(spec.test), transform, spec.target_map)
+        train_ds = TransformedDataset(upright, transform, spec.target_map)
+        test_ds = TransformedDataset(_oriented(name, opts, make(spec.test)), transform, spec.target_map)
     classes = list(getattr(train, "classes", []) or [])
     if name == "emnist":
         classes = [c for c in classes if c != "N/A"]
     if len(classes) != spec.classes:
         classes = [str(i) for i in range(spec.classes)]
-    return train_ds, test_ds, classes, {"source": f"torchvision.{spec.cls}", "root": str(root)}
+    return train_ds, test_ds, classes, {"source": f"torchvision.{spec.cls}", "root": str(root),
+                                        "transposed": _transposed(name, opts)}
 
 
 for _name, _spec in TORCHVISION_TASKS.items():
@@ -280,6 +283,22 @@ for _name, _spec in FOLDER_TASKS.items():
 
 
 # ------------------------------------------------------------------ Hugging Face datasets (optional extra)
+def _as_pil(image: Any):
+    """A dataset cell as a PIL image: decoded images pass through; encoded bytes, ``{"bytes": ...}``
+    cells and file paths are opened."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image))
+    if isinstance(image, (str, Path)):
+        return Image.open(image)
+    raise TypeError(f"cannot read an image from a {type(image).__name__} cell")
+
+
 class _HFSplit(Dataset):
     def __init__(self, ds, image_key: str, label_key: str):
         self.ds, self.image_key, self.label_key = ds, image_key, label_key
@@ -289,34 +308,72 @@ class _HFSplit(Dataset):
 
     def __getitem__(self, i):
         row = self.ds[int(i)]
-        return row[self.image_key], row[self.label_key]
+        return _as_pil(row[self.image_key]), row[self.label_key]
+
+
+# Tasks whose stored images are transposed (EMNIST's are, in the original files, torchvision's and
+# the Hugging Face copies): the authors rotate by -90 degrees and flip horizontally, i.e. transpose.
+TRANSPOSED_TASKS = frozenset({"emnist"})
+
+
+def _transposed(name: str, opts: LoadOptions) -> bool:
+    """Are the task's images transposed on loading (``source: {transpose: bool}`` overrides the default)?"""
+    return bool(opts.source.get("transpose", name in TRANSPOSED_TASKS))
+
+
+class _TransposedImages(Dataset):
+    """``base`` with every (PIL) image transposed: what the task's images look like upright."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        image, label = self.base[i]
+        return image.transpose(Image.Transpose.TRANSPOSE), label
+
+
+def _oriented(name: str, opts: LoadOptions, ds: Dataset) -> Dataset:
+    """``ds`` upright: transposed where the task's images are stored transposed. Part of the images,
+    not of the eval transform, so train-time augmentation sees them upright too."""
+    return _TransposedImages(ds) if _transposed(name, opts) else ds
 
 
 def _hf_loader(name: str, opts: LoadOptions):
     """``source: {kind: hf, id: tanganke/eurosat, name: null, train: train, test: test, image: image, label: label}``
-    (``name`` is the dataset's config, e.g. svhn's cropped_digits); a folder ``data_root/<id>`` saved
-    with ``save_to_disk`` is used before the hub."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError("source kind 'hf' needs the optional extra: pip install 'qvlib[hf]'") from None
+    (``name`` is the dataset's config, e.g. svhn's cropped_digits; ``image``/``label`` the column names,
+    e.g. cifar100's img/fine_label); a folder ``data_root/<id>`` saved with ``save_to_disk`` is used
+    before the hub."""
+    import datasets
     src = dict(opts.source)
     if "id" not in src:
         raise ValueError(f"task {name!r}: source kind 'hf' needs an 'id' (a hub dataset id or a local folder)")
     image_key, label_key = src.get("image", "image"), src.get("label", "label")
+    train_split, test_split = src.get("train", "train"), src.get("test", "test")
     local = Path(opts.root) / src["id"]
     try:
         if local.is_dir():
             dd = datasets.load_from_disk(str(local))
-            train, test = dd[src.get("train", "train")], dd[src.get("test", "test")]
+            train, test = dd[train_split], dd[test_split]
         else:
             cache = str(Path(opts.root) / "hf_cache")
-            train = datasets.load_dataset(src["id"], src.get("name"), split=src.get("train", "train"), cache_dir=cache)
-            test = datasets.load_dataset(src["id"], src.get("name"), split=src.get("test", "test"), cache_dir=cache)
+            train = datasets.load_dataset(src["id"], src.get("name"), split=train_split, cache_dir=cache)
+            test = datasets.load_dataset(src["id"], src.get("name"), split=test_split, cache_dir=cache)
     except Exception as err:  # datasets raises many kinds for a missing or unreachable dataset
-        raise FileNotFoundError(f"task {name!r}: Hugging Face dataset {src['id']!r} is neither at {local} nor loadable ({err})") from None
+        raise FileNotFoundError(f"task {name!r}: Hugging Face dataset {src['id']!r} (splits {train_split!r}, "
+                                f"{test_split!r}) is neither at {local} nor loadable ({err})") from None
+    for split, ds in ((train_split, train), (test_split, test)):
+        missing = [k for k in (image_key, label_key) if k not in ds.column_names]
+        if missing:
+            raise ValueError(f"task {name!r}: split {split!r} of {src['id']!r} has no column {missing[0]!r} "
+                             f"(columns: {', '.join(ds.column_names)}); set source image/label")
     feature = train.features.get(label_key)
-    classes = list(getattr(feature, "names", None) or [str(i) for i in range(len(set(train[label_key])))])
+    classes = list(getattr(feature, "names", None) or [str(i) for i in range(max(train[label_key]) + 1)])
     transform = opts.preprocess.pil_transform()
-    return (TransformedDataset(_HFSplit(train, image_key, label_key), transform),
-            TransformedDataset(_HFSplit(test, image_key, label_key), transform), classes, {"source": f"hf:{src['id']}"})
+    return (TransformedDataset(_oriented(name, opts, _HFSplit(train, image_key, label_key)), transform),
+            TransformedDataset(_oriented(name, opts, _HFSplit(test, image_key, label_key)), transform), classes,
+            {"source": f"hf:{src['id']}", "splits": [train_split, test_split], "transposed": _transposed(name, opts)})
