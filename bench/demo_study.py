@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from qvlib.plots import markdown_table  # noqa: E402
 from qvlib.provenance import machine_line  # noqa: E402
-from qvlib.tables import headline, pairs  # noqa: E402
+from qvlib.tables import headline, pairs, single_donors, specific, summary_specific  # noqa: E402
 from qvlib.vocab import Rule  # noqa: E402
 
 ARCH = "vit_demo"
@@ -56,7 +56,7 @@ SETTINGS = {
                 {"seeds": [0, 1, 2]}),
     "test3000": ("the default's trained models (copied: the generated tasks draw test images from a seed of their own, "
                  "so their training sets are unchanged) scored on 3,000 test images per generated task instead of "
-                 "1,000 (digits and mnist5k keep their fixed 497 and 1,000): does less sampling noise in each "
+                 "1,000 (digits and mnist5k keep their fixed 497 and 1,000), seed 2 only (the seed with the fewest wins; not timed: the run was interrupted and resumed): does less sampling noise in each "
                  "lambda's accuracy shrink the random directions' best-of-sweep gain?",
                  {"task_defaults": {"n_test": 3000}}),
 }
@@ -65,6 +65,9 @@ SETTINGS = {
 # the changed keys is recomputed. Seeds run in the order given by --seeds (the study adds them one call
 # at a time; the recorded wall time is the sum of the calls).
 REUSES = {"test3000": ("default", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors"))}
+# Sub-grids of the default's lambdas for the selection analysis: the oracle takes the best of k lambdas,
+# for the donor and for each random direction alike.
+SUB_GRIDS = ([0.25, 0.5, 0.75, 1.0, 1.5, 2.0], [0.5, 0.75, 1.0, 1.5], [0.5, 1.0, 1.5], [1.0])
 GOALS = {"ptq_loss": 20.0, "qat_recovery": 0.70, "oracle_share": 0.80, "oracle_specific": 3.0, "calib_share": 0.70}
 
 
@@ -160,12 +163,29 @@ def rows_of(key: str) -> list[dict]:
             "specific calib [95% CI]": f"{calib['specific_gain']:+.1f} [{calib['ci_low']:+.1f}, {calib['ci_high']:+.1f}]",
             "wins calib %": 100 * calib["share_donor_beats_random"],
             "specific lambda=1": spec[Rule.LAMBDA1]["specific_gain"],
+            "wins lambda=1 %": 100 * spec[Rule.LAMBDA1]["share_donor_beats_random"],
             "pairs": oracle["pairs"], "verdict (oracle)": oracle["verdict"],
             "merged donor oracle specific [95% CI]": _merged_cell(merged, seed),
             "meets goals": ("yes" if meets else "no") if seed is not None
             else ("every seed" if all(r["meets goals"] == "yes" for r in rows) else "not every seed"),
             "run min": minutes if (seed is None or len(heads) == 1) else None,
         })
+    return rows
+
+
+def grid_selection(key: str = "default") -> list[dict]:
+    """Per seed, the oracle's specific gain and win share when the best lambda is taken over a sub-grid
+    of the setting's lambdas (the setting's own rows, re-read; nothing is re-evaluated)."""
+    out = REPO / "results" / config_for(key)[1] / ARCH
+    transfer, rows = pl.read_parquet(out / "transfer.parquet"), []
+    for grid in SUB_GRIDS:
+        summary = summary_specific(specific(single_donors(pairs(transfer.filter(pl.col("lambda").is_in(grid))))))
+        summary = summary.filter((pl.col("scope") == "overall") & (pl.col("rule") == Rule.ORACLE))
+        for r in summary.sort("seed", nulls_last=True).to_dicts():
+            rows.append({"lambdas": ", ".join(f"{g:g}" for g in grid), "seed": "pooled" if r["seed"] is None else str(r["seed"]),
+                         "donor oracle": r["donor_gain"], "random oracle": r["random_gain"],
+                         "specific oracle [95% CI]": f"{r['specific_gain']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]",
+                         "wins oracle %": 100 * r["share_donor_beats_random"], "pairs": r["pairs"]})
     return rows
 
 
@@ -200,6 +220,20 @@ def report(keys: list[str]) -> str:
         markdown_table(pl.DataFrame(rows)) if rows else "(no study run found under results/)",
         "",
     ]
+    if (REPO / "results" / config_for("default")[1] / ARCH / "transfer.parquet").exists():
+        lines += [
+            "## The oracle's best-of-sweep selection (the default's rows, re-read over sub-grids of its lambdas)",
+            "",
+            "The oracle rule takes each vector's best lambda on test: the donor's and, separately, each random",
+            "direction's. A random direction's accuracy moves by a few points from one lambda to the next with no",
+            "trend (2-bit rounding flips), so its best of k lambdas gains more the larger k is, while the donor's",
+            "curve has a real peak. Below, the same evaluated cells with the best taken over fewer lambdas (the last",
+            "row is the lambda = 1 rule). This explains why the oracle's win share lags lambda = 1's; the sub-grids",
+            "were chosen after seeing these seeds, so they are not a retuned default.",
+            "",
+            markdown_table(pl.DataFrame(grid_selection())),
+            "",
+        ]
     return "\n".join(lines)
 
 
