@@ -59,12 +59,16 @@ SETTINGS = {
                  "1,000 (digits and mnist5k keep their fixed 497 and 1,000), seed 2 only (the seed with the fewest wins; not timed: the run was interrupted and resumed): does less sampling noise in each "
                  "lambda's accuracy shrink the random directions' best-of-sweep gain?",
                  {"task_defaults": {"n_test": 3000}}),
+    "steps600": ("the default with 600 FT and QAT steps instead of 300 (same lr, warmup and backbones, copied from the "
+                 "default): does a longer, more converged QAT give donor vectors that transfer more evenly across seeds?",
+                 {"finetune": {"steps": 600}}),
 }
 # Settings that change only evaluation reuse the trained models of another setting: the listed
 # outputs of results/<that setting>/ are copied (file times kept) before the run, so only what reads
 # the changed keys is recomputed. Seeds run in the order given by --seeds (the study adds them one call
 # at a time; the recorded wall time is the sum of the calls).
-REUSES = {"test3000": ("default", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors"))}
+REUSES = {"test3000": ("default", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors")),
+          "steps600": ("default", ("seed*/backbone.*",))}
 # Sub-grids of the default's lambdas for the selection analysis: the oracle takes the best of k lambdas,
 # for the donor and for each random direction alike.
 SUB_GRIDS = ([0.25, 0.5, 0.75, 1.0, 1.5, 2.0], [0.5, 0.75, 1.0, 1.5], [0.5, 1.0, 1.5], [1.0])
