@@ -44,10 +44,10 @@ SETTINGS = {
     "landed": ("the first landed demo: FT lr 3e-4, backbone pretrained 2,000 steps, 8 tasks (orientation and frequency "
                "included), 1 random direction per donor",
                {"finetune": {"lr": 3.0e-4}, "pretrain": OLD_PRETRAIN, "tasks": LANDED_TASKS, "random_controls": 1, "seeds": [0]}),
-    "lr5e-5": ("the previous default: FT lr 5e-5, backbone pretrained 2,000 steps, 6 tasks (without the two that PTQ "
+    "lr5e-5": ("an earlier default: FT lr 5e-5, backbone pretrained 2,000 steps, 6 tasks (without the two that PTQ "
                "barely hurts), 3 random directions per donor (averaged), seeds 0, 1, 2",
                {"finetune": {"lr": 5.0e-5}, "pretrain": OLD_PRETRAIN, "seeds": [0, 1, 2]}),
-    "group32": ("the previous default with one scale per group of 32 input columns instead of one per output channel, "
+    "group32": ("lr5e-5 with one scale per group of 32 input columns instead of one per output channel, "
                 "seeds 0, 1, 2",
                 {"quant": {"bits": 2, "granularity": "group", "group_size": 32}, "finetune": {"lr": 5.0e-5},
                  "pretrain": OLD_PRETRAIN, "seeds": [0, 1, 2]}),
