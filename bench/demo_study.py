@@ -4,6 +4,12 @@ docs/demo-study.md written from the runs' own tables (never typed by hand).
     .venv/bin/python bench/demo_study.py             # run the settings that are missing, then write the doc
     .venv/bin/python bench/demo_study.py --report    # only rewrite docs/demo-study.md from results/
 
+Every row is tagged with the machine that measured it (CPU model and the instruction set torch's
+kernels use): the same seed trains to different weights on different CPUs, so a setting measured on
+two machines keeps a row set per machine. The rows are also written to docs/demo-study-rows.csv and
+docs/demo-study-grids.csv; a later report keeps the rows of runs that are no longer under results/
+(another machine, a fresh clone) from those files and replaces the ones it can recompute here.
+
 Each setting is the default config (config/config.yaml) with a few keys replaced; it runs as its own
 workflow (results/study-<key>/), except the default itself, whose three seeds extend `make run`'s
 results/default/ (seed 0 is reused, seeds 1 and 2 are added). Wall time per setting is recorded in
@@ -32,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qvlib.plots import markdown_table  # noqa: E402
-from qvlib.provenance import machine_line  # noqa: E402
+from qvlib.provenance import cpu_label, machine_line  # noqa: E402
 from qvlib.tables import headline, pairs, single_donors, specific, summary_specific  # noqa: E402
 from qvlib.vocab import Rule  # noqa: E402
 
@@ -61,21 +67,31 @@ SETTINGS = {
                  "lambda's accuracy shrink the random directions' best-of-sweep gain?",
                  {"finetune": {"steps": 300}, "task_defaults": {"n_test": 3000}}),
     "default": ("the default: steps300 with 600 FT and QAT steps instead of 300 (same lr, warmup and backbones): does a "
-                "longer, more converged QAT give donor vectors that transfer more evenly across seeds? Seeds 0, 1, 2",
+                "longer, more converged QAT give donor vectors that transfer more evenly across seeds? Seeds 0, 1, 2, run on "
+                "two machines (the Xeon's runs from scratch, backbones included)",
                 {"seeds": [0, 1, 2]}),
     "steps1200": ("the default with 1,200 FT and QAT steps (backbones copied from the default), seeds 0 and 2: the "
                   "next point of the steps trend",
                   {"finetune": {"steps": 1200}, "seeds": [0, 2]}),
+    "controls8": ("the default's trained models (copied from the Xeon's runs) scored against 8 norm-matched random "
+                  "directions per donor instead of 3 (directions 0-2 are the default's own, so the two control sets "
+                  "are paired): does a steadier control mean, and a lucky direction counting for less, raise the "
+                  "per-seed win shares? Seeds 0, 1, 2; evaluation only",
+                  {"random_controls": 8, "seeds": [0, 1, 2]}),
 }
 # Settings that change only evaluation reuse the trained models of another setting: the listed
 # outputs of results/<that setting>/ are copied (file times kept) before the run, so only what reads
 # the changed keys is recomputed. Seeds run in the order given by --seeds (the study adds them one call
 # at a time; the recorded wall time is the sum of the calls).
 REUSES = {"test3000": ("steps300", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors")),
-          "steps1200": ("default", ("seed*/backbone.*",))}
+          "steps1200": ("default", ("seed*/backbone.*",)),
+          "controls8": ("default", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors",
+                                    "seed*/*/baselines"))}
 # Sub-grids of the default's lambdas for the selection analysis: the oracle takes the best of k lambdas,
 # for the donor and for each random direction alike.
 SUB_GRIDS = ([0.25, 0.5, 0.75, 1.0, 1.5, 2.0], [0.5, 0.75, 1.0, 1.5], [0.5, 1.0, 1.5], [1.0])
+ROWS_CSV = REPO / "docs" / "demo-study-rows.csv"
+GRIDS_CSV = REPO / "docs" / "demo-study-grids.csv"
 GOALS = {"ptq_loss": 20.0, "qat_recovery": 0.70, "oracle_share": 0.80, "oracle_specific": 3.0, "calib_share": 0.70}
 
 
@@ -163,7 +179,7 @@ def rows_of(key: str) -> list[dict]:
                  and oracle["specific_gain"] >= GOALS["oracle_specific"] and oracle["ci_low"] > 0
                  and calib["share_donor_beats_random"] >= GOALS["calib_share"])
         rows.append({
-            "setting": key, "seed": "pooled" if seed is None else str(seed),
+            "setting": key, "machine": cpu_label(), "seed": "pooled" if seed is None else str(seed),
             "FT": float(h["ft_mean"].mean()), "PTQ loss": ptq_loss, "QAT recovers %": 100 * recovery,
             "donor oracle": oracle["donor_gain"], "random oracle": oracle["random_gain"],
             "specific oracle [95% CI]": f"{oracle['specific_gain']:+.1f} [{oracle['ci_low']:+.1f}, {oracle['ci_high']:+.1f}]",
@@ -189,8 +205,9 @@ def grid_selection(key: str) -> list[dict]:
     for grid in SUB_GRIDS:
         summary = summary_specific(specific(single_donors(pairs(transfer.filter(pl.col("lambda").is_in(grid))))))
         summary = summary.filter((pl.col("scope") == "overall") & (pl.col("rule") == Rule.ORACLE))
-        for r in summary.sort("seed", nulls_last=True).to_dicts():
-            rows.append({"setting": key, "lambdas": ", ".join(f"{g:g}" for g in grid), "seed": "pooled" if r["seed"] is None else str(r["seed"]),
+        per_seed = summary.sort("seed", nulls_last=True).to_dicts()
+        for r in per_seed if len(per_seed) > 2 else per_seed[:1]:  # one seed: its pooled row is the same row
+            rows.append({"setting": key, "machine": cpu_label(), "lambdas": ", ".join(f"{g:g}" for g in grid), "seed": "pooled" if r["seed"] is None else str(r["seed"]),
                          "donor oracle": r["donor_gain"], "random oracle": r["random_gain"],
                          "specific oracle [95% CI]": f"{r['specific_gain']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]",
                          "wins oracle %": 100 * r["share_donor_beats_random"], "pairs": r["pairs"]})
@@ -204,13 +221,55 @@ def _merged_cell(merged: pl.DataFrame, seed) -> str:
                      f"{100 * r['share_donor_beats_random']:.0f}%" for r in rows)
 
 
+def as_text(rows: list[dict]) -> list[dict[str, str]]:
+    """Rows as the doc prints them (floats to one decimal, missing as empty): the form kept in the CSVs."""
+    return [{k: (f"{v:.1f}" if isinstance(v, float) else "" if v is None else str(v)) for k, v in r.items()} for r in rows]
+
+
+def with_carried(fresh: list[dict], csv: Path, keys: list[str]) -> pl.DataFrame:
+    """``fresh`` rows plus the rows of ``csv`` whose (setting, machine) ``fresh`` does not recompute,
+    grouped by setting in the order of ``keys`` (within one: carried machines first); all text."""
+    now = pl.DataFrame(as_text(fresh)) if fresh else pl.DataFrame()
+    kept = pl.read_csv(csv, infer_schema=False) if csv.exists() else pl.DataFrame()
+    if len(kept) and len(now):
+        redone = now.select("setting", "machine").unique()
+        kept = kept.join(redone, on=["setting", "machine"], how="anti")
+    table = pl.concat([f for f in (kept, now) if len(f)], how="diagonal") if len(kept) or len(now) else pl.DataFrame()
+    if not len(table):
+        return table
+    order = {k: i for i, k in enumerate(keys)}
+    table = table.filter(pl.col("setting").is_in(keys))
+    return table.with_columns(pl.col("setting").replace_strict(order, return_dtype=pl.Int64).alias("_order")) \
+        .sort("_order", maintain_order=True).drop("_order")
+
+
+def machine_pairs(table: pl.DataFrame) -> pl.DataFrame:
+    """Per (setting, seed) measured on more than one machine: the headline figures side by side."""
+    if not len(table):
+        return table
+    shown = ["PTQ loss", "QAT recovers %", "wins oracle %", "specific oracle [95% CI]", "wins calib %", "meets goals"]
+    several = table.group_by("setting").agg(pl.col("machine").n_unique().alias("machines")).filter(pl.col("machines") > 1)
+    rows = table.join(several.select("setting"), on="setting", how="semi")
+    return rows.select("setting", "seed", "machine", *shown).sort("setting", "seed", maintain_order=True)
+
+
 def report(keys: list[str]) -> str:
-    rows = [r for k in keys if (REPO / "results" / config_for(k)[1] / ARCH / "summary_specific.parquet").exists() for r in rows_of(k)]
+    here = [k for k in keys if (REPO / "results" / config_for(k)[1] / ARCH / "summary_specific.parquet").exists()]
+    table = with_carried([r for k in here for r in rows_of(k)], ROWS_CSV, keys)
+    grid_keys = [k for k in ("steps300", "default") if k in here]
+    grids = with_carried([r for k in grid_keys for r in grid_selection(k)], GRIDS_CSV, keys)
+    for frame, csv in ((table, ROWS_CSV), (grids, GRIDS_CSV)):
+        if len(frame):
+            frame.write_csv(csv)
     lines = [
         "# The demo study: what makes the embedded demo show transfer beyond a random direction",
         "",
         "Generated by `.venv/bin/python bench/demo_study.py --report` from the runs' own tables (results/*/vit_demo/).",
-        f"Machine: {machine_line()}.",
+        "Each row names the CPU that measured it (model and the instruction set of torch's CPU kernels): the same",
+        "config and seed train to different weights on different CPUs (their matrix kernels round differently and",
+        "2-bit rounding amplifies it), so a setting run on two machines has a row set per machine. Rows of runs",
+        "that are not under results/ here are carried from docs/demo-study-rows.csv, which this script writes.",
+        f"This report was written on: {machine_line()}.",
         "",
         "Settings (each is `config/config.yaml` with these keys replaced):",
         "",
@@ -219,18 +278,30 @@ def report(keys: list[str]) -> str:
         "Gains are Top-1 points over the receiver's PTQ accuracy, means over the donor-receiver pairs of a seed;",
         "`specific` = donor gain - mean gain of the donor's own norm-matched random directions under the same",
         "lambda rule, with a 95% bootstrap interval over pairs (pooled rows: over seeds, then pairs); `wins` =",
-        "share of pairs where the donor beats its random control. `run min` = wall minutes of the whole",
-        "`snakemake` calls of that setting on this machine, install excluded (steps300: the call that added seeds 1",
-        "and 2 to `make run`'s seed 0; the default and steps1200 start from steps300's backbones, so their times leave",
-        "pretraining out); other work shared the 2 cores during some runs: treat them as upper bounds.",
+        "share of pairs where the donor beats its random control (a tie is not a win). `run min` = wall minutes of",
+        "the whole `snakemake` calls of that setting on the row's machine, install excluded. AMD EPYC rows: steps300",
+        "is the call that added seeds 1 and 2 to `make run`'s seed 0; the default and steps1200 there start from",
+        "steps300's backbones, so their times leave pretraining out; other work shared the 2 cores during some of",
+        "those runs: treat them as upper bounds. Xeon rows: two calls from nothing (seed 2, then seeds 0 and 1),",
+        "pretraining included, nothing else running.",
         "Goals, on every seed: PTQ loss >= 20, QAT recovers >= 70%, oracle wins >= 80% with specific >= +3 and",
         "its interval above 0, calib wins >= 70%. `meets goals` of a pooled row says whether every seed met them.",
         "",
-        markdown_table(pl.DataFrame(rows)) if rows else "(no study run found under results/)",
+        markdown_table(table) if len(table) else "(no study run found under results/)",
         "",
     ]
-    grid_keys = [k for k in ("steps300", "default") if (REPO / "results" / config_for(k)[1] / ARCH / "transfer.parquet").exists()]
-    if grid_keys:
+    twice = machine_pairs(table)
+    if len(twice):
+        lines += [
+            "## The same setting and seed on two machines",
+            "",
+            "Same code, config and seed; only the CPU differs (`bench/cpu_numerics.py` shows where: kernels of",
+            "another instruction set round differently from the first training step on, and 2-bit codes flip):",
+            "",
+            markdown_table(twice),
+            "",
+        ]
+    if len(grids):
         lines += [
             "## The oracle's best-of-sweep selection (rows re-read over sub-grids of the lambdas, nothing re-evaluated)",
             "",
@@ -242,7 +313,7 @@ def report(keys: list[str]) -> str:
             "shortfall is this selection, not the donors. The sub-grids were chosen after seeing these seeds, so they",
             "are not a retuned default.",
             "",
-            markdown_table(pl.DataFrame([r for k in grid_keys for r in grid_selection(k)])),
+            markdown_table(grids),
             "",
         ]
     return "\n".join(lines)

@@ -19,6 +19,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_label() -> str:
+    """The CPU's model and the instruction set torch's CPU kernels dispatch to (e.g. AVX512, AVX2): two
+    machines that differ in either can train the same config and seed to different weights."""
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def machine_line() -> str:
     """One line naming the CPU, its cores, the GPU if any, and the torch version."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
