@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+BITS = 2  # the demo's bit-width: QAT fake-quantizes to it, and codes are compared at it
 # name -> environment that caps the kernel paths (read once, when torch, MKL and oneDNN start)
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"}
@@ -43,9 +44,7 @@ def child(steps: int, mode: str, backbone: Path | None, out: Path) -> None:
     same with 2-bit per-channel fake quantization (straight-through); ``pretrain``: every parameter, lr 1e-3."""
     import torch
     import yaml
-    from safetensors.torch import save_file
-
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from qvlib.data.synthetic import generate
     from qvlib.models import ArchSpec, build_vit, freeze_except, load_backbone
@@ -66,12 +65,13 @@ def child(steps: int, mode: str, backbone: Path | None, out: Path) -> None:
             p.requires_grad_(True)
     lr = 1e-3 if mode == "pretrain" else 1e-4
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    spec = QuantSpec(bits=BITS)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, len(labels), (64,), generator=gen)
         x, y = images[idx], labels[idx]
-        logits = quantized_forward(model, trained, QuantSpec(bits=2), x) if mode == "qat" else model(x)
+        logits = quantized_forward(model, trained, spec, x) if mode == "qat" else model(x)
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,7 +89,7 @@ def compare(native: Path, other: Path) -> dict:
 
     from qvlib.quant import QuantSpec, quantize
 
-    spec = QuantSpec(bits=2, granularity="channel")
+    spec = QuantSpec(bits=BITS, granularity="channel")
     a, b = load_file(str(native)), load_file(str(other))
     max_diff = max(float((a[n] - b[n]).abs().max()) for n in a)
     flips = sum(int((quantize(a[n], spec)[0] != quantize(b[n], spec)[0]).sum()) for n in a)
@@ -126,10 +126,10 @@ def main() -> int:
     for mode in args.modes:
         with tempfile.TemporaryDirectory() as tmp:
             files = {}
+            extra = ["--backbone", str(args.backbone)] if args.backbone else []
             for name in ["native", *[v for v in args.variants if v != "native"]]:
                 env = VARIANTS[name]
                 files[name] = Path(tmp) / f"{len(files)}.safetensors"
-                extra = ["--backbone", str(args.backbone)] if args.backbone else []
                 subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--mode", mode, *extra,
                                 "--child", str(files[name])], env={**os.environ, **env}, check=True)
             rows = {name: compare(files["native"], path) for name, path in files.items()}

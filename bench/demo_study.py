@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qvlib.plots import markdown_table  # noqa: E402
+from qvlib.plots import cell_text, markdown_table  # noqa: E402
 from qvlib.provenance import cpu_label, machine_line  # noqa: E402
 from qvlib.tables import headline, pairs, single_donors, specific, summary_specific  # noqa: E402
 from qvlib.vocab import Rule  # noqa: E402
@@ -224,7 +224,7 @@ def _merged_cell(merged: pl.DataFrame, seed) -> str:
 
 def as_text(rows: list[dict]) -> list[dict[str, str]]:
     """Rows as the doc prints them (floats to one decimal, missing as empty): the form kept in the CSVs."""
-    return [{k: (f"{v:.1f}" if isinstance(v, float) else "" if v is None else str(v)) for k, v in r.items()} for r in rows]
+    return [{k: cell_text(v) for k, v in r.items()} for r in rows]
 
 
 def with_carried(fresh: list[dict], csv: Path, keys: list[str]) -> pl.DataFrame:
@@ -235,9 +235,10 @@ def with_carried(fresh: list[dict], csv: Path, keys: list[str]) -> pl.DataFrame:
     if len(kept) and len(now):
         redone = now.select("setting", "machine").unique()
         kept = kept.join(redone, on=["setting", "machine"], how="anti")
-    table = pl.concat([f for f in (kept, now) if len(f)], how="diagonal") if len(kept) or len(now) else pl.DataFrame()
-    if not len(table):
-        return table
+    frames = [f for f in (kept, now) if len(f)]
+    if not frames:
+        return pl.DataFrame()
+    table = pl.concat(frames, how="diagonal")
     order = {k: i for i, k in enumerate(keys)}
     table = table.filter(pl.col("setting").is_in(keys))
     return table.with_columns(pl.col("setting").replace_strict(order, return_dtype=pl.Int64).alias("_order")) \

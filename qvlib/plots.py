@@ -136,14 +136,16 @@ def _markers(name: str) -> tuple[str, str]:
 README_START, README_END = _markers("readme")  # the summary's block the README copies
 
 
-def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return "" if v is None else str(v)
+def cell_text(v, digits: int = 1) -> str:
+    """A table cell as the markdown tables print it: floats to ``digits`` decimals, missing as empty."""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return "" if v is None else str(v)
 
+
+def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
+    lines += ["| " + " | ".join(cell_text(v, digits) for v in row) + " |" for row in df.iter_rows()]
     return "\n".join(lines)
 
 

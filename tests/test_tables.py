@@ -187,3 +187,12 @@ def test_qv_readme_replaces_the_summary_and_quantizer_blocks(tmp_path):
     (tmp_path / "bad.md").write_text("no markers")
     proc = subprocess.run([qv, "readme", "--quantizers", tmp_path / "bad.md", "--readme", readme], capture_output=True, text=True)
     assert proc.returncode != 0 and "readme-quantizers:start" in proc.stderr
+
+
+def test_cell_text_and_markdown_table_print_the_same_cells():
+    from qvlib.plots import cell_text, markdown_table
+
+    assert [cell_text(v) for v in (1.25, 1.0 / 3, None, 7, "pooled")] == ["1.2", "0.3", "", "7", "pooled"]
+    assert cell_text(2.0 / 3, digits=3) == "0.667"
+    table = markdown_table(pl.DataFrame({"seed": ["0", None], "wins %": [80.0, 86.66]}))
+    assert table.splitlines() == ["| seed | wins % |", "|---|---|", "| 0 | 80.0 |", "|  | 86.7 |"]
