@@ -98,9 +98,15 @@ def single_donors(pair_rows: pl.DataFrame) -> pl.DataFrame:
     return pair_rows.filter(pl.col("kind") == DonorKind.SINGLE)
 
 
+# Accuracies are whole counts over a split, so a donor and the mean of its random directions that
+# score the same differ only by float rounding (2.3 - mean(2.2, 2.3, 2.4) = 1e-15): rounding the
+# difference makes such a tie exactly 0, which counts as no win.
+TIE_DECIMALS = 9
+
+
 def specific(pair_rows: pl.DataFrame) -> pl.DataFrame:
     """Per donor pair and lambda rule: donor gain, random-control gain and their difference
-    (``specific_gain``): what the donor's direction adds beyond a perturbation of the same size."""
+    (``specific_gain``, a tie exactly 0): what the donor's direction adds beyond a perturbation of the same size."""
     donor = pair_rows.filter(pl.col("control") == Control.DONOR)
     rand = pair_rows.filter(pl.col("control") == Control.RANDOM)
     frames = []
@@ -108,7 +114,7 @@ def specific(pair_rows: pl.DataFrame) -> pl.DataFrame:
         frames.append(donor.select(*PAIR_KEYS, "kind", pl.col(col).alias("donor_gain"))
                       .join(rand.select(*PAIR_KEYS, pl.col(col).alias("random_gain"), "directions"), on=PAIR_KEYS, how="inner")
                       .with_columns(pl.lit(str(rule)).alias("rule"),
-                                    (pl.col("donor_gain") - pl.col("random_gain")).alias("specific_gain")))
+                                    (pl.col("donor_gain") - pl.col("random_gain")).round(TIE_DECIMALS).alias("specific_gain")))
     if not frames or not sum(len(f) for f in frames):
         raise ValueError("no donor pair has a random control: run the grid with random_controls >= 1")
     return (pl.concat(frames).drop_nulls("specific_gain")

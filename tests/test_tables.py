@@ -43,6 +43,18 @@ def test_specific_gain_is_donor_minus_its_random_control():
     assert got == {"lambda=1": (20.0, -4.0, 24.0), "oracle": (20.0, 3.0, 17.0), "calib": (10.0, -4.0, 14.0)}
 
 
+def test_a_donor_tied_with_its_random_mean_is_exactly_zero_and_no_win():
+    # PTQ 23.1; donor 25.4 (+2.3); random directions 25.3, 25.4, 25.5 (mean +2.3, 1e-15 off in floats)
+    rows = cell("none", None, {("test", 1.0): 25.4})
+    for k, acc in enumerate((25.3, 25.4, 25.5)):
+        rows += cell("random", k, {("test", 1.0): acc})
+    baselines = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": "ptq", "split": "test", "accuracy": 23.1}])
+    spec = tables.specific(tables.pairs(tables.with_gain(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}), baselines)))
+    assert spec.filter(pl.col("rule") == "lambda=1")["specific_gain"].to_list() == [0.0]
+    summary = tables.summary_specific(spec).filter((pl.col("scope") == "overall") & (pl.col("rule") == "lambda=1"))
+    assert summary["share_donor_beats_random"].to_list() == [0.0, 0.0]
+
+
 def test_oracle_ties_go_to_the_lambda_nearest_one():
     rows = cell("none", None, {("test", 0.5): 60.0, ("test", 1.25): 60.0, ("test", 2.0): 60.0})
     baselines = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": "ptq", "split": "test", "accuracy": 50.0}])
