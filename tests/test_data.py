@@ -17,7 +17,7 @@ PRE = Preprocess(img_size=16)
 PAPER_TASKS = ["eurosat", "dtd", "stanford_cars", "sun397", "svhn", "resisc45", "mnist", "gtsrb", "fer2013", "pcam",
                "cifar100", "flowers102", "oxford_pet", "stl10", "kmnist", "emnist", "rendered_sst2", "fashion_mnist",
                "food101", "cifar10", "imagenet", "tiny_imagenet"]
-EMBEDDED = ["shapes", "orientation", "frequency", "glyphs", "dots", "blur", "digits", "mnist5k"]
+EMBEDDED = ["shapes", "orientation", "frequency", "glyphs", "numerals", "dots", "blur", "digits", "mnist5k"]
 
 
 def opts(root=Path("data"), **kw):
@@ -300,3 +300,12 @@ def test_image_cells_in_any_stored_form(tmp_path):
         assert _as_pil(cell).convert("RGB").getpixel((0, 0)) == (1, 2, 3)
     with pytest.raises(TypeError, match="cannot read an image from a int cell"):
         _as_pil(3)
+
+
+def test_numerals_draw_the_ten_digits_with_the_letters_renderer():
+    assert synthetic.GENERATORS["numerals"][1] == tuple("0123456789")
+    images, labels = synthetic.generate("numerals", 200, 0)
+    ones, eights = images[labels == 1].float().mean(0), images[labels == 8].float().mean(0)
+    assert set(labels.tolist()) == set(range(10)) and (ones - eights).abs().mean() > 1.0
+    letters, _ = synthetic.generate("glyphs", 200, 0)
+    assert not torch.equal(images, letters)  # same renderer, other characters

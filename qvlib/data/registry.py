@@ -90,7 +90,7 @@ def _synthetic_loader(name: str, opts: LoadOptions):
     test_x, test_y = synthetic.generate(name, opts.n_test, stable_seed("task", name, "test", opts.seed))
     pre = opts.preprocess.resize_batch
     classes = list(synthetic.GENERATORS[name][1])
-    prov = {"source": "synthetic", "n_train": opts.n_train, "n_test": opts.n_test, "fonts": synthetic.font_files() if name == "glyphs" else ()}
+    prov = {"source": "synthetic", "n_train": opts.n_train, "n_test": opts.n_test, "fonts": synthetic.font_files() if name in synthetic.RENDERED else ()}
     return ArrayDataset(pre(train_x), train_y), ArrayDataset(pre(test_x), test_y), classes, prov
 
 

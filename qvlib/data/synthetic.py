@@ -1,7 +1,7 @@
 """Procedurally generated 32x32 RGB classification tasks, deterministic by seed.
 
 Each generator maps ``(n, rng)`` to ``(uint8 images (n, 3, 32, 32), int labels (n,))``. They differ
-in what decides the class (shape, orientation, spatial frequency, letter identity, count, blur), so
+in what decides the class (shape, orientation, spatial frequency, letter or digit identity, count, blur), so
 the tasks pull a shared backbone in different directions, as real downstream tasks do.
 """
 
@@ -89,6 +89,7 @@ def frequency(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
 
 
 LETTERS = "AEFHKMNRTX"
+NUMERALS = "0123456789"
 
 
 @lru_cache(maxsize=1)
@@ -106,19 +107,29 @@ def _font(path: str | None, size: int):
 
 def glyphs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """10 classes: a letter rendered with a random DejaVu face, size, position and small rotation."""
+    return _rendered(LETTERS, n, rng)
+
+
+def numerals(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """10 classes: a digit 0-9 rendered with a random DejaVu face, size, position and small rotation."""
+    return _rendered(NUMERALS, n, rng)
+
+
+def _rendered(chars: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Label k: ``chars[k]`` drawn in a random DejaVu face (18-26 px), position and rotation (+-8 deg)."""
     from PIL import Image, ImageDraw
 
-    labels = rng.integers(0, len(LETTERS), n)
+    labels = rng.integers(0, len(chars), n)
     fonts = font_files() or (None,)
     masks = np.empty((n, SIZE, SIZE), np.float32)
     for i, label in enumerate(labels):
         font = _font(fonts[rng.integers(len(fonts))], int(rng.integers(18, 27)))
         canvas = Image.new("L", (SIZE, SIZE), 0)
         draw = ImageDraw.Draw(canvas)
-        left, top, right, bottom = draw.textbbox((0, 0), LETTERS[label], font=font)
+        left, top, right, bottom = draw.textbbox((0, 0), chars[label], font=font)
         x = rng.uniform(-left, max(-left, SIZE - right))
         y = rng.uniform(-top, max(-top, SIZE - bottom))
-        draw.text((x, y), LETTERS[label], fill=255, font=font)
+        draw.text((x, y), chars[label], fill=255, font=font)
         canvas = canvas.rotate(float(rng.uniform(-8, 8)), resample=Image.BILINEAR)
         masks[i] = np.asarray(canvas, np.float32) / 255
     return _compose(masks, rng), labels
@@ -163,9 +174,13 @@ GENERATORS: dict[str, tuple[Generator, tuple[str, ...]]] = {
     "orientation": (orientation, tuple(f"{22.5 * k:g}deg" for k in range(8))),
     "frequency": (frequency, tuple(f"{f:g}cyc/px" for f in FREQUENCIES)),
     "glyphs": (glyphs, tuple(LETTERS)),
+    "numerals": (numerals, tuple(NUMERALS)),
     "dots": (dots, tuple(str(k) for k in range(1, 7))),
     "blur": (blur, tuple(f"sigma{s:g}" for s in BLUR_SIGMAS)),
 }
+
+
+RENDERED = ("glyphs", "numerals")  # the tasks drawn with the machine's fonts (recorded in provenance)
 
 
 def generate(kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
