@@ -88,6 +88,9 @@ SETTINGS = {
                  "donor that fails on all three receivers costs a quarter of the share, with 20 pairs a fifth, which "
                  "still leaves 80%. tasks4's trained models and cells are reused (copied); seeds 0-5",
                  {"seeds": [0, 1, 2, 3, 4, 5]}),
+    "holdout": ("the default on seeds 6 and 7, run from nothing (pretraining included) after the default was "
+                "fixed: the only seeds that played no part in choosing its tasks",
+                {"seeds": [6, 7]}),
 }
 # Settings that change only evaluation reuse the trained models of another setting: the listed
 # outputs of results/<that setting>/ are copied (file times kept) before the run, so only what reads
@@ -288,7 +291,7 @@ def machine_pairs(table: pl.DataFrame) -> pl.DataFrame:
 def report(keys: list[str]) -> str:
     here = [k for k in keys if (REPO / "results" / config_for(k)[1] / ARCH / "summary_specific.parquet").exists()]
     table = with_carried([r for k in here for r in all_rows(k)], ROWS_CSV, keys)
-    grid_keys = [k for k in ("steps300", "tasks6", "tasks4", "default") if k in here]
+    grid_keys = [k for k in ("steps300", "tasks6", "tasks4", "default", "holdout") if k in here]
     grids = with_carried([r for k in grid_keys for r in grid_selection(k)], GRIDS_CSV, keys)
     for frame, csv in ((table, ROWS_CSV), (grids, GRIDS_CSV)):
         if len(frame):
