@@ -96,14 +96,16 @@ SETTINGS = {
 # outputs of results/<that setting>/ are copied (file times kept) before the run, so only what reads
 # the changed keys is recomputed. Seeds run in the order given by --seeds (the study adds them one call
 # at a time; the recorded wall time is the sum of the calls).
+# The four shared tasks' models, single-task vectors (not the leave-one-out merges, which depend on the
+# task set), baselines and the cells whose donor is one of them.
+TASKS4_RUNS = ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors/*.safetensors",
+               "seed*/*/baselines", *(f"seed*/*/transfer/*/{task}.parquet" for task in TASKS4))
 REUSES = {"test3000": ("steps300", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors")),
           "steps1200": ("tasks6", ("seed*/backbone.*",)),
           "controls8": ("tasks6", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors",
                                     "seed*/*/baselines")),
-          "tasks4": ("tasks6", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors/*.safetensors",
-                                 "seed*/*/baselines", *(f"seed*/*/transfer/*/{task}.parquet" for task in TASKS4))),
-          "default": ("tasks4", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors/*.safetensors",
-                                   "seed*/*/baselines", *(f"seed*/*/transfer/*/{task}.parquet" for task in TASKS4)))}
+          "tasks4": ("tasks6", TASKS4_RUNS),
+          "default": ("tasks4", TASKS4_RUNS)}
 # Sub-grids of the default's lambdas for the selection analysis: the oracle takes the best of k lambdas,
 # for the donor and for each random direction alike.
 SUB_GRIDS = ([0.25, 0.5, 0.75, 1.0, 1.5, 2.0], [0.5, 0.75, 1.0, 1.5], [0.5, 1.0, 1.5], [1.0])
@@ -183,13 +185,11 @@ def rows_of(key: str, seeds: list[int] | None = None) -> list[dict]:
     baselines, transfer = pl.read_parquet(out / "baselines.parquet"), pl.read_parquet(out / "transfer.parquet")
     if seeds:
         baselines, transfer = (t.filter(pl.col("seed").is_in(seeds)) for t in (baselines, transfer))
-    everything = summary_specific(specific(pairs(transfer)))
-    summary = everything.filter(pl.col("scope") == "overall")
-    merged = pl.DataFrame()
-    if "kind" in summary.columns:  # single donors; a merged donor has rows of its own
-        summary = summary.filter(pl.col("kind") == "single")
-        merged = everything.filter((pl.col("scope") == "donor") & (pl.col("kind") == "merged") & (pl.col("rule") == Rule.ORACLE))
-    heads = headline(baselines, pairs(transfer))
+    pair_rows = pairs(transfer)
+    everything = summary_specific(specific(pair_rows))
+    summary = everything.filter((pl.col("scope") == "overall") & (pl.col("kind") == "single"))
+    merged = everything.filter((pl.col("scope") == "donor") & (pl.col("kind") == "merged") & (pl.col("rule") == Rule.ORACLE))
+    heads = headline(baselines, pair_rows)
     timing = REPO / "results" / "study" / f"{key}.time.json"
     minutes = json.loads(timing.read_text())["wall_s"] / 60 if timing.exists() else None
     rows = []
@@ -250,7 +250,7 @@ def grid_selection(key: str) -> list[dict]:
 
 def _merged_cell(merged: pl.DataFrame, seed) -> str:
     """The leave-one-out merged donor's specific gain at the oracle lambda and its win share, where the run has one."""
-    rows = merged.filter(pl.col("seed").is_null() if seed is None else pl.col("seed") == seed).to_dicts() if len(merged) else []
+    rows = merged.filter(pl.col("seed").is_null() if seed is None else pl.col("seed") == seed).to_dicts()
     return "; ".join(f"{r['task']} {r['specific_gain']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}], wins "
                      f"{100 * r['share_donor_beats_random']:.0f}%" for r in rows)
 
