@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # TORCH_SPEC to the build that fits its CUDA (or leave torch already installed in the venv).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CORES ?= 2
+# Test processes (pytest-xdist, one module per process): one more than the cores, as the Slurm tests
+# spend most of their time waiting on the scheduler.
+TEST_WORKERS ?= 3
 # Rules call `qv`; make the venv's commands visible to them.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
@@ -23,7 +26,7 @@ run: setup
 	$(BIN)/snakemake --cores $(CORES)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf results logs .snakemake

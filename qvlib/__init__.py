@@ -12,28 +12,26 @@ The public API, for Python users (the ``qv`` command wraps the same functions)::
     w3 = qvlib.quantized(patched, qvlib.QuantSpec(bits=3))    # the paper's Eq. 1-3, per output channel
 """
 
-from .checkpoints import broadcast_lambdas, describe, extract_vector, merged_vector, patched, quantized, random_control
-from .config import Config
-from .models import ArchSpec, build_vit, freeze_except, task_model
-from .quant import (
-    DEFAULT_POLICY,
-    SCALES,
-    QuantPolicy,
-    QuantSpec,
-    dequantize,
-    fake_quant,
-    fake_quant_state,
-    fake_quant_ste,
-    quantize,
-    register_scale,
-)
-from .datafree import LAMBDA_CRITERIA, choose_lambda, score_lambdas
-from .merge import MERGE_METHODS, merge, merge_method
-from .packing import load_packed, pack_checkpoint, unpack_checkpoint
-from .racing import RaceResult, race_lambda
-from .stats import bootstrap_mean, verdict
-from .vectors import WeightVector, patch, quantization_vector, random_direction
-from .vocab import Control, DonorKind, Mode, Precision, Rule, Search, Split, SweepMethod, Variant, Verdict
+import importlib
+
+# Where each public name lives. They load on first use (PEP 562), so a `qv` command imports only what
+# it needs: `qv tables` reads parquet files without importing torch, and `qv extract` without timm.
+_HOMES = {
+    "checkpoints": ["broadcast_lambdas", "describe", "extract_vector", "merged_vector", "patched", "quantized",
+                    "random_control"],
+    "config": ["Config"],
+    "models": ["ArchSpec", "build_vit", "freeze_except", "task_model"],
+    "quant": ["DEFAULT_POLICY", "SCALES", "QuantPolicy", "QuantSpec", "dequantize", "fake_quant", "fake_quant_state",
+              "fake_quant_ste", "quantize", "register_scale"],
+    "datafree": ["LAMBDA_CRITERIA", "choose_lambda", "score_lambdas"],
+    "merging": ["MERGE_METHODS", "merge", "merge_method"],
+    "packing": ["load_packed", "pack_checkpoint", "unpack_checkpoint"],
+    "racing": ["RaceResult", "race_lambda"],
+    "stats": ["bootstrap_mean", "verdict"],
+    "vectors": ["WeightVector", "patch", "quantization_vector", "random_direction"],
+    "vocab": ["Control", "DonorKind", "Mode", "Precision", "Rule", "Search", "Split", "SweepMethod", "Variant", "Verdict"],
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -54,3 +52,16 @@ __all__ = [
     "bootstrap_mean", "verdict", "Mode", "Variant", "Control", "Split", "Search", "Rule", "Verdict",
     "DonorKind", "Precision", "SweepMethod",
 ]
+
+
+def __getattr__(name: str):
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qvlib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

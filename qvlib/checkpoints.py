@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from .merge import merge
+from .merging import merge
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant_state
 from .vectors import WeightVector, patch, quantization_vector, random_direction
 from .vocab import Control
@@ -53,7 +53,7 @@ def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DE
 
 def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exclude: Iterable[str] = (),
                   **params) -> WeightVector:
-    """One vector from several (``vectors``: label -> vector) with a merge method of qvlib.merge,
+    """One vector from several (``vectors``: label -> vector) with a merge method of qvlib.merging,
     leaving out the labels in ``exclude`` (a receiver's own task, for a leave-one-out donor). The
     result records the method and the labels it merged; arch, quant and seed are kept where the vectors
     that record them agree, and vectors made for different quantizers or archs are refused."""

@@ -135,7 +135,7 @@ register("random-direction", "control: a random vector with the same per-tensor 
 
 
 def _merge_args(p):
-    from .merge import MERGE_METHODS
+    from .merging import MERGE_METHODS
 
     p.add_argument("vectors", type=Path, nargs="+", help="quantization vectors to merge")
     p.add_argument("--method", default="mean", choices=list(MERGE_METHODS), help="merge method (default mean)")
@@ -367,13 +367,14 @@ def _transfer_args(p):
     p.add_argument("--donor", action="append", required=True, metavar="NAME=VECTOR",
                    help="a donor task and its quantization vector; repeat for several donors")
     add_cache_inputs(p)
-    p.add_argument("-o", "--output", required=True,
-                   help="parquet file to write; with several donors it must contain {donor}")
+    p.add_argument("-o", "--output", required=True, action="append",
+                   help="parquet file to write: once per --donor, in the same order, or once with {donor} in it "
+                        "(replaced by each donor's name)")
     p.add_argument("--no-controls", action="store_true", help="skip the norm-matched random-direction control")
 
 
 def _transfer(args) -> int:
-    from .pipeline import evaluate_cell, set_threads
+    from .pipeline import evaluate_cells, set_threads
 
     set_threads(args.threads)
     donors = []
@@ -382,12 +383,15 @@ def _transfer(args) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--donor expects NAME=VECTOR, got {item!r}")
         donors.append((name, Path(path)))
-    if len(donors) > 1 and "{donor}" not in args.output:
-        raise ValueError("with several --donor values, --output must contain {donor}")
-    cfg = load_config(args)
-    for name, path in donors:
-        evaluate_cell(cfg, args.arch, args.receiver, name, args.ft, path, cache_inputs(args),
-                      Path(args.output.replace("{donor}", name)), device=args.device, controls=not args.no_controls)
+    outputs = args.output * len(donors) if len(args.output) == 1 else args.output
+    if len(outputs) != len(donors):
+        raise ValueError(f"{len(donors)} --donor values but {len(outputs)} -o paths: give one per donor, or one with {{donor}}")
+    outputs = [out.replace("{donor}", name) for out, (name, _) in zip(outputs, donors)]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("several donors would write the same file: give -o once per donor, or once with {donor} in it")
+    evaluate_cells(load_config(args), args.arch, args.receiver, args.ft,
+                   [(name, path, Path(out)) for (name, path), out in zip(donors, outputs)], cache_inputs(args),
+                   device=args.device, controls=not args.no_controls)
     return 0
 
 
@@ -408,7 +412,7 @@ def _tables_args(p):
 
 
 def _tables(args) -> int:
-    from .pipeline import assemble_tables
+    from .report import assemble_tables
 
     outputs = {name: getattr(args, f"out_{name}") for name in
                ("baselines", "transfer", "donor", "receiver", "specific", "summary_specific", "norms", "cosine",
@@ -455,7 +459,7 @@ def _figures_args(p):
 
 
 def _figures(args) -> int:
-    from .pipeline import figures
+    from .report import figures
 
     print(figures(args.arch, args.baselines, args.transfer, args.summary_specific, args.norms, args.cosine,
                   args.out_gain, args.out_cosine, args.out_summary, quant=args.quant))

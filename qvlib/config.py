@@ -85,7 +85,7 @@ class Config:
 
     @property
     def merged_donors(self) -> list[str]:
-        """Merge methods (qvlib.merge) whose leave-one-out merged donor joins every receiver's row."""
+        """Merge methods (qvlib.merging) whose leave-one-out merged donor joins every receiver's row."""
         return [str(m) for m in self.raw.get("merged_donors", [])]
 
     @property

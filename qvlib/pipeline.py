@@ -11,7 +11,6 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from . import plots, tables
 from .config import Config
 from .diagnostics import cosine_table, merged_cosine_table, norms_table
 from .data.base import Preprocess
@@ -20,10 +19,11 @@ from .data.registry import load_task, pretrain_mixture, stable_seed
 from .datafree import choose_lambda, noise_images, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
 from .racing import race_splits
+from .report import write_parquet
 from .models import backbone_state, build_vit, check_fits, task_model
 from .quant import QuantSpec, fake_quant
 from .train import pick_device, train
-from .vectors import WeightVector, atomic_write, random_direction
+from .vectors import WeightVector, random_direction
 from .vocab import QUANTIZED_VARIANTS, Control, Mode, Search, Split, SweepMethod, Variant
 
 def set_threads(threads: int | None) -> None:
@@ -162,30 +162,44 @@ def random_control_seeds(cfg: Config, donor: str) -> list[int]:
     return [stable_seed("random-direction", donor, cfg.seed, k) for k in range(cfg.random_controls)]
 
 
-def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiver_ft: Path, vector: Path,
-                  caches: dict[str, Path], output: Path, device: str | None = None, controls: bool = True) -> None:
-    """Q(theta_R + lambda * rho_D) for every lambda of the sweep on every cached split, plus an adaptive
-    oracle search on ``test``. Donor == receiver gives the 'self' control; otherwise (with ``controls``)
-    ``cfg.random_controls`` norm-matched random directions are evaluated beside the donor."""
-    spec = cfg.quant
+def evaluate_cells(cfg: Config, arch_name: str, receiver: str, receiver_ft: Path, donors: list[tuple[str, Path, Path]],
+                   caches: dict[str, Path], device: str | None = None, controls: bool = True) -> None:
+    """The cells of one receiver, one parquet file per donor (``donors``: (name, vector, output))."""
     engine, _ = load_engine(cfg, arch_name, receiver_ft, device)
     names = cfg.policy.select_model(engine.model)
+    carried = cfg.policy.select_carried(engine.base)
+    vectors = [_checked_vector(cfg, arch_name, engine, carried, path) for _, path, _ in donors]
+    splits = cached_splits(engine, caches)
+    datafree = _datafree_inputs(cfg, engine, carried) if cfg.datafree_criteria and Split.TEST in splits else None
+    for (donor, _, output), rho in zip(donors, vectors):
+        rows = _cell_rows(cfg, arch_name, engine, names, splits, datafree, receiver, donor, rho, controls)
+        write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64, "criterion": pl.Utf8}), output)
+
+
+def _checked_vector(cfg: Config, arch_name: str, engine: Engine, carried: list[str], vector: Path) -> WeightVector:
+    """A donor vector, checked against the run's quantizer, the arch and what the policy patches."""
     rho = WeightVector.load(vector)
-    _check_spec(rho.metadata, spec, vector)
+    _check_spec(rho.metadata, cfg.quant, vector)
     if rho.metadata.get("arch") not in (None, arch_name):
         raise ValueError(f"vector {vector} is for arch {rho.metadata.get('arch')!r}, the receiver is {arch_name!r}")
-    carried = cfg.policy.select_carried(engine.base)
     try:
         WeightVector({n: engine.base[n].cpu() for n in carried}).check_compatible(rho)
     except ValueError as err:
         raise ValueError(f"vector {vector} does not hold what policy scope {cfg.policy.scope!r} patches: {err}") from None
-    splits = cached_splits(engine, caches)
+    return rho
+
+
+def _cell_rows(cfg: Config, arch_name: str, engine: Engine, names: list[str], splits: dict, datafree: dict | None,
+               receiver: str, donor: str, rho: WeightVector, controls: bool) -> list[dict]:
+    """Q(theta_R + lambda * rho_D) for every lambda of the sweep on every cached split, plus an adaptive
+    oracle search on ``test``. Donor == receiver gives the 'self' control; otherwise (with ``controls``)
+    ``cfg.random_controls`` norm-matched random directions are evaluated beside the donor."""
+    spec = cfg.quant
     variants = [(Control.SELF if donor == receiver else Control.DONOR, None, rho)]
     if controls and donor != receiver:
         variants += [(Control.RANDOM, s, random_direction(rho, s)) for s in random_control_seeds(cfg, donor)]
     rows = []
     base = {"arch": arch_name, "quant": spec.tag, "seed": cfg.seed, "receiver": receiver, "donor": donor, "bits": spec.bits}
-    datafree = _datafree_inputs(cfg, engine, carried) if cfg.datafree_criteria and Split.TEST in splits else None
     for control, control_seed, vec in variants:
         vec_dev = {n: t.to(engine.device) for n, t in vec.items()}
         row = {**base, "control": str(control), "control_seed": control_seed, "criterion": None}
@@ -203,7 +217,7 @@ def evaluate_cell(cfg: Config, arch_name: str, receiver: str, donor: str, receiv
             c, n = found.best_correct, len(splits[Split.TEST])
             rows.append({**row, "search": str(Search.ADAPTIVE), "lambda": found.best_lambda, "split": str(Split.TEST),
                          "correct": c, "n": n, "accuracy": accuracy(c, n)})
-    write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64, "criterion": pl.Utf8}), output)
+    return rows
 
 
 def _sweep_rows(cfg: Config, engine: Engine, patched, splits: dict, test_lambdas=()) -> list[dict]:
@@ -247,29 +261,6 @@ def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, floa
             for c in cfg.datafree_criteria}
 
 
-# ---------------------------------------------------------------- reports
-def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path], cosine: list[Path],
-                    outputs: dict[str, Path]) -> None:
-    """Every seed's and quantizer's per-task and per-cell files into the run's tables (``outputs``: table
-    name -> path: baselines, transfer, donor, receiver, specific, summary_specific, norms, cosine,
-    quantizers, and quantizers_md, its markdown)."""
-    base = tables.read_all(baselines)
-    transfer = tables.with_gain(tables.read_all(cells), base)
-    pair_rows = tables.pairs(transfer)
-    specific = tables.specific(pair_rows)
-    frames = {"baselines": base, "transfer": transfer, "donor": tables.summary_donor(pair_rows),
-              "receiver": tables.summary_receiver(pair_rows), "specific": specific,
-              "summary_specific": tables.summary_specific(specific),
-              "norms": tables.read_all(norms), "cosine": tables.read_all(cosine),
-              "quantizers": tables.quantizers(base, pair_rows)}
-    for name, frame in frames.items():
-        if name in outputs:
-            write_parquet(frame, outputs[name])
-    if "quantizers_md" in outputs:
-        text = plots.quantizers_markdown(base["arch"][0], frames["quantizers"])
-        atomic_write(outputs["quantizers_md"], lambda tmp: Path(tmp).write_text(text))
-
-
 def vectors_by_task(paths: list[Path]) -> dict[str, WeightVector]:
     """Checkpoints or vectors keyed by the task their metadata names."""
     out = {}
@@ -296,32 +287,3 @@ def diagnostics(cfg: Config, arch_name: str, backbone: Path | None, ft: list[Pat
     if merged:
         cosine = pl.concat([cosine, merged_cosine_table(arch_name, cfg.seed, vecs, [WeightVector.load(p) for p in merged])])
     write_parquet(cosine.with_columns(tag), out_cosine)
-
-
-def _of_quant(path: Path, quant: str | None) -> pl.DataFrame:
-    """A table's rows of one quantizer (all rows when ``quant`` is None or the table has no column)."""
-    df = pl.read_parquet(path)
-    if quant is None or "quant" not in df.columns:
-        return df
-    out = df.filter(pl.col("quant") == quant)
-    if not len(out):
-        raise ValueError(f"{path} has no rows of quantizer {quant!r} (it has {sorted(df['quant'].unique())})")
-    return out
-
-
-def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: Path, norms: Path, cosine: Path,
-            out_gain: Path, out_cosine: Path, out_summary: Path, quant: str | None = None) -> str:
-    """The gain and cosine heatmaps and the markdown summary (returned, and written to ``out_summary``)
-    of one quantizer's grid (``quant``: its tag; None: the tables hold one quantizer)."""
-    pair_rows = tables.pairs(_of_quant(transfer, quant))
-    name = f"{arch_name} {quant}" if quant else arch_name
-    plots.heatmap_gain(pair_rows, out_gain, title=f"{name}: gain over PTQ (points)")
-    plots.heatmap_cosine(_of_quant(cosine, quant), out_cosine, title=f"{name}: cosine of quantization vectors")
-    text = plots.summary_markdown(name, _of_quant(baselines, quant), pair_rows, _of_quant(summary_specific, quant),
-                                  _of_quant(norms, quant))
-    atomic_write(out_summary, lambda tmp: Path(tmp).write_text(text))
-    return text
-
-
-def write_parquet(df, output: Path) -> None:
-    atomic_write(output, lambda tmp: df.write_parquet(tmp))

@@ -1,6 +1,7 @@
 """Shared test helpers: a miniature config and running `qv` / snakemake from the venv."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,18 @@ def snakemake(workdir: Path, configfile: Path, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts

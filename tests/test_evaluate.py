@@ -97,6 +97,26 @@ def test_transfer_rows_lambda0_equals_ptq_and_self_equals_qat(grid):
     assert len(adaptive) == 1 and set(adaptive["split"]) == {"test"} and set(adaptive["control"]) == {"none"}
 
 
+def test_several_donors_in_one_process_write_the_cells_of_one_process_per_donor(grid, tmp_path):
+    """A receiver's row in one call (one -o per donor, in order) gives each donor the file a call of its own gives."""
+    d, cfg = grid
+    common = ["--config", cfg, "--arch", "tiny", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
+              "--test-cache", d / "shapes.test.safetensors", "--calib-cache", d / "shapes.calib.safetensors"]
+    donors = {"dots": d / "dots.qv.safetensors", "shapes": d / "shapes.qv.safetensors"}
+    for name, path in donors.items():
+        qv("evaluate-transfer", *common, "--donor", f"{name}={path}", "-o", tmp_path / f"alone-{name}.parquet")
+    qv("evaluate-transfer", *common, *[a for name, path in donors.items() for a in ("--donor", f"{name}={path}")],
+       "-o", tmp_path / "row-a.parquet", "-o", tmp_path / "row-b.parquet")
+    assert pl.read_parquet(tmp_path / "row-a.parquet").equals(pl.read_parquet(tmp_path / "alone-dots.parquet"))
+    assert pl.read_parquet(tmp_path / "row-b.parquet").equals(pl.read_parquet(tmp_path / "alone-shapes.parquet"))
+    for outputs, message in ((["x.parquet"], "would write the same file"),
+                             (["a.parquet", "b.parquet", "c.parquet"], "2 --donor values but 3 -o paths")):
+        proc = qv("evaluate-transfer", *common, *[a for name, path in donors.items() for a in ("--donor", f"{name}={path}")],
+                  *[a for out in outputs for a in ("-o", tmp_path / out)], check=False)
+        assert proc.returncode == 2 and message in proc.stderr
+        assert not any((tmp_path / out).exists() for out in outputs)
+
+
 def test_racing_cells_reach_the_whole_split_where_a_rule_reads_it(grid, tmp_path):
     """The same cell dense and raced: racing rows give each lambda's answers on the images it saw;
     lambda = 1, the oracle, calib's pick (on test) and the data-free picks are scored on the whole

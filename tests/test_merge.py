@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qvlib.merge import MERGE_METHODS, merge, merge_method
+from qvlib.merging import MERGE_METHODS, merge, merge_method
 from qvlib.vectors import WeightVector
 
 

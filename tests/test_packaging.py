@@ -1,6 +1,8 @@
 """pyproject.toml and environment.yml describe the same dependencies; the README's commands exist."""
 
 import re
+import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -85,8 +87,27 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, tiny_arch):
 def test_schema_choices_are_the_registries():
     """A merge method or data-free criterion registered in qvlib is selectable in a config, and only those."""
     from qvlib.datafree import LAMBDA_CRITERIA
-    from qvlib.merge import MERGE_METHODS
+    from qvlib.merging import MERGE_METHODS
 
     props = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
     assert props["merged_donors"]["items"]["enum"] == list(MERGE_METHODS)
     assert props["datafree"]["properties"]["criteria"]["items"]["enum"] == list(LAMBDA_CRITERIA)
+
+
+def test_the_public_api_loads_lazily_and_light_commands_skip_timm():
+    """`import qvlib` imports no torch; every name of __all__ resolves; qvlib.merge stays the function once
+    the merging module is loaded; the report steps (qv tables, qv figures) never import timm or torchvision."""
+    code = (
+        "import sys, qvlib\n"
+        "assert 'torch' not in sys.modules\n"
+        "import qvlib.checkpoints, qvlib.report, qvlib.cli\n"
+        "assert not {'timm', 'torchvision'} & set(sys.modules), 'a report step imported timm or torchvision'\n"
+        "assert callable(qvlib.merge) and qvlib.merge.__module__ == 'qvlib.merging'\n"
+        "missing = [n for n in qvlib.__all__ if getattr(qvlib, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert set(qvlib.__all__) <= set(dir(qvlib))\n"
+        "try:\n    qvlib.no_such_name\nexcept AttributeError as err:\n    assert 'no_such_name' in str(err)\n"
+        "else:\n    raise AssertionError('no AttributeError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr

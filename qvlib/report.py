@@ -1,0 +1,62 @@
+"""The run's tables and figures from its per-task and per-cell files: what `qv tables` and `qv figures`
+do. Nothing here loads a model, so these steps start without importing timm or torchvision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from . import plots, tables
+from .vectors import atomic_write
+
+
+def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path], cosine: list[Path],
+                    outputs: dict[str, Path]) -> None:
+    """Every seed's and quantizer's per-task and per-cell files into the run's tables (``outputs``: table
+    name -> path: baselines, transfer, donor, receiver, specific, summary_specific, norms, cosine,
+    quantizers, and quantizers_md, its markdown)."""
+    base = tables.read_all(baselines)
+    transfer = tables.with_gain(tables.read_all(cells), base)
+    pair_rows = tables.pairs(transfer)
+    specific = tables.specific(pair_rows)
+    frames = {"baselines": base, "transfer": transfer, "donor": tables.summary_donor(pair_rows),
+              "receiver": tables.summary_receiver(pair_rows), "specific": specific,
+              "summary_specific": tables.summary_specific(specific),
+              "norms": tables.read_all(norms), "cosine": tables.read_all(cosine),
+              "quantizers": tables.quantizers(base, pair_rows)}
+    for name, frame in frames.items():
+        if name in outputs:
+            write_parquet(frame, outputs[name])
+    if "quantizers_md" in outputs:
+        text = plots.quantizers_markdown(base["arch"][0], frames["quantizers"])
+        atomic_write(outputs["quantizers_md"], lambda tmp: Path(tmp).write_text(text))
+
+
+def _of_quant(path: Path, quant: str | None) -> pl.DataFrame:
+    """A table's rows of one quantizer (all rows when ``quant`` is None or the table has no column)."""
+    df = pl.read_parquet(path)
+    if quant is None or "quant" not in df.columns:
+        return df
+    out = df.filter(pl.col("quant") == quant)
+    if not len(out):
+        raise ValueError(f"{path} has no rows of quantizer {quant!r} (it has {sorted(df['quant'].unique())})")
+    return out
+
+
+def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: Path, norms: Path, cosine: Path,
+            out_gain: Path, out_cosine: Path, out_summary: Path, quant: str | None = None) -> str:
+    """The gain and cosine heatmaps and the markdown summary (returned, and written to ``out_summary``)
+    of one quantizer's grid (``quant``: its tag; None: the tables hold one quantizer)."""
+    pair_rows = tables.pairs(_of_quant(transfer, quant))
+    name = f"{arch_name} {quant}" if quant else arch_name
+    plots.heatmap_gain(pair_rows, out_gain, title=f"{name}: gain over PTQ (points)")
+    plots.heatmap_cosine(_of_quant(cosine, quant), out_cosine, title=f"{name}: cosine of quantization vectors")
+    text = plots.summary_markdown(name, _of_quant(baselines, quant), pair_rows, _of_quant(summary_specific, quant),
+                                  _of_quant(norms, quant))
+    atomic_write(out_summary, lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
+def write_parquet(df, output: Path) -> None:
+    atomic_write(output, lambda tmp: df.write_parquet(tmp))
