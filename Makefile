@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/snakemake --cores $(CORES)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf results logs .snakemake

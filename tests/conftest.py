@@ -20,3 +20,10 @@ def tiny_arch():
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow modules (whole workflow runs, the Slurm cluster) first. make test hands each module to one
+    pytest-xdist worker in this order (--no-loadscope-reorder), so the long ones start at once instead
+    of last, and the Slurm test's waits on its scheduler overlap the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
