@@ -14,8 +14,8 @@ The public API, for Python users (the ``qv`` command wraps the same functions)::
 
 import importlib
 
-# Where each public name lives. They load on first use (PEP 562), so a `qv` command imports only what
-# it needs: `qv tables` reads parquet files without importing torch, and `qv extract` without timm.
+# Where each public name lives (``__all__`` is these names). They load on first use (PEP 562), so a
+# `qv` command imports only what it needs: `qv tables` and `qv extract` load neither timm nor torchvision.
 _HOMES = {
     "checkpoints": ["broadcast_lambdas", "describe", "extract_vector", "merged_vector", "patched", "quantized",
                     "random_control"],
@@ -35,23 +35,7 @@ _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # quantizer
-    "QuantSpec", "QuantPolicy", "DEFAULT_POLICY", "SCALES", "register_scale", "quantize", "dequantize", "fake_quant", "fake_quant_ste",
-    "fake_quant_state",
-    # vectors and patching
-    "WeightVector", "quantization_vector", "random_direction", "patch",
-    "describe", "extract_vector", "patched", "broadcast_lambdas", "quantized", "random_control",
-    "merge", "merge_method", "MERGE_METHODS", "merged_vector", "score_lambdas", "choose_lambda", "LAMBDA_CRITERIA",
-    "race_lambda", "RaceResult",
-    # packed export
-    "pack_checkpoint", "unpack_checkpoint", "load_packed",
-    # models and runs
-    "ArchSpec", "build_vit", "task_model", "freeze_except", "Config",
-    # statistics and names
-    "bootstrap_mean", "verdict", "Mode", "Variant", "Control", "Split", "Search", "Rule", "Verdict",
-    "DonorKind", "Precision", "SweepMethod",
-]
+__all__ = [name for names in _HOMES.values() for name in names]
 
 
 def __getattr__(name: str):

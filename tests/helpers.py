@@ -23,6 +23,9 @@ def env():
 TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 
 
+QUANT = "w2-channel"  # the miniature's quantizer tag (.test/config/config.yaml)
+
+
 def mini_config(path: Path, name="mini", tasks=None, pretrain=True, **extra) -> Path:
     """``.test/config/config.yaml`` (a whole grid in about a minute on one core) written to ``path``
     with its data root beside it and the given keys replaced."""

@@ -103,16 +103,15 @@ def test_several_donors_in_one_process_write_the_cells_of_one_process_per_donor(
     common = ["--config", cfg, "--arch", "tiny", "--receiver", "shapes", "--ft", d / "shapes.ft.safetensors",
               "--test-cache", d / "shapes.test.safetensors", "--calib-cache", d / "shapes.calib.safetensors"]
     donors = {"dots": d / "dots.qv.safetensors", "shapes": d / "shapes.qv.safetensors"}
+    both = [a for name, path in donors.items() for a in ("--donor", f"{name}={path}")]
     for name, path in donors.items():
         qv("evaluate-transfer", *common, "--donor", f"{name}={path}", "-o", tmp_path / f"alone-{name}.parquet")
-    qv("evaluate-transfer", *common, *[a for name, path in donors.items() for a in ("--donor", f"{name}={path}")],
-       "-o", tmp_path / "row-a.parquet", "-o", tmp_path / "row-b.parquet")
+    qv("evaluate-transfer", *common, *both, "-o", tmp_path / "row-a.parquet", "-o", tmp_path / "row-b.parquet")
     assert pl.read_parquet(tmp_path / "row-a.parquet").equals(pl.read_parquet(tmp_path / "alone-dots.parquet"))
     assert pl.read_parquet(tmp_path / "row-b.parquet").equals(pl.read_parquet(tmp_path / "alone-shapes.parquet"))
     for outputs, message in ((["x.parquet"], "would write the same file"),
                              (["a.parquet", "b.parquet", "c.parquet"], "2 --donor values but 3 -o paths")):
-        proc = qv("evaluate-transfer", *common, *[a for name, path in donors.items() for a in ("--donor", f"{name}={path}")],
-                  *[a for out in outputs for a in ("-o", tmp_path / out)], check=False)
+        proc = qv("evaluate-transfer", *common, *both, *[a for out in outputs for a in ("-o", tmp_path / out)], check=False)
         assert proc.returncode == 2 and message in proc.stderr
         assert not any((tmp_path / out).exists() for out in outputs)
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import mini_config, planned_jobs, snakemake
+from helpers import QUANT, mini_config, planned_jobs, snakemake
 from qvlib.plots import DPI, gain_figure_size
 from qvlib.vectors import WeightVector
 
@@ -18,7 +18,6 @@ TASKS = ("shapes", "dots", "blur")
 REPORT = ["baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet", "specific.parquet",
           "summary_specific.parquet", "diagnostics.parquet", "cosine.parquet", "quantizers.parquet", "quantizers.md"]
 FIGURES = ["summary.md", "heatmap_gain.png", "heatmap_cosine.png"]  # per quantizer
-QUANT = "w2-channel"  # the miniature's quantizer
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import polars as pl
 import pytest
 import yaml
 
-from helpers import REPO, mini_config, planned_jobs, snakemake
+from helpers import QUANT, REPO, mini_config, planned_jobs, snakemake
 from qvlib.vectors import WeightVector
 
 pytestmark = pytest.mark.slow
-QUANT = "w2-channel"  # the miniature's quantizer
 
 
 @pytest.mark.parametrize("config", ["paper.yaml", "paper-text.yaml"])
