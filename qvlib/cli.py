@@ -15,6 +15,8 @@ from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, SCOPES, QuantPolicy, Q
 from .vectors import WeightVector, atomic_write
 from .vocab import FINETUNE_MODES, Split
 
+log = logging.getLogger("qvlib.cli")
+
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -279,13 +281,25 @@ def load_config(args: argparse.Namespace):
 def _pretrain_args(p):
     add_job_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="backbone safetensors to write")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="pretrain even when the config's reuse_backbones folder holds this backbone")
 
 
 def _pretrain(args) -> int:
+    from .backbones import reuse_backbone, shipped_backbone
+
+    cfg = load_config(args)
+    shipped = None if args.no_reuse else shipped_backbone(cfg, args.arch)
+    if shipped is not None and shipped.exists():
+        reuse_backbone(shipped, args.output, cfg, args.arch)
+        log.info("reused %s, pretrained earlier with these settings (--no-reuse pretrains it here)", shipped)
+        return 0
+    if shipped is not None:
+        log.info("no backbone with these settings at %s: pretraining (copy the result there to reuse it)", shipped)
     from .pipeline import pretrain, set_threads
 
     set_threads(args.threads)
-    pretrain(load_config(args), args.arch, args.output, device=args.device, progress=not args.no_progress)
+    pretrain(cfg, args.arch, args.output, device=args.device, progress=not args.no_progress)
     return 0
 
 

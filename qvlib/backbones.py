@@ -1,0 +1,64 @@
+"""Pretrained demo backbones kept in a folder and reused instead of pretrained again.
+
+The demo's backbone plays the part of the paper's downloaded ImageNet-21k checkpoint: the method
+starts from it and never changes it. Pretraining it is most of a one-seed demo's time on two CPU
+cores, so a config may name a folder (``reuse_backbones``) of backbones that ``qv pretrain`` wrote
+earlier. A file there is found by the arch, the replicate seed and a digest of every setting that
+pretraining reads (the arch, the mixture, the training settings with their defaults filled in, and
+``data_seed``), so a changed setting finds no file and pretrains as before.
+
+A reused backbone is the bytes the earlier run wrote, on the CPU that ran it; pretraining the same
+settings on another CPU rounds differently, so ``qv pretrain --no-reuse`` can give other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .config import Config, digest_of
+from .train import metrics_path, write_json
+from .vectors import atomic_write
+
+
+# Training settings that only decide when a run logs or saves its resumable state, not its weights.
+BOOKKEEPING = ("seed", "checkpoint_every", "log_every")
+
+
+def pretrain_key(cfg: Config, arch_name: str) -> str:
+    """Digest of the settings that decide a pretrained backbone (the seed is named apart), taken from
+    the parsed settings so that a config with its defaults filled in gives the same digest."""
+    arch = {k: v for k, v in asdict(cfg.arch(arch_name)).items() if k != "name"}
+    train = {k: v for k, v in asdict(cfg.pretrain_train()).items() if k not in BOOKKEEPING}
+    return digest_of(arch, cfg.pretrain_mixture(), train, cfg.data_seed)
+
+
+def shipped_name(cfg: Config, arch_name: str) -> str:
+    """The file name a reusable backbone of this arch and replicate seed has in the folder."""
+    return f"{arch_name}-seed{cfg.seed}-{pretrain_key(cfg, arch_name)}.safetensors"
+
+
+def shipped_backbone(cfg: Config, arch_name: str) -> Path | None:
+    """Where this config's reuse folder would hold the backbone (None: the config names no folder)."""
+    folder = cfg.raw.get("reuse_backbones")
+    return None if folder is None else Path(folder).expanduser() / shipped_name(cfg, arch_name)
+
+
+def reuse_backbone(found: Path, output: Path, cfg: Config, arch_name: str) -> None:
+    """Copy ``found`` (and its metrics, marked ``reused_from``) to ``output`` after checking that its
+    metadata names the same arch, seed and mode: a file renamed by hand is refused, not trusted."""
+    with safe_open(str(found), "pt") as f:
+        meta = f.metadata() or {}
+    expected = {"mode": "pretrain", "arch": arch_name, "seed": str(cfg.seed)}
+    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        raise ValueError(f"{found} is not a pretrained backbone of arch {arch_name!r} at seed {cfg.seed}: "
+                         f"its metadata has {wrong}, expected {expected}")
+    atomic_write(output, lambda tmp: shutil.copyfile(found, tmp))
+    shipped_metrics = metrics_path(found)
+    metrics = json.loads(shipped_metrics.read_text()) if shipped_metrics.exists() else {"mode": "pretrain"}
+    write_json(metrics_path(output), {**metrics, "reused_from": str(found)})
