@@ -68,7 +68,8 @@ def test_schema_errors_stop_before_any_job(tmp_path, change, message):
 
 
 def test_config_on_the_command_line_changes_the_embedded_default(tmp_path):
-    """`snakemake --config 'seeds=[0,1]'` (no --configfile) runs the default config with two seeds."""
+    """`snakemake --config 'seeds=[0,1]' reuse_backbones=null` (no --configfile) runs the default config
+    with two seeds, pretraining their backbones (null arrives as a string and means no folder)."""
     import shutil
     import subprocess
 
@@ -76,12 +77,14 @@ def test_config_on_the_command_line_changes_the_embedded_default(tmp_path):
 
     shutil.copytree(REPO / "config", tmp_path / "config")
     proc = subprocess.run([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-                           "--cores", "1", "--dry-run", "--config", "seeds=[0,1]"], capture_output=True, text=True, env=env())
+                           "--cores", "1", "--dry-run", "--config", "seeds=[0,1]", "reuse_backbones=null"],
+                           capture_output=True, text=True, env=env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = planned_jobs(proc)
     tasks = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["tasks"]
     assert jobs["pretrain"] == 2 and jobs["finetune"] == jobs["qat"] == 2 * len(tasks)
-    assert yaml.safe_load((tmp_path / "results" / "default" / "config.yaml").read_text())["seeds"] == [0, 1]
+    effective = yaml.safe_load((tmp_path / "results" / "default" / "config.yaml").read_text())
+    assert effective["seeds"] == [0, 1] and effective["reuse_backbones"] is None
 
 
 def test_scope_all_end_to_end_vectors_hold_every_non_head_tensor(tmp_path):

@@ -14,6 +14,8 @@ from qvlib.vocab import Mode, merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
     config["seeds"] = [int(s) if isinstance(s, str) and s.lstrip("-").isdigit() else s for s in config["seeds"]]
+if config.get("reuse_backbones") == "null":  # `--config reuse_backbones=null` arrives as a string
+    config["reuse_backbones"] = None
 validate(config, "../schemas/config.schema.yaml")
 
 NAME = config["name"]
