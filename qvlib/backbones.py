@@ -18,11 +18,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors import safe_open
-
 from .config import Config, digest_of
 from .train import metrics_path, write_json
-from .vectors import atomic_write
+from .vectors import WeightVector, atomic_write
 
 
 # Training settings that only decide when a run logs or saves its resumable state, not its weights.
@@ -44,15 +42,14 @@ def shipped_name(cfg: Config, arch_name: str) -> str:
 
 def shipped_backbone(cfg: Config, arch_name: str) -> Path | None:
     """Where this config's reuse folder would hold the backbone (None: the config names no folder)."""
-    folder = cfg.raw.get("reuse_backbones")
-    return None if folder is None else Path(folder).expanduser() / shipped_name(cfg, arch_name)
+    folder = cfg.reuse_backbones
+    return None if folder is None else folder / shipped_name(cfg, arch_name)
 
 
 def reuse_backbone(found: Path, output: Path, cfg: Config, arch_name: str) -> None:
     """Copy ``found`` (and its metrics, marked ``reused_from``) to ``output`` after checking that its
     metadata names the same arch, seed and mode: a file renamed by hand is refused, not trusted."""
-    with safe_open(str(found), "pt") as f:
-        meta = f.metadata() or {}
+    meta = WeightVector.load(found).metadata  # a truncated or foreign file: the loader's own error
     expected = {"mode": "pretrain", "arch": arch_name, "seed": str(cfg.seed)}
     wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
     if wrong:

@@ -103,6 +103,12 @@ class Config:
         return Path(self.raw.get("data_root", "data")).expanduser()
 
     @property
+    def reuse_backbones(self) -> Path | None:
+        """The folder of backbones pretrained earlier (qvlib.backbones), or None: always pretrain."""
+        folder = self.raw.get("reuse_backbones")
+        return None if folder is None else Path(folder).expanduser()
+
+    @property
     def quants(self) -> list[QuantSpec]:
         """Every quantizer of the run (``quant``: one mapping or a list of them); FT is shared, QAT,
         vectors, baselines and cells are per quantizer, named by its tag."""

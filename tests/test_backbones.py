@@ -85,6 +85,12 @@ def test_qv_pretrain_reuses_a_kept_backbone_and_refuses_a_mislabelled_one(tmp_pa
             "{'seed': '0'}, expected {'mode': 'pretrain', 'arch': 'tiny', 'seed': '1'}") in proc.stderr
     assert not out.exists() and not metrics_path(out).exists()
 
+    # a truncated file (a broken download, a git LFS pointer) is refused with the loader's description
+    wrong.write_bytes(first.read_bytes()[:1000])
+    proc = qv("pretrain", "--config", cfg_path, "--arch", "tiny", "--seed", "1", "--no-progress", "-o", out, check=False)
+    assert proc.returncode == 2 and f"qv pretrain: error: {wrong} is not a readable safetensors file (truncated" in proc.stderr
+    assert not out.exists()
+
 
 def test_the_shipped_backbones_are_found_by_the_default_config():
     """A change to the default's pretraining settings (or to their defaults) would make every run
