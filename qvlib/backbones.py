@@ -25,13 +25,17 @@ from .vectors import WeightVector, atomic_write
 
 # Training settings that only decide when a run logs or saves its resumable state, not its weights.
 BOOKKEEPING = ("seed", "checkpoint_every", "log_every")
+# Training settings added after the shipped backbones were written: left out of the key while at their
+# default (which is what those backbones were trained with), so the shipped files keep their names.
+ADDED_LATER = {"last_batch": "drop", "lr_schedule": "aligned"}
 
 
 def pretrain_key(cfg: Config, arch_name: str) -> str:
     """Digest of the settings that decide a pretrained backbone (the seed is named apart), taken from
     the parsed settings so that a config with its defaults filled in gives the same digest."""
     arch = {k: v for k, v in asdict(cfg.arch(arch_name)).items() if k != "name"}
-    train = {k: v for k, v in asdict(cfg.pretrain_train()).items() if k not in BOOKKEEPING}
+    train = {k: v for k, v in asdict(cfg.pretrain_train()).items()
+             if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return digest_of(arch, cfg.pretrain_mixture(), train, cfg.data_seed)
 
 

@@ -47,9 +47,21 @@ class TrainConfig:
     num_workers: int = 0
     precision: str = Precision.BF16
     augment: bool = False  # timm's training augmentation of the original images (qvlib.data.augment)
+    # What happens to the images an epoch's last full micro-batch leaves over: "drop" them (qvlib's
+    # default) or "keep" them as a smaller last micro-batch, as a DataLoader without drop_last does (the
+    # authors' code: ceil(N / batch) micro-batches per epoch). Only matters with ``epochs``.
+    last_batch: str = "drop"
+    # When the learning-rate schedule advances: "aligned" (qvlib's default) runs optimizer step k at the
+    # schedule's value for k; "lagged" advances it after each optimizer step, as the authors' code does,
+    # so step 0 runs at the optimizer's peak lr and step k >= 1 at the schedule's value for k - 1.
+    lr_schedule: str = "aligned"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.last_batch not in LAST_BATCH:
+            raise ValueError(f"last_batch must be one of {', '.join(LAST_BATCH)}, got {self.last_batch!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
         for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -66,16 +78,32 @@ class TrainConfig:
         return cls(**dict(data))
 
     def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps of the run: ``steps``, or ``epochs`` passes of micro-batches over
+        ``n_examples`` (``last_batch`` says whether an epoch's partial micro-batch counts)."""
         if self.steps is not None:
             return self.steps
+        if self.last_batch == "keep":  # the authors' count: epochs * ceil(N / batch) // accumulation
+            micro = micro_batches_per_epoch(n_examples, self.batch_size, keep_last=True)
+            return max(1, math.floor(self.epochs * micro) // self.grad_accum)
         per_epoch = max(1, n_examples // (self.batch_size * self.grad_accum))
         return max(1, math.ceil(self.epochs * per_epoch))
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Example indices of micro-batch number ``step``: epochs are seeded permutations, tails dropped."""
+LAST_BATCH = ("drop", "keep")
+LR_SCHEDULES = ("aligned", "lagged")
+
+
+def micro_batches_per_epoch(n: int, batch_size: int, keep_last: bool = False) -> int:
+    """Micro-batches in one pass over ``n`` examples: full ones only, or with a smaller last one."""
     size = min(batch_size, n)
-    per_epoch = max(1, n // size)
+    return max(1, math.ceil(n / size) if keep_last else n // size)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int, keep_last: bool = False) -> torch.Tensor:
+    """Example indices of micro-batch number ``step``: epochs are seeded permutations; an epoch's
+    leftover examples are dropped, or (``keep_last``) form its last, smaller micro-batch."""
+    size = min(batch_size, n)
+    per_epoch = micro_batches_per_epoch(n, size, keep_last)
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[pos * size:(pos + 1) * size]
@@ -85,13 +113,14 @@ class PlannedBatches(Sampler[list]):
     """Batch sampler for a DataLoader that yields the planned batches from micro-step ``start`` on;
     ``keyed``: each item is ``(index, step)``, for datasets that draw per-step augmentation."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, keyed: bool = False):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, keyed: bool = False,
+                 keep_last: bool = False):
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
-        self.keyed = keyed
+        self.keyed, self.keep_last = keyed, keep_last
 
     def __iter__(self) -> Iterator[list]:
         for step in range(self.start, self.stop):
-            idx = batch_indices(self.n, self.batch_size, self.seed, step).tolist()
+            idx = batch_indices(self.n, self.batch_size, self.seed, step, self.keep_last).tolist()
             yield [(i, step) for i in idx] if self.keyed else idx
 
     def __len__(self) -> int:
@@ -99,25 +128,31 @@ class PlannedBatches(Sampler[list]):
 
 
 def batches(ds: Dataset, cfg: TrainConfig, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    keep_last = cfg.last_batch == "keep"
     if isinstance(ds, ArrayDataset):  # in memory: index directly, no workers
         for step in range(start, stop):
-            idx = batch_indices(len(ds), cfg.batch_size, cfg.seed, step)
+            idx = batch_indices(len(ds), cfg.batch_size, cfg.seed, step, keep_last)
             yield ds.images[idx], ds.labels[idx]
         return
     keyed = isinstance(ds, AugmentedDataset)
-    loader = DataLoader(ds, batch_sampler=PlannedBatches(len(ds), cfg.batch_size, cfg.seed, start, stop, keyed),
+    loader = DataLoader(ds, batch_sampler=PlannedBatches(len(ds), cfg.batch_size, cfg.seed, start, stop, keyed, keep_last),
                         num_workers=cfg.num_workers, persistent_workers=False)
     for x, y in loader:
         yield x, torch.as_tensor(y)
 
 
-def warmup_cosine(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int, lagged: bool = False):
+    """The lr factor of optimizer step ``step``: linear warm-up over ``warmup`` steps, then a cosine to 0
+    at ``total``. ``lagged``: the schedule advances after each step (the authors' code), so step 0
+    runs at the peak lr (factor 1) and step k at the aligned factor of step k - 1."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+    if lagged:
+        return lambda step: 1.0 if step == 0 else factor(step - 1)
     return factor
 
 
@@ -188,7 +223,7 @@ def train(
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps(len(train_ds))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.lr_schedule == "lagged"))
     losses: list[float] = []
     start = 0
     torch.manual_seed(cfg.seed)

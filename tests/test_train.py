@@ -111,6 +111,45 @@ def test_batch_plan_and_schedule():
         TrainConfig.from_mapping({"steps": 1, "momentum": 0.9})
 
 
+def test_last_batch_keep_counts_steps_as_the_authors_and_sees_every_example():
+    # an epoch of 10 examples at batch 4: two full micro-batches and, kept, a last one of 2
+    epoch = [batch_indices(10, 4, seed=3, step=s, keep_last=True) for s in range(3)]
+    assert [len(b) for b in epoch] == [4, 4, 2]
+    assert sorted(torch.cat(epoch).tolist()) == list(range(10))
+    assert torch.equal(epoch[0], batch_indices(10, 4, seed=3, step=0))  # the permutation is the same
+    assert not torch.equal(batch_indices(10, 4, 3, 3, keep_last=True), epoch[0])  # step 3 starts epoch 1
+    # Flowers102's 1,020 training images at batch 128 for 147 epochs: 8 * 147 steps kept, 7 * 147 dropped
+    assert TrainConfig(epochs=147, batch_size=128, last_batch="keep").total_steps(1020) == 1176
+    assert TrainConfig(epochs=147, batch_size=128).total_steps(1020) == 1029
+    # ViT-L as the authors run it: 64 x 2 accumulation, epochs * ceil(N / 64) // 2 optimizer steps
+    assert TrainConfig(epochs=3, batch_size=64, grad_accum=2, last_batch="keep").total_steps(1000) == 3 * 16 // 2
+    assert TrainConfig(epochs=2, batch_size=10, last_batch="keep").total_steps(55) == 12
+    with pytest.raises(ValueError, match="last_batch must be one of drop, keep"):
+        TrainConfig(steps=1, last_batch="pad")
+
+
+def test_lagged_schedule_runs_the_first_step_at_the_peak_and_then_one_step_behind():
+    aligned, lagged = warmup_cosine(4, 20), warmup_cosine(4, 20, lagged=True)
+    assert lagged(0) == 1.0 and aligned(0) == 0.25
+    assert [lagged(k) for k in range(1, 20)] == [aligned(k) for k in range(19)]
+    with pytest.raises(ValueError, match="lr_schedule must be one of aligned, lagged"):
+        TrainConfig(steps=1, lr_schedule="late")
+
+
+def test_lagged_schedule_and_kept_last_batch_change_a_run_and_are_recorded(tiny_arch, tmp_path):
+    base, _ = tiny_run(tiny_arch, tmp_path, "base", steps=3)
+    lagged, _ = tiny_run(tiny_arch, tmp_path, "lagged", steps=3, lr_schedule="lagged")
+    assert not torch.equal(base["blocks.0.attn.qkv.weight"], lagged["blocks.0.attn.qkv.weight"])
+    assert json.loads(lagged.metadata["train"])["lr_schedule"] == "lagged"
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randint(0, 255, (20, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(20) % 3)
+    model = task_model(tiny_arch, backbone_state(tiny_arch), "t", 3, seed=0)
+    out = tmp_path / "kept.safetensors"
+    result = train(model, data, Preprocess(img_size=16), TrainConfig(epochs=2, batch_size=8, last_batch="keep"), "ft",
+                   out, {"task": "t"}, progress=False)
+    assert result.steps == 6  # ceil(20 / 8) = 3 micro-batches per epoch, the last of 4 images
+
+
 def test_cli_finetune_killed_midway_resumes_to_identical_weights(tmp_path):
     cfg = mini_config(tmp_path / "c.yaml", pretrain=False,
                       finetune={"steps": 400, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 20, "log_every": 100})
