@@ -46,7 +46,7 @@ def dense_answers(cfg, arch: str, args, run: Path, tasks: list[str], cache_file:
     """(receiver, donor, 'donor' | 'random') -> ({split: bool answers (lambdas, images)}, {split: labels}):
     every lambda of the grid on every image, computed once and kept in ``cache_file`` (keyed by the grid)."""
     if cache_file.exists():
-        saved = torch.load(cache_file)
+        saved = torch.load(cache_file, weights_only=True)  # never unpickle code from a file
         if saved["grid"] == list(args.grid):
             return saved["answers"]
     answers = {}

@@ -6,12 +6,51 @@ touches the file system.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
+import torch
+
 from .merging import merge
+from .packing import PACKED_FORMAT
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant_state
 from .vectors import WeightVector, patch, quantization_vector, random_direction
-from .vocab import Control
+from .vocab import Control, Mode
+
+# The metadata ``mode`` of a quantization vector (extract, merge, random-direction); model checkpoints
+# record a training Mode (ft, qat, pretrain).
+VECTOR_MODE = "qv"
+# What a command may be handed: "vector", "checkpoint" (any model checkpoint), or one training Mode.
+ROLES = ("vector", "checkpoint", *(str(m) for m in Mode))
+
+
+def require(ckpt: WeightVector, role: str, name: str, used: Iterable[str] = ()) -> None:
+    """Refuse a file that its metadata says is something else, or that is not float32.
+
+    ``role``: one of :data:`ROLES`. A file whose metadata records no ``mode`` (a user's own export) is
+    taken for what it is given as. Every floating tensor must be float32, and so must the ``used``
+    tensors (the ones the command computes with) whatever their dtype: bf16, fp16 or int8 copies are
+    refused rather than converted, because a vector of rounded weights is rounding noise."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if ckpt.metadata.get("format") == PACKED_FORMAT:
+        raise ValueError(f"{name} is a packed checkpoint (qv quantize --packed): unpack it to float32 first (qv unpack)")
+    mode = ckpt.metadata.get("mode")
+    if mode is not None:
+        if role == "vector" and mode != VECTOR_MODE:
+            raise ValueError(f"{name} is not a quantization vector: its metadata records mode {mode!r}; "
+                             "give a vector written by qv extract or qv merge")
+        if role != "vector" and mode == VECTOR_MODE:
+            raise ValueError(f"{name} is a quantization vector (metadata mode {VECTOR_MODE!r}), not a model checkpoint; "
+                             "give a fine-tuned checkpoint")
+        if role in Mode.__members__.values() and mode != role:
+            raise ValueError(f"{name} is a {mode!r} checkpoint (its metadata's mode), expected a {role!r} one: "
+                             "are two inputs swapped?")
+    used = set(used)
+    for key, t in ckpt.items():
+        if t.dtype != torch.float32 and (t.is_floating_point() or key in used):
+            raise ValueError(f"{name}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, not float32; qv reads "
+                             "float32 files only: convert the file to float32 yourself (qv does not guess how it was rounded)")
 
 
 def _require_quantized(ckpt: Mapping, what: str, policy: QuantPolicy) -> list[str]:
@@ -44,20 +83,39 @@ def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DE
         a, b = qat.metadata.get(key), ft.metadata.get(key)
         if a is not None and b is not None and a != b:
             raise ValueError(f"{qat_name} has {key}={a!r} but {ft_name} has {key}={b!r}")
+    for this, other, this_name, other_name in ((qat, ft, qat_name, ft_name), (ft, qat, ft_name, qat_name)):
+        only = [n for n in this if n not in other]
+        if only:
+            more = f" (and {len(only) - 1} more)" if len(only) > 1 else ""
+            raise ValueError(f"tensor {only[0]!r} is in {this_name} but not in {other_name}{more}: "
+                             "give two checkpoints of the same model")
+    for n, t in ft.items():
+        if tuple(t.shape) != tuple(qat[n].shape):
+            raise ValueError(f"tensor {n!r} has shape {tuple(qat[n].shape)} in {qat_name} but {tuple(t.shape)} in {ft_name}")
     _require_quantized(ft, ft_name, policy)
-    rho = quantization_vector(qat, ft, policy.select_carried(ft))
+    carried = policy.select_carried(ft)
+    require(qat, Mode.QAT, qat_name, carried)
+    require(ft, Mode.FT, ft_name, carried)
+    rho = quantization_vector(qat, ft, carried)
     meta = {k: v for k, v in ft.metadata.items() if k in ("arch", "task", "seed", "config_hash")}
     meta.update(mode="qv", quant=qat.metadata.get("quant", ""), scope=policy.scope, source={"qat": qat_name, "ft": ft_name})
     return rho.with_metadata(meta)
 
 
 def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exclude: Iterable[str] = (),
-                  **params) -> WeightVector:
+                  receiver: str | None = None, **params) -> WeightVector:
     """One vector from several (``vectors``: label -> vector) with a merge method of qvlib.merging,
-    leaving out the labels in ``exclude`` (a receiver's own task, for a leave-one-out donor). The
-    result records the method and the labels it merged; arch, quant and seed are kept where the vectors
-    that record them agree, and vectors made for different quantizers or archs are refused."""
-    excluded = set(exclude)
+    leaving out the labels in ``exclude``, each of which must be among the labels (a typo is an error,
+    not a no-op). ``receiver``: the task a leave-one-out donor is built for; its vector is left out if
+    it is among ``vectors`` and it is recorded as left out either way (a workflow passes only the
+    other tasks' vectors). The result records the method, the labels it merged and the ones it left
+    out; arch, quant and seed are kept where the vectors that record them agree, and vectors made for
+    different quantizers or archs are refused."""
+    unknown = sorted(set(exclude) - set(vectors))
+    if unknown:
+        raise ValueError(f"cannot exclude {unknown[0]!r}: no vector to merge is labelled so (labels: "
+                         f"{', '.join(sorted(vectors))}); a vector's label is its metadata task, else its file name")
+    excluded = set(exclude) | ({receiver} if receiver is not None else set())
     kept = {label: v for label, v in vectors.items() if label not in excluded}
     if not kept:
         raise ValueError(f"nothing left to merge once {sorted(excluded)} are left out")
@@ -73,10 +131,17 @@ def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exc
     return merge(list(kept.values()), method, **params).with_metadata(meta)
 
 
-def patched(receiver: WeightVector, vectors: Iterable[tuple[float, WeightVector]], names: Iterable[str] = ()) -> WeightVector:
-    """``theta_R + sum(lambda_i * rho_i)``, the receiver's metadata kept; ``names`` label the vectors in it."""
+def patched(receiver: WeightVector, vectors: Iterable[tuple[float, WeightVector]], names: Iterable[str] = (),
+            receiver_name: str = "the receiver") -> WeightVector:
+    """``theta_R + sum(lambda_i * rho_i)``, the receiver's metadata kept; ``names`` label the vectors in it.
+    The receiver must be a float32 model checkpoint, each vector a float32 vector, each lambda finite."""
     vectors = list(vectors)
     labels = list(names) or [f"vector {i}" for i in range(len(vectors))]
+    for label, (lam, vec) in zip(labels, vectors):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ValueError(f"lambda {lam!r} for {label} is not a finite number")
+        require(vec, "vector", label, vec)
+    require(receiver, "checkpoint", receiver_name, {n for _, vec in vectors for n in vec})
     out = WeightVector(patch(receiver, vectors), receiver.metadata)
     return out.with_metadata({"patched_with": [{"vector": n, "lambda": lam} for n, (lam, _) in zip(labels, vectors)]})
 
@@ -92,12 +157,14 @@ def broadcast_lambdas(lambdas: list[float] | None, n_vectors: int) -> list[float
 
 
 def quantized(ckpt: WeightVector, spec: QuantSpec, policy: QuantPolicy = DEFAULT_POLICY, name: str = "the checkpoint") -> WeightVector:
-    """The checkpoint with every policy tensor fake-quantized (the rest unchanged)."""
-    _require_quantized(ckpt, name, policy)
+    """The checkpoint with every policy tensor fake-quantized (the rest unchanged); a float32 model
+    checkpoint, not a vector."""
+    require(ckpt, "checkpoint", name, _require_quantized(ckpt, name, policy))
     return WeightVector(fake_quant_state(ckpt, spec, policy), ckpt.metadata).with_metadata({"fake_quantized": spec.to_json()})
 
 
 def random_control(rho: WeightVector, seed: int, name: str = "the vector") -> WeightVector:
     """A random direction with ``rho``'s per-tensor norms: what any perturbation of that size does."""
+    require(rho, "vector", name, rho)
     out = random_direction(rho, seed)
     return WeightVector(out, rho.metadata).with_metadata({"control": str(Control.RANDOM), "random_seed": seed, "norms_of": name})

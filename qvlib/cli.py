@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from . import checkpoints
 from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, SCOPES, QuantPolicy, QuantSpec
-from .vectors import WeightVector, atomic_write
+from .vectors import WeightVector, atomic_write, check_output_path
 from .vocab import FINETUNE_MODES, Split
 
 log = logging.getLogger("qvlib.cli")
@@ -25,10 +27,64 @@ def register(name: str, help: str, add_args, run) -> None:
     COMMANDS[name] = (help, add_args, run)
 
 
+# ---------------------------------------------------------------- argument types
+# Each refuses a bad value while the command line is parsed, as argparse's one-line error (exit 2).
+def finite_float(text: str) -> float:
+    """A finite number (NaN and infinities are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_in(low: int, high: int | None = None, what: str = "the value"):
+    """An integer type for argparse: ``low`` <= value (<= ``high``)."""
+    expected = f"an integer in {low}..{high}" if high is not None else ("a positive integer" if low == 1 else f"an integer >= {low}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{what} must be {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1]."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def check_output(output: Path, *inputs: Path | None) -> None:
+    """Before any work: ``-o`` must name a file that can be written and must not be one of the
+    command's inputs (writing it would replace that input)."""
+    check_output_path(output)
+    for path in inputs:
+        if path is not None and output.exists() and path.exists() and os.path.samefile(output, path):
+            raise ValueError(f"-o {output} is the input {path}: writing it would replace that file; give another output path")
+
+
+def load_as(path: Path, role: str, used=None) -> WeightVector:
+    """A safetensors file that must be ``role`` (see checkpoints.require); ``used`` None: all its tensors."""
+    ckpt = WeightVector.load(path)
+    checkpoints.require(ckpt, role, str(path), ckpt if used is None else used)
+    return ckpt
+
+
 def add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=3, help="bit-width, 2..8 (default 3, as in the paper)")
+    p.add_argument("--bits", type=int_in(2, 8, "bits"), default=3, help="bit-width, 2..8 (default 3, as in the paper)")
     p.add_argument("--granularity", default="channel", choices=GRANULARITIES)
-    p.add_argument("--group-size", type=int, default=None, help="columns per scale with --granularity group")
+    p.add_argument("--group-size", type=int_in(1, what="group size"), default=None,
+                   help="columns per scale with --granularity group")
     p.add_argument("--scale", default="absmax", choices=list(SCALES),
                    help="how a block's scale is chosen: absmax (the paper's), mse (clipping that minimises the squared "
                         "error), hqq (HQQ's half-quadratic fit); all data-free")
@@ -51,6 +107,10 @@ def policy_of(args: argparse.Namespace) -> QuantPolicy:
     return QuantPolicy(pattern=args.pattern, scope=args.scope)
 
 
+FLOAT32_ONLY = ("Inputs must be float32 safetensors: bf16, fp16 or integer copies are refused, not converted; "
+                "a file whose metadata records what it is (mode) must be what it is given as.")
+
+
 def _info_args(p):
     p.add_argument("checkpoint", type=Path, help="a safetensors checkpoint or vector")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -63,7 +123,7 @@ def _info(args) -> int:
     ckpt = WeightVector.load(args.checkpoint)
     info = {"path": str(args.checkpoint), "file_bytes": args.checkpoint.stat().st_size}
     if is_packed(ckpt):
-        sizes = packed_sizes(ckpt)
+        sizes = packed_sizes(ckpt, str(args.checkpoint))
         info.update(sizes, packed_ratio=round(sizes["packed_ratio"], 4), metadata=dict(ckpt.metadata))
     else:
         info.update(checkpoints.describe(ckpt, policy_of(args)))
@@ -82,6 +142,7 @@ register("info", "summarise a checkpoint or vector: sizes, quantized tensors, me
 
 
 def _extract_args(p):
+    p.description += (". The two checkpoints must hold the same tensors with the same shapes. " + FLOAT32_ONLY)
     p.add_argument("--qat", type=Path, required=True, help="checkpoint fine-tuned with QAT")
     p.add_argument("--ft", type=Path, required=True, help="checkpoint fine-tuned plainly, same task and start")
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -89,7 +150,9 @@ def _extract_args(p):
 
 
 def _extract(args) -> int:
-    rho = checkpoints.extract_vector(WeightVector.load(args.qat), WeightVector.load(args.ft), policy_of(args),
+    check_output(args.output, args.qat, args.ft)
+    policy = policy_of(args)
+    rho = checkpoints.extract_vector(WeightVector.load(args.qat), WeightVector.load(args.ft), policy,
                                      qat_name=str(args.qat), ft_name=str(args.ft))
     rho.save(args.output)
     print(f"wrote {args.output}: {len(rho)} tensors, norm {rho.norm():.6g}")
@@ -100,18 +163,20 @@ register("extract", "quantization vector = QAT checkpoint - FT checkpoint (block
 
 
 def _patch_args(p):
+    p.description += ". " + FLOAT32_ONLY
     p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
     p.add_argument("--vector", type=Path, action="append", required=True, help="a vector; repeat to add several")
-    p.add_argument("--lambda", dest="lambdas", type=float, action="append",
-                   help="scale per vector (one value applies to all; default 1.0)")
+    p.add_argument("--lambda", dest="lambdas", type=finite_float, action="append",
+                   help="scale per vector, a finite number (one value applies to all; default 1.0)")
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _patch(args) -> int:
+    check_output(args.output, args.receiver, *args.vector)
     lambdas = checkpoints.broadcast_lambdas(args.lambdas, len(args.vector))
     receiver = WeightVector.load(args.receiver)
     vectors = [WeightVector.load(v) for v in args.vector]
-    checkpoints.patched(receiver, zip(lambdas, vectors), map(str, args.vector)).save(args.output)
+    checkpoints.patched(receiver, zip(lambdas, vectors), map(str, args.vector), str(args.receiver)).save(args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -121,11 +186,12 @@ register("patch", "receiver + lambda * vector(s): zero-shot patching, no data ne
 
 def _random_args(p):
     p.add_argument("vector", type=Path, help="a quantization vector")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_in(0, what="seed"), default=0)
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _random(args) -> int:
+    check_output(args.output, args.vector)
     out = checkpoints.random_control(WeightVector.load(args.vector), args.seed, str(args.vector))
     out.save(args.output)
     print(f"wrote {args.output}: random direction, per-tensor norms of {args.vector} (norm {out.norm():.6g})")
@@ -141,24 +207,29 @@ def _merge_args(p):
 
     p.add_argument("vectors", type=Path, nargs="+", help="quantization vectors to merge")
     p.add_argument("--method", default="mean", choices=list(MERGE_METHODS), help="merge method (default mean)")
-    p.add_argument("--density", type=float, default=None, help="ties: share of largest entries each vector keeps")
+    p.add_argument("--density", type=fraction, default=None, help="ties: share of largest entries each vector keeps, in (0, 1]")
     p.add_argument("--exclude", action="append", default=[], metavar="TASK",
-                   help="leave out the vector of this task (its metadata's task, else its file name); repeatable")
+                   help="leave out the vector of this task (its metadata's task, else its file name), which must be "
+                        "among the inputs; repeatable")
+    p.add_argument("--receiver", default=None, metavar="TASK",
+                   help="the receiver this leave-one-out donor is for: its vector is left out if it is among the "
+                        "inputs, and it is recorded as left out either way (qv diagnostics reads it)")
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _merge(args) -> int:
     from .checkpoints import merged_vector
 
+    check_output(args.output, *args.vectors)
     params = {} if args.density is None else {"density": args.density}
     vectors = {}
     for path in args.vectors:
-        vec = WeightVector.load(path)
+        vec = load_as(path, "vector")
         label = vec.metadata.get("task") or path.stem
         if label in vectors:
             raise ValueError(f"two vectors are labelled {label!r} (by their metadata task or file name): merge each once")
         vectors[label] = vec
-    merged = merged_vector(vectors, args.method, exclude=args.exclude, **params)
+    merged = merged_vector(vectors, args.method, exclude=args.exclude, receiver=args.receiver, **params)
     merged.save(args.output)
     kept = json.loads(merged.metadata["merged"])["tasks"]
     print(f"wrote {args.output}: {args.method} of {len(kept)} vectors ({', '.join(kept)}), norm {merged.norm():.6g}")
@@ -175,12 +246,14 @@ def _choose_args(p):
                    help="weights: from the weights alone; outputs: agreement with the receiver on noise images")
     p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
     p.add_argument("--vector", type=Path, required=True, help="the (donor or merged) quantization vector")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
+    p.add_argument("--lambdas", type=finite_float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
+                   help="candidate lambdas, finite numbers")
     add_quant_args(p)
     add_pattern_arg(p)
     p.add_argument("--config", type=Path, default=None, help="outputs: the run config that names the arch")
     p.add_argument("--arch", default=None, help="outputs: an arch name from --config")
-    p.add_argument("--images", type=int, default=256, help="outputs: noise images to compare on")
+    p.add_argument("--images", type=int_in(1, what="--images"), default=256,
+                   help="outputs: noise images to compare on (a positive integer)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -188,6 +261,8 @@ def _choose(args) -> int:
     from .datafree import choose_lambda, noise_images, score_lambdas
 
     extra = {}
+    spec, policy = quant_spec(args), policy_of(args)
+    vector = load_as(args.vector, "vector")
     if args.criterion == "outputs":
         if args.config is None or args.arch is None:
             raise ValueError("--criterion outputs needs --config and --arch to build the receiver's model")
@@ -196,12 +271,12 @@ def _choose(args) -> int:
         engine, receiver = load_engine(load_config(args), args.arch, args.receiver, device=None)
         extra = {"model": engine.model, "inputs": noise_images(args.images, engine.preprocess.img_size)}
     else:
-        receiver = WeightVector.load(args.receiver)
-    vector = WeightVector.load(args.vector)
-    scores = score_lambdas(args.criterion, receiver, vector, quant_spec(args), args.lambdas, policy_of(args), **extra)
+        receiver = load_as(args.receiver, "checkpoint", list(vector))
+    scores = score_lambdas(args.criterion, receiver, vector, spec, args.lambdas, policy, **extra)
     best = choose_lambda(scores)
-    if args.json:
-        print(json.dumps({"criterion": args.criterion, "scores": scores, "lambda": best}, indent=2))
+    if args.json:  # a non-finite score (the criterion failed there) is null: the output stays valid JSON
+        valid = {lam: score if math.isfinite(score) else None for lam, score in scores.items()}
+        print(json.dumps({"criterion": args.criterion, "scores": valid, "lambda": best}, indent=2, allow_nan=False))
     else:
         for lam, score in scores.items():
             print(f"lambda {lam:>6.3f}  score {score:.6g}{'  <- chosen' if lam == best else ''}")
@@ -213,6 +288,7 @@ register("choose-lambda", "pick lambda with no receiver data: from the weights a
 
 
 def _quantize_args(p):
+    p.description += ". " + FLOAT32_ONLY
     p.add_argument("checkpoint", type=Path)
     add_quant_args(p)
     add_pattern_arg(p)
@@ -224,16 +300,18 @@ def _quantize_args(p):
 def _quantize(args) -> int:
     from .packing import pack_checkpoint, packed_sizes
 
-    spec = quant_spec(args)
+    check_output(args.output, args.checkpoint)
+    spec, policy = quant_spec(args), policy_of(args)
     ckpt = WeightVector.load(args.checkpoint)
     if args.packed:
-        packed = pack_checkpoint(ckpt, spec, policy_of(args))
+        checkpoints.require(ckpt, "checkpoint", str(args.checkpoint), policy.select(ckpt))
+        packed = pack_checkpoint(ckpt, spec, policy)
         packed.save(args.output)
-        sizes = packed_sizes(packed)
+        sizes = packed_sizes(packed, str(args.output))
         print(f"wrote {args.output} ({spec.tag}, packed): quantized tensors {sizes['quantized_bytes']:,} bytes, "
               f"{sizes['packed_ratio']:.4f} of float32 (bits/32 = {spec.bits / 32:.4f})")
         return 0
-    checkpoints.quantized(ckpt, spec, policy_of(args), str(args.checkpoint)).save(args.output)
+    checkpoints.quantized(ckpt, spec, policy, str(args.checkpoint)).save(args.output)
     print(f"wrote {args.output} ({spec.tag})")
     return 0
 
@@ -250,7 +328,8 @@ def _unpack_args(p):
 def _unpack(args) -> int:
     from .packing import unpack_checkpoint
 
-    unpack_checkpoint(WeightVector.load(args.packed)).save(args.output)
+    check_output(args.output, args.packed)
+    unpack_checkpoint(WeightVector.load(args.packed), str(args.packed)).save(args.output)
     print(f"wrote {args.output} (fake-quantized float32, bit-exact with qv quantize)")
     return 0
 
@@ -266,16 +345,26 @@ def add_job_args(p, task: bool = False) -> None:
         p.add_argument("--task", required=True, help="a task name from the config")
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
     p.add_argument("--quant", default=None, help="quantizer tag, one of the config's quantizers, e.g. w3-channel (default: the first)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (Snakemake passes {threads})")
+    p.add_argument("--threads", type=int_in(1, what="--threads"), default=None,
+                   help="CPU threads for torch (Snakemake passes {threads})")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
 def load_config(args: argparse.Namespace):
     """The run config at the replicate seed and quantizer a job names (``--seed``, ``--quant``)."""
+    import yaml
+
     from .config import Config
 
-    return Config.load(args.config).with_seed(getattr(args, "seed", None)).with_quant(getattr(args, "quant", None))
+    try:
+        cfg = Config.load(args.config)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ValueError(f"{args.config} is not valid YAML: {problem}{where}") from None
+    return cfg.with_seed(getattr(args, "seed", None)).with_quant(getattr(args, "quant", None))
 
 
 def _pretrain_args(p):
@@ -508,22 +597,49 @@ register("readme", "copy a summary's headline block (verdicts, per-seed table, m
          _readme_args, _readme)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, ``qv <command>: error: ...`` and exit status 2, like the
+    errors of a running command (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qv", description="Quantization vectors for Vision Transformers.")
+    parser = Parser(prog="qv", description="Quantization vectors for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """An error as one line: an OSError as ``file: reason``, any message's lines joined."""
+    if isinstance(err, OSError) and err.strerror:
+        files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+        text = f"{' -> '.join(files)}: {err.strerror}" if files else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# What a command reports as one line and exit status 2: bad values or files (ValueError, which
+# json and the safetensors loader raise too), the file system (OSError: missing, unwritable, a
+# directory), non-finite arithmetic and a missing optional package. Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad argument (2, its one line already printed)
+        return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     _, _, run = COMMANDS[args.command]
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as err:
-        print(f"qv {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"qv {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ each comes to the oracle (best lambda on test) is an empirical question the grid
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -40,6 +41,8 @@ def weight_error(receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torc
 
 def noise_images(n: int, img_size: int, seed: int = 0) -> torch.Tensor:
     """Standard-normal images in the model's normalised input space: inputs with no data behind them."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of noise images must be a positive integer, got {n!r}")
     return torch.randn(n, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -67,16 +70,45 @@ def output_divergence(receiver: Mapping[str, torch.Tensor], vector: Mapping[str,
 
 
 def choose_lambda(scores: Mapping[float, float]) -> float:
-    """The lambda of the lowest score; ties go to the lambda nearest 1, then to the smaller."""
+    """The lambda of the lowest score; ties go to the lambda nearest 1, then to the smaller. A
+    non-finite score (a criterion that failed at that lambda) never wins; all of them non-finite is
+    an error, as is a non-finite lambda."""
     if not scores:
         raise ValueError("no lambda was scored")
-    return min(scores, key=lambda lam: (scores[lam], abs(lam - 1.0), lam))
+    bad = [lam for lam in scores if not math.isfinite(lam)]
+    if bad:
+        raise ValueError(f"lambda {bad[0]!r} is not a finite number")
+    finite = [lam for lam, score in scores.items() if math.isfinite(score)]
+    if not finite:
+        raise ValueError(f"every lambda scored a non-finite value ({', '.join(f'{lam:g}' for lam in scores)}): nothing to choose")
+    return min(finite, key=lambda lam: (scores[lam], abs(lam - 1.0), lam))
+
+
+def check_fits(receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of the vector must be in the receiver with the same shape (a ValueError naming it)."""
+    for name, t in vector.items():
+        if name not in receiver:
+            raise ValueError(f"the vector holds tensor {name!r}, which the receiver does not have: "
+                             "the vector was made for another model")
+        if tuple(receiver[name].shape) != tuple(t.shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)} in the vector but {tuple(receiver[name].shape)} "
+                             "in the receiver: the vector was made for another model")
 
 
 def score_lambdas(criterion: str, receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],
                   spec: QuantSpec, lambdas: Sequence[float], policy: QuantPolicy = DEFAULT_POLICY, **inputs) -> dict[float, float]:
-    """Scores of ``lambdas`` under the named criterion (``outputs`` also needs ``model`` and ``inputs``)."""
+    """Scores of ``lambdas`` (finite numbers) under the named criterion (``outputs`` also needs
+    ``model`` and ``inputs``, at least one image); the vector must fit the receiver."""
     fn = LAMBDA_CRITERIA.lookup(criterion)
     if criterion == "outputs" and not {"model", "inputs"} <= set(inputs):
         raise ValueError("the outputs criterion needs the receiver's model and synthetic inputs")
-    return fn(receiver, vector, spec, list(lambdas), policy, **inputs)
+    if criterion == "outputs" and len(inputs["inputs"]) == 0:
+        raise ValueError("the outputs criterion needs at least one input image")
+    lambdas = [float(lam) for lam in lambdas]
+    if not lambdas:
+        raise ValueError("no lambda to score")
+    bad = [lam for lam in lambdas if not math.isfinite(lam)]
+    if bad:
+        raise ValueError(f"lambda {bad[0]!r} is not a finite number")
+    check_fits(receiver, vector)
+    return fn(receiver, vector, spec, lambdas, policy, **inputs)

@@ -72,29 +72,64 @@ def is_packed(ckpt: WeightVector) -> bool:
     return ckpt.metadata.get("format") == PACKED_FORMAT
 
 
-def unpack_checkpoint(packed: WeightVector) -> WeightVector:
-    """The fake-quantized float32 checkpoint a packed file holds (bit-exact with ``qv quantize``)."""
+def _metadata_json(packed: WeightVector, key: str, name: str):
+    """A packed file's JSON metadata entry ``key``, or a ValueError naming the file and the key."""
+    if key not in packed.metadata:
+        raise ValueError(f"{name} is an incomplete packed checkpoint: its metadata has no {key!r}; "
+                         "write it again with qv quantize --packed")
+    try:
+        return json.loads(packed.metadata[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}: metadata {key!r} of this packed checkpoint is not valid JSON ({err}); "
+                         "write it again with qv quantize --packed") from None
+
+
+def _packed_shapes(packed: WeightVector, name: str) -> dict[str, list[int]]:
+    """The ``packed`` metadata (tensor name -> shape), checked against the tensors the file holds."""
+    shapes = _metadata_json(packed, "packed", name)
+    if not isinstance(shapes, dict) or not all(
+            isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+            for s in shapes.values()):
+        raise ValueError(f"{name}: metadata 'packed' must map tensor names to shapes (lists of sizes), "
+                         f"got {packed.metadata['packed'][:80]!r}")
+    for tensor in shapes:
+        for suffix in (CODES_SUFFIX, SCALE_SUFFIX):
+            if tensor + suffix not in packed:
+                raise ValueError(f"{name} is an incomplete packed checkpoint: its metadata lists {tensor!r} but the "
+                                 f"file has no tensor {tensor + suffix!r}; write it again with qv quantize --packed")
+    return shapes
+
+
+def unpack_checkpoint(packed: WeightVector, name: str = "the packed checkpoint") -> WeightVector:
+    """The fake-quantized float32 checkpoint a packed file holds (bit-exact with ``qv quantize``).
+    A file that lacks its metadata or tensors is a ValueError naming ``name`` and what is missing."""
     if not is_packed(packed):
-        raise ValueError(f"not a packed checkpoint (metadata format {packed.metadata.get('format')!r}, expected {PACKED_FORMAT!r})")
-    spec = QuantSpec.from_json(packed.metadata["quant"])
-    shapes = json.loads(packed.metadata["packed"])
-    out = {name: t for name, t in packed.items() if not name.endswith((CODES_SUFFIX, SCALE_SUFFIX))}
-    for name, shape in shapes.items():
-        count = math.prod(shape)
-        codes = (unpack_bits(packed[name + CODES_SUFFIX], spec.bits, count) + spec.qmin).to(torch.int8).reshape(shape)
-        out[name] = dequantize(codes, packed[name + SCALE_SUFFIX], spec)
+        raise ValueError(f"{name} is not a packed checkpoint (metadata format {packed.metadata.get('format')!r}, "
+                         f"expected {PACKED_FORMAT!r})")
+    try:
+        spec = QuantSpec.from_mapping(_metadata_json(packed, "quant", name))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: metadata 'quant' is not a quantizer spec: {err}") from None
+    shapes = _packed_shapes(packed, name)
+    out = {key: t for key, t in packed.items() if not key.endswith((CODES_SUFFIX, SCALE_SUFFIX))}
+    for tensor, shape in shapes.items():
+        try:
+            codes = unpack_bits(packed[tensor + CODES_SUFFIX], spec.bits, math.prod(shape)) + spec.qmin
+            out[tensor] = dequantize(codes.to(torch.int8).reshape(shape), packed[tensor + SCALE_SUFFIX], spec)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"{name}: tensor {tensor!r} does not unpack to shape {tuple(shape)} with {spec.tag}: {err}") from None
     meta = {k: v for k, v in packed.metadata.items() if k not in ("format", "packed", "quant")}
     return WeightVector(out, meta).with_metadata({"fake_quantized": spec.to_json()})
 
 
-def packed_sizes(packed: WeightVector) -> dict[str, int]:
+def packed_sizes(packed: WeightVector, name: str = "the packed checkpoint") -> dict[str, int]:
     """Bytes of the quantized part (codes and scales), of the same weights in float32, and their ratio."""
-    shapes = json.loads(packed.metadata["packed"])
+    shapes = _packed_shapes(packed, name)
     stored = sum(packed[n + CODES_SUFFIX].numel() + 4 * packed[n + SCALE_SUFFIX].numel() for n in shapes)
     dense = 4 * sum(math.prod(s) for s in shapes.values())
-    return {"quantized_bytes": stored, "quantized_float32_bytes": dense, "packed_ratio": stored / dense}
+    return {"quantized_bytes": stored, "quantized_float32_bytes": dense, "packed_ratio": stored / dense if dense else 0.0}
 
 
 def load_packed(path) -> WeightVector:
     """A packed checkpoint file as fake-quantized float32 weights, ready for ``model.load_state_dict``."""
-    return unpack_checkpoint(WeightVector.load(path))
+    return unpack_checkpoint(WeightVector.load(path), str(path))

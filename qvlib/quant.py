@@ -218,6 +218,12 @@ class QuantPolicy:
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"the quantization pattern must be a non-empty regular expression, got {self.pattern!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"the quantization pattern {self.pattern!r} is not a valid regular expression: {err}") from None
 
     def matches(self, name: str, tensor: torch.Tensor | None = None) -> bool:
         """Is this tensor quantized?"""

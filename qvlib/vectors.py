@@ -7,6 +7,7 @@ that names the first offending tensor.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -123,10 +124,16 @@ class WeightVector(Mapping[str, torch.Tensor]):
         return WeightVector(self._tensors, {**self.metadata, **encode_metadata(metadata)})
 
     def save(self, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
-        """Write as safetensors (contiguous, CPU) with string metadata, atomically."""
+        """Write as safetensors (contiguous, CPU) with string metadata, atomically. The metadata is
+        written in sorted key order, so the same tensors and metadata always give the same bytes."""
         meta = {**self.metadata, **encode_metadata(metadata or {})}
         tensors = {n: t.detach().cpu().contiguous() for n, t in self._tensors.items()}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+        def write(tmp: str) -> None:
+            save_file(tensors, tmp, metadata=meta)
+            sort_metadata(tmp)
+
+        return atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "WeightVector":
@@ -141,7 +148,10 @@ class WeightVector(Mapping[str, torch.Tensor]):
                 metadata = f.metadata() or {}
         except Exception as err:  # safetensors raises its own error types (and OSError) for bad files
             raise ValueError(f"{path} is not a readable safetensors file ({describe_unreadable(path)}): {err}") from None
-        return cls(tensors, metadata)
+        try:
+            return cls(tensors, metadata)
+        except ValueError as err:  # non-finite values: name the file as well as the tensor
+            raise ValueError(f"{path}: {err}; the file cannot be used (write it again from a finite model)") from None
 
 
 def describe_unreadable(path: Path) -> str:
@@ -172,21 +182,81 @@ def encode_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
 
 
+def sort_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header with its metadata keys in sorted order.
+
+    safetensors keeps the metadata in a hash map whose order changes from run to run; the tensors'
+    entries (and so their data) are already in a fixed order. The header is rewritten in place when
+    the sorted one has the same length (it does unless the JSON escapes differ), else the file is
+    written again."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces too
+            return
+        data = f.read()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """An output path must name a file, in a folder or where a folder can be made (a ValueError)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write {path}: {parent} is a file, not a directory")
+            return
+
+
+def _about_output(filename, tmp: str | None, path: Path) -> bool:
+    """Is an OSError about the temporary file or the folders of ``path`` (not an input ``write`` reads)?"""
+    return filename is None or str(filename) == str(tmp) or Path(filename) in (path, *path.parents)
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    If ``write`` raises, the temporary file is removed and ``path`` is left untouched.
+    The file gets the permissions of any new file (``0o666`` less the umask), not ``mkstemp``'s
+    ``0o600``. If anything fails, the temporary file and any directory made for it are removed and
+    ``path`` is left untouched; an ``OSError`` about the temporary file is raised about ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    check_output_path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        for folder in made:  # innermost first; only the empty ones this call made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, OSError) and err.strerror and _about_output(err.filename, tmp, path):
+            raise OSError(err.errno or errno.EIO, f"cannot write {path}: {err.strerror}") from None
         raise
     return path
 
