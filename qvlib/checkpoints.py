@@ -31,6 +31,7 @@ def require(ckpt: WeightVector, role: str, name: str, used: Iterable[str] = ()) 
     taken for what it is given as. Every floating tensor must be float32, and so must the ``used``
     tensors (the ones the command computes with) whatever their dtype: bf16, fp16 or int8 copies are
     refused rather than converted, because a vector of rounded weights is rounding noise."""
+    role = str(role)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     if ckpt.metadata.get("format") == PACKED_FORMAT:

@@ -106,8 +106,9 @@ def unpack_checkpoint(packed: WeightVector, name: str = "the packed checkpoint")
     if not is_packed(packed):
         raise ValueError(f"{name} is not a packed checkpoint (metadata format {packed.metadata.get('format')!r}, "
                          f"expected {PACKED_FORMAT!r})")
+    quant = _metadata_json(packed, "quant", name)
     try:
-        spec = QuantSpec.from_mapping(_metadata_json(packed, "quant", name))
+        spec = QuantSpec.from_mapping(quant)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name}: metadata 'quant' is not a quantizer spec: {err}") from None
     shapes = _packed_shapes(packed, name)
