@@ -40,9 +40,10 @@ def finite_float(text: str) -> float:
     return value
 
 
-def int_in(low: int, high: int | None = None, what: str = "the value"):
-    """An integer type for argparse: ``low`` <= value (<= ``high``)."""
+def int_in(low: int, high: int | None = None, what: str = ""):
+    """An integer type for argparse: ``low`` <= value (<= ``high``); ``what`` starts its message."""
     expected = f"an integer in {low}..{high}" if high is not None else ("a positive integer" if low == 1 else f"an integer >= {low}")
+    what = f"{what} " if what else ""
 
     def parse(text: str) -> int:
         try:
@@ -50,7 +51,7 @@ def int_in(low: int, high: int | None = None, what: str = "the value"):
         except ValueError:
             value = None
         if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{what} must be {expected}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{what}must be {expected}, got {text!r}")
         return value
 
     return parse
@@ -83,7 +84,7 @@ def load_as(path: Path, role: str, used=None) -> WeightVector:
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int_in(2, 8, "bits"), default=3, help="bit-width, 2..8 (default 3, as in the paper)")
     p.add_argument("--granularity", default="channel", choices=GRANULARITIES)
-    p.add_argument("--group-size", type=int_in(1, what="group size"), default=None,
+    p.add_argument("--group-size", type=int_in(1), default=None,
                    help="columns per scale with --granularity group")
     p.add_argument("--scale", default="absmax", choices=list(SCALES),
                    help="how a block's scale is chosen: absmax (the paper's), mse (clipping that minimises the squared "
@@ -186,7 +187,7 @@ register("patch", "receiver + lambda * vector(s): zero-shot patching, no data ne
 
 def _random_args(p):
     p.add_argument("vector", type=Path, help="a quantization vector")
-    p.add_argument("--seed", type=int_in(0, what="seed"), default=0)
+    p.add_argument("--seed", type=int_in(0), default=0)
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
@@ -252,7 +253,7 @@ def _choose_args(p):
     add_pattern_arg(p)
     p.add_argument("--config", type=Path, default=None, help="outputs: the run config that names the arch")
     p.add_argument("--arch", default=None, help="outputs: an arch name from --config")
-    p.add_argument("--images", type=int_in(1, what="--images"), default=256,
+    p.add_argument("--images", type=int_in(1), default=256,
                    help="outputs: noise images to compare on (a positive integer)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -345,7 +346,7 @@ def add_job_args(p, task: bool = False) -> None:
         p.add_argument("--task", required=True, help="a task name from the config")
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
     p.add_argument("--quant", default=None, help="quantizer tag, one of the config's quantizers, e.g. w3-channel (default: the first)")
-    p.add_argument("--threads", type=int_in(1, what="--threads"), default=None,
+    p.add_argument("--threads", type=int_in(1), default=None,
                    help="CPU threads for torch (Snakemake passes {threads})")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
