@@ -56,26 +56,98 @@ def build_vit(arch: ArchSpec, num_classes: int = 0, seed: int = 0) -> VisionTran
 
 
 def backbone_state(arch: ArchSpec, root: str | Path = ".") -> dict[str, torch.Tensor]:
-    """The shared pretrained weights of ``arch`` without a head, from the source its config names."""
+    """The shared pretrained weights of ``arch`` without a head, from the source its config names.
+
+    A file (``source: file``, or ``source: timm`` with ``file``) must hold exactly the arch's tensors
+    besides the head: a missing or extra tensor is an error that names it."""
     source = arch.backbone.get("source", "random")
     if source == "random":
         return {k: v for k, v in build_vit(arch, 0, seed=int(arch.backbone.get("seed", 0))).state_dict().items()}
     if source == "file":
         path = Path(root) / arch.backbone["path"]
-        state = dict(WeightVector.load(path))
+        state = dict(WeightVector.load(path))  # checked tensor by tensor when loaded (load_backbone)
     elif source == "timm":
-        kwargs: dict[str, Any] = {}
-        if arch.backbone.get("file"):
-            kwargs["pretrained_cfg_overlay"] = {"file": str(Path(root) / arch.backbone["file"])}
-        tag = arch.backbone.get("tag")
-        name = f"{arch.timm_name}.{tag}" if tag else arch.timm_name
-        model = timm.create_model(name, pretrained=True, num_classes=0, **arch.overrides, **kwargs)
-        state = model.state_dict()
+        state = timm_pretrained_state(arch, root)
     elif source == "pretrain":
         raise ValueError(f"arch {arch.name!r} is pretrained by `qv pretrain`; pass its output with --backbone")
     else:
         raise ValueError(f"arch {arch.name!r}: unknown backbone source {source!r}; expected timm, file, pretrain or random")
     return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+
+
+# Weight files that timm's pretrained loading reads: its hub format, torch state dicts (read with
+# weights_only) and the original JAX/Flax checkpoints (augreg's .npz, timm's custom loader).
+TIMM_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def timm_pretrained_state(arch: ArchSpec, root: str | Path = ".") -> dict[str, torch.Tensor]:
+    """The headless state of ``arch`` as timm's pretrained loading gives it: from the hub for
+    ``{source: timm, tag}``, or from a local copy of the same weights (``file``) through the same
+    door (``pretrained_cfg_overlay``), after checking tensor by tensor that the file fits the arch
+    (timm itself loads non-strictly once the head is dropped, so a missing tensor would keep its
+    random initialisation without a word)."""
+    tag = arch.backbone.get("tag")
+    name = f"{arch.timm_name}.{tag}" if tag else arch.timm_name
+    if tag and name not in timm.list_pretrained(arch.timm_name + ".*"):
+        raise ValueError(f"arch {arch.name!r}: timm has no pretrained weights {name!r} "
+                         f"(see timm.list_pretrained('{arch.timm_name}*'))")
+    file = arch.backbone.get("file")
+    if not file:
+        return timm.create_model(name, pretrained=True, num_classes=0, **arch.overrides).state_dict()
+    path = Path(root) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"arch {arch.name!r}: backbone file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in TIMM_FILE_SUFFIXES:
+        raise ValueError(f"arch {arch.name!r}: backbone file {path} is not a format timm's pretrained loading reads; "
+                         f"expected one of {', '.join(TIMM_FILE_SUFFIXES)} (.npz: the original JAX checkpoints)")
+    if suffix == ".npz":
+        return _timm_npz_state(arch, name, path)
+    _check_timm_file(arch, path)
+    overlay = {"file": str(path), "custom_load": False}
+    model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **arch.overrides)
+    return model.state_dict()
+
+
+def _check_timm_file(arch: ArchSpec, path: Path) -> None:
+    """Raise a one-line ``ValueError`` unless ``path``, read and converted as timm's pretrained loading
+    does (its checkpoint reader, then the ViT checkpoint filter), holds every tensor of the headless
+    arch with its shape and nothing else but a head."""
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    model = build_vit(arch, 0)
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # safetensors and torch raise many kinds for a damaged or foreign file
+        raise ValueError(f"backbone file {path} is unreadable as a weight file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    state = checkpoint_filter_fn(state, model)
+    check_fits(state, model.state_dict(), f"backbone file {path}", arch.name, ignore_prefix=HEAD_PREFIX)
+
+
+def _timm_npz_state(arch: ArchSpec, name: str, path: Path) -> dict[str, torch.Tensor]:
+    """An original JAX/Flax ``.npz`` checkpoint read by timm's own loader (the ``custom_load`` path of
+    its pretrained loading). The loader skips arrays it does not find, so every tensor starts as NaN
+    and one still NaN afterwards is reported missing; arrays the loader does not read are ignored."""
+    model = timm.create_model(name, pretrained=False, num_classes=0, **arch.overrides)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+        try:
+            model.load_pretrained(str(path))
+        except (KeyError, ValueError, RuntimeError, OSError) as err:
+            text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            first = text.splitlines()[0] if text else ""
+            raise ValueError(f"backbone file {path} does not fit arch {arch.name!r} as timm's JAX checkpoint "
+                             f"loader reads it ({type(err).__name__}: {first})") from None
+    state = model.state_dict()
+    for key, t in state.items():
+        if t.is_floating_point() and torch.isnan(t).any():
+            raise ValueError(f"backbone file {path} does not fit arch {arch.name!r}: it is missing tensor {key!r} "
+                             f"(shape {tuple(t.shape)}); timm's JAX checkpoint loader found nothing for it")
+    return state
 
 
 def check_fits(state: Mapping[str, torch.Tensor], needed: Mapping[str, torch.Tensor], what: str, arch: str,

@@ -104,3 +104,105 @@ def test_backbone_from_file(tmp_path, tiny_arch):
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     with pytest.raises(ValueError, match="unknown backbone source 'hub'"):
         backbone_state(ArchSpec("tiny", "vit_tiny_patch16_224", TINY, {"source": "hub"}))
+
+
+# ---------------------------------------------------------------- timm's pretrained door, strictly
+def _timm_arch(file: str) -> ArchSpec:
+    return ArchSpec("tiny", "vit_tiny_patch16_224", TINY, {"source": "timm", "tag": "augreg_in21k", "file": file})
+
+
+def _in21k_state(seed: int = 3) -> dict:
+    """The tiny arch's tensors as timm's in21k files hold them: timm names and a 21,843-class head."""
+    torch.manual_seed(seed)
+    return dict(build_vit(ArchSpec("t", "vit_tiny_patch16_224", TINY), num_classes=21843, seed=seed).state_dict())
+
+
+def test_timm_file_is_read_through_timms_pretrained_loading_and_its_head_dropped(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _in21k_state()
+    save_file(state, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    loaded = backbone_state(_timm_arch("w.safetensors"), root=tmp_path)
+    assert set(loaded) == {k for k in state if not k.startswith("head.")}
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    model = task_model(_timm_arch("w.safetensors"), loaded, "cifar10", 7, seed=1, policy=QuantPolicy(scope="all"))
+    assert model.head.weight.shape == (7, 24) and model.head.weight.requires_grad  # timm's own fresh head, trained
+    torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, tmp_path / "w.pth")  # no head at all: fine
+    assert backbone_state(_timm_arch("w.pth"), root=tmp_path).keys() == loaded.keys()
+
+
+def test_timm_file_with_a_missing_or_extra_tensor_is_a_one_line_error_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _in21k_state()
+    save_file({k: v for k, v in state.items() if k != "blocks.1.mlp.fc2.bias"}, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=r"^backbone file \S+missing.safetensors does not fit arch 'tiny': it is missing "
+                                         r"tensor 'blocks.1.mlp.fc2.bias' \(shape \(24,\)\)$"):
+        backbone_state(_timm_arch("missing.safetensors"), root=tmp_path)
+    save_file({**state, "blocks.2.attn.qkv.weight": torch.zeros(72, 24)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"^backbone file \S+ does not fit arch 'tiny': it has tensor "
+                                         r"'blocks.2.attn.qkv.weight' that the arch does not have$"):
+        backbone_state(_timm_arch("extra.safetensors"), root=tmp_path)
+    save_file({**state, "pos_embed": torch.zeros(1, 5, 24, 2)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit arch 'tiny': tensor 'pos_embed' is"):
+        backbone_state(_timm_arch("shape.safetensors"), root=tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a weight file")
+    with pytest.raises(ValueError, match=r"^backbone file \S+junk.safetensors is unreadable as a weight file \(.*\)$"):
+        backbone_state(_timm_arch("junk.safetensors"), root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="backbone file .*absent.safetensors does not exist"):
+        backbone_state(_timm_arch("absent.safetensors"), root=tmp_path)
+    (tmp_path / "w.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"w.ckpt is not a format timm's pretrained loading reads; expected one of "
+                                         r"\.safetensors, \.pth, \.pt, \.bin, \.npz"):
+        backbone_state(_timm_arch("w.ckpt"), root=tmp_path)
+    bad_tag = ArchSpec("tiny", "vit_tiny_patch16_224", TINY, {"source": "timm", "tag": "in42k", "file": "w.ckpt"})
+    with pytest.raises(ValueError, match=r"timm has no pretrained weights 'vit_tiny_patch16_224.in42k'"):
+        backbone_state(bad_tag, root=tmp_path)
+
+
+def _jax_npz(state: dict, depth: int, heads: int) -> dict:
+    """``state`` in the layout of the original JAX/Flax checkpoints (augreg's .npz), as timm's JAX
+    loader reads it back."""
+    n = lambda t: t.detach().numpy()  # noqa: E731
+    out = {"embedding/kernel": n(state["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
+           "embedding/bias": n(state["patch_embed.proj.bias"]), "cls": n(state["cls_token"]),
+           "Transformer/posembed_input/pos_embedding": n(state["pos_embed"]),
+           "Transformer/encoder_norm/scale": n(state["norm.weight"]), "Transformer/encoder_norm/bias": n(state["norm.bias"]),
+           "head/kernel": n(state["head.weight"].T), "head/bias": n(state["head.bias"])}
+    for i in range(depth):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        dim = state[b + "norm1.weight"].shape[0]
+        for j, part in enumerate(("query", "key", "value")):
+            w = state[b + "attn.qkv.weight"][j * dim:(j + 1) * dim]
+            out[f"{p}MultiHeadDotProductAttention_1/{part}/kernel"] = n(w.T.reshape(dim, heads, -1))
+            out[f"{p}MultiHeadDotProductAttention_1/{part}/bias"] = n(state[b + "attn.qkv.bias"][j * dim:(j + 1) * dim].reshape(heads, -1))
+        out[f"{p}MultiHeadDotProductAttention_1/out/kernel"] = n(state[b + "attn.proj.weight"].reshape(dim, heads, -1).permute(1, 2, 0))
+        out[f"{p}MultiHeadDotProductAttention_1/out/bias"] = n(state[b + "attn.proj.bias"])
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{p}{ln}/scale"], out[f"{p}{ln}/bias"] = n(state[b + norm + ".weight"]), n(state[b + norm + ".bias"])
+        for r in range(2):
+            out[f"{p}MlpBlock_3/Dense_{r}/kernel"] = n(state[f"{b}mlp.fc{r + 1}.weight"].T)
+            out[f"{p}MlpBlock_3/Dense_{r}/bias"] = n(state[f"{b}mlp.fc{r + 1}.bias"])
+    return out
+
+
+def test_jax_npz_is_read_by_timms_jax_loader_and_a_missing_array_named(tmp_path):
+    import numpy as np
+
+    state = _in21k_state()
+    arrays = _jax_npz(state, TINY["depth"], TINY["num_heads"])
+    np.savez(tmp_path / "w.npz", **arrays)
+    loaded = backbone_state(_timm_arch("w.npz"), root=tmp_path)
+    assert set(loaded) == {k for k in state if not k.startswith("head.")}
+    assert all(torch.allclose(loaded[k], state[k]) for k in loaded)
+    np.savez(tmp_path / "nocls.npz", **{k: v for k, v in arrays.items() if k != "cls"})
+    with pytest.raises(ValueError, match=r"^backbone file \S+nocls.npz does not fit arch 'tiny' as timm's JAX checkpoint "
+                                         r"loader reads it \(KeyError: cls is not a file in the archive\)$"):
+        backbone_state(_timm_arch("nocls.npz"), root=tmp_path)
+    np.savez(tmp_path / "noblock.npz", **{k: v for k, v in arrays.items() if "encoderblock_1/LayerNorm_2" not in k})
+    with pytest.raises(ValueError, match=r"^backbone file \S+noblock.npz does not fit arch 'tiny' as timm's JAX checkpoint "
+                                         r"loader reads it \(KeyError: Transformer/encoderblock_1/LayerNorm_2/scale is not a file in the archive\)$"):
+        backbone_state(_timm_arch("noblock.npz"), root=tmp_path)
+    np.savez(tmp_path / "foreign.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match=r"^backbone file \S+foreign.npz does not fit arch 'tiny' as timm's JAX checkpoint loader reads it"):
+        backbone_state(_timm_arch("foreign.npz"), root=tmp_path)
