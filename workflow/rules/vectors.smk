@@ -34,4 +34,4 @@ rule merge_leave_one_out:
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} merge {input} --method {wildcards.method} --exclude {wildcards.receiver} -o {output} > {log} 2>&1"
+        "{QV} merge {input} --method {wildcards.method} --receiver {wildcards.receiver} -o {output} > {log} 2>&1"
