@@ -573,6 +573,34 @@ def _figures(args) -> int:
 register("figures", "gain and cosine heatmaps and the markdown summary", _figures_args, _figures)
 
 
+def _paper_tables_args(p):
+    p.add_argument("--name", required=True, help="the title of the tables, e.g. the arch and quantizer")
+    p.add_argument("--quant", default=None, help="the quantizer tag whose grid to tabulate (default: the tables hold one)")
+    p.add_argument("--baselines", type=Path, required=True, help="the run's baselines.parquet (qv tables)")
+    p.add_argument("--transfer", type=Path, required=True, help="the run's transfer.parquet (qv tables)")
+    p.add_argument("--out-md", type=Path, required=True, help="markdown of Tables 1-3")
+    p.add_argument("--out-table1", type=Path, required=True, help="Parquet of Table 1 (one row per arch, quantizer, task)")
+    p.add_argument("--out-transfer", type=Path, required=True,
+                   help="Parquet of Tables 2 and 3 (one row per arch, quantizer, task and lambda rule)")
+
+
+def _paper_tables(args) -> int:
+    from . import tables
+    from .paper_tables import write_paper_tables
+    from .report import _of_quant as read_of_quant
+
+    for out in (args.out_md, args.out_table1, args.out_transfer):
+        check_output(out, args.baselines, args.transfer)
+    pair_rows = tables.pairs(read_of_quant(args.transfer, args.quant))
+    print(write_paper_tables(args.name, read_of_quant(args.baselines, args.quant), pair_rows, args.out_md,
+                             args.out_table1, args.out_transfer))
+    return 0
+
+
+register("paper-tables", "the paper's Tables 1-3 in its layout: baselines, transfer at lambda = 1, transfer at the "
+         "tuned lambda", _paper_tables_args, _paper_tables)
+
+
 def _readme_args(p):
     p.add_argument("--summary", type=Path, default=None, help="a run's summary.md (qv figures): its headline block")
     p.add_argument("--quantizers", type=Path, default=None, help="a run's quantizers.md (qv tables): its comparison block")

@@ -75,3 +75,30 @@ def test_markdown_labels_each_table_and_model_in_words(tmp_path):
     assert "## Table 3: transfer, lambda picked per pair on the calib split" in text
     assert "| A | 10.00 | -5.00 | 2.50 | 50.0% | 3.00 | -2.00 | 0.50 | 50.0% |" in text
     assert pl.read_parquet(tmp_path / "t23.parquet").equals(paper_tables.transfer_tables(pair_rows()))
+
+
+def test_qv_paper_tables_writes_the_three_files_from_a_runs_tables(tmp_path):
+    from qvlib import cli, tables
+
+    cells = pl.DataFrame([{**RUN, "seed": 0, "receiver": r, "donor": d, "bits": 3, "search": "sweep", "n": 100,
+                           "control": "none", "control_seed": None, "split": split, "lambda": lam,
+                           "accuracy": acc + (lam == 0.5) * (split == "calib"), "correct": int(acc)}
+                          for r, d, acc in (("A", "B", 30.0), ("B", "A", 10.0))
+                          for split in ("test", "calib") for lam in (0.5, 1.0)],
+                         schema_overrides={"control_seed": pl.Int64})
+    base = baselines(seeds=(0,)).with_columns(pl.when(pl.col("model") == "ptq").then(20.0).otherwise(pl.col("accuracy"))
+                                              .alias("accuracy"))
+    base.write_parquet(tmp_path / "baselines.parquet")
+    tables.with_gain(cells, base).write_parquet(tmp_path / "transfer.parquet")
+    out = {k: tmp_path / f"paper_{k}" for k in ("tables.md", "table1.parquet", "transfer.parquet")}
+    code = cli.main(["paper-tables", "--name", "a w3-channel", "--quant", "w3-channel",
+                     "--baselines", str(tmp_path / "baselines.parquet"), "--transfer", str(tmp_path / "transfer.parquet"),
+                     "--out-md", str(out["tables.md"]), "--out-table1", str(out["table1.parquet"]),
+                     "--out-transfer", str(out["transfer.parquet"])])
+    assert code == 0 and all(p.exists() for p in out.values())
+    t23 = pl.read_parquet(out["transfer.parquet"])
+    # donor B gives receiver A 30 - 20 = +10 at lambda = 1; calib picks 0.5 (one point more on calib)
+    row = t23.filter((pl.col("rule") == "lambda=1") & (pl.col("task") == "B")).row(0, named=True)
+    assert (row["donor_best"], row["receiver_best"]) == (10.0, -10.0)
+    assert set(t23["rule"]) == {"lambda=1", "oracle", "calib"}
+    assert "# a w3-channel: the paper's Tables 1-3" in out["tables.md"].read_text()
