@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,7 +18,8 @@ from typing import Any, Mapping
 import yaml
 
 from .data.base import Preprocess
-from .data.registry import LoadOptions
+from .data.registry import REGISTRY, LoadOptions, known_tasks
+from .data.synthetic import GENERATORS
 from .models import ArchSpec
 from .quant import VIT_BLOCK_LINEARS, QuantPolicy, QuantSpec
 from .train import TrainConfig
@@ -46,6 +49,7 @@ class Config:
                 raise ValueError(f"{path}: missing required key {key!r}")
         if "seed" in raw:
             raise ValueError(f"{path}: 'seed' is now 'seeds', a list of replicate seeds: write seeds: [{raw['seed']}]")
+        check_finite(raw, str(path))
         return cls(raw, path)
 
     def with_seed(self, seed: int | None) -> "Config":
@@ -190,9 +194,26 @@ class Config:
                            download=bool(self.raw.get("download", False)),
                            calib_position=self.raw.get("calib_position", "head"), **opts)
 
-    def finetune_train(self, task: str) -> TrainConfig:
-        base = dict(self.raw["finetune"])
-        return TrainConfig.from_mapping({**base, **(self.task(task).get("train") or {}), "seed": self.seed})
+    def arch_train(self, arch: str) -> Mapping[str, Any]:
+        """The arch's own ``train`` keys (over ``finetune``, under a task's), as written: no defaults."""
+        if arch not in self.raw["archs"]:
+            raise ValueError(f"unknown arch {arch!r}; this config has: {', '.join(self.arch_names)}")
+        return self.raw["archs"][arch].get("train") or {}
+
+    def finetune_train(self, task: str, arch: str | None = None) -> TrainConfig:
+        """FT and QAT settings of ``task`` on ``arch``: ``finetune`` < ``archs.<arch>.train`` <
+        ``tasks.<task>.train``, each narrower section's keys winning (TrainConfig's defaults for what none
+        sets). ``arch`` may be left out only while no arch has train settings of its own."""
+        if arch is None:
+            own = [name for name in self.arch_names if self.raw["archs"][name].get("train")]
+            if own:
+                raise ValueError(f"arch {own[0]!r} has train settings of its own: say which arch the task "
+                                 f"{task!r} trains on (Config.finetune_train(task, arch))")
+            arch_keys: Mapping[str, Any] = {}
+        else:
+            arch_keys = self.arch_train(arch)
+        merged = merge_train(self.raw["finetune"], arch_keys, self.task(task).get("train") or {})
+        return TrainConfig.from_mapping({**merged, "seed": self.seed})
 
     def pretrain_train(self) -> TrainConfig:
         if "pretrain" not in self.raw:
@@ -213,6 +234,105 @@ class Config:
     def digest(self, *sections: str) -> str:
         """Short hash of the named sections, for checkpoint metadata."""
         return digest_of({k: self.raw.get(k) for k in sections})
+
+    def check(self) -> None:
+        """What a job would find wrong with this config, found before any job runs (the workflow calls
+        this on a dry run): unknown tasks and pretraining generators, quantizers, the policy's regex,
+        each arch (a timm VisionTransformer, whose quantized widths every group size divides) and each
+        job's training settings. The first problem raises ValueError naming its key."""
+        self._check_tasks()
+        self._check_pretrain()
+        specs = self._checked("quant", lambda: self.quants)
+        policy = self._checked("policy", lambda: self.policy)
+        try:
+            re.compile(policy.pattern)
+        except re.error as err:
+            raise ValueError(f"{self.path}: policy.pattern {policy.pattern!r} is not a valid regular expression ({err})") from None
+        for name in self.arch_names:
+            widths = self._quantized_widths(name, policy)
+            for spec in specs:
+                if spec.granularity == "group":
+                    bad = sorted(w for w in widths.values() if w % spec.group_size)
+                    if bad:
+                        raise ValueError(f"{self.path}: quant group_size {spec.group_size} does not divide the input width {bad[0]} "
+                                         f"of arch {name!r}'s quantized weights: pick a divisor of {', '.join(map(str, sorted(set(widths.values()))))}")
+            for task in self.task_names:
+                self._checked(f"tasks.{task}.train (on arch {name})", lambda: self.finetune_train(task, name))
+
+    def _checked(self, key: str, build):
+        try:
+            return build()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{self.path}: {key}: {err}") from None
+
+    def _check_tasks(self) -> None:
+        for name in self.task_names:
+            source = (self.task(name).get("source") or {})
+            if source.get("kind") != "hf" and name not in REGISTRY:
+                raise ValueError(f"{self.path}: tasks.{name}: unknown task; known tasks: {', '.join(known_tasks())} "
+                                 "(any other name needs source: {kind: hf, id: ...})")
+
+    def _check_pretrain(self) -> None:
+        needs = [a for a in self.arch_names if (self.raw["archs"][a].get("backbone") or {}).get("source") == "pretrain"]
+        if needs and "pretrain" not in self.raw:
+            raise ValueError(f"{self.path}: archs.{needs[0]}.backbone: source pretrain needs a pretrain section")
+        for kind in (self.raw.get("pretrain") or {}).get("tasks", []):
+            if kind not in GENERATORS:
+                raise ValueError(f"{self.path}: pretrain.tasks: unknown generator {kind!r}; known: {', '.join(GENERATORS)}")
+        if needs:
+            self._checked("pretrain.train", self.pretrain_train)
+
+    def _quantized_widths(self, name: str, policy: QuantPolicy) -> dict[str, int]:
+        """Input width of each tensor of arch ``name`` that ``policy`` quantizes, from a build on the meta
+        device (no weights allocated); the arch must be a timm VisionTransformer the pattern matches."""
+        import torch
+
+        from .models import build_vit
+
+        key = f"archs.{name}"
+        spec = self._checked(key, lambda: self.arch(name))
+        with torch.device("meta"):
+            model = self._checked(f"{key}.timm_name {spec.timm_name!r}", lambda: build_vit(spec, num_classes=0))
+        widths = {n: int(p.shape[1]) for n, p in model.named_parameters() if policy.matches(n, p)}
+        if not widths:
+            raise ValueError(f"{self.path}: policy.pattern {policy.pattern!r} matches no 2-D weight of arch {name!r} "
+                             "(timm names such as blocks.0.attn.qkv.weight)")
+        return widths
+
+
+# Steps and epochs are two ways to say how long a run trains: a section that gives one replaces both.
+RUN_LENGTH = ("steps", "epochs")
+
+
+def merge_train(*sections: Mapping[str, Any]) -> dict[str, Any]:
+    """Training settings from the widest section to the narrowest (finetune, arch, task): each one's keys
+    win over the wider ones', and a section that sets ``steps`` or ``epochs`` replaces both."""
+    merged: dict[str, Any] = {}
+    for section in sections:
+        if any(k in section for k in RUN_LENGTH):
+            merged = {k: v for k, v in merged.items() if k not in RUN_LENGTH}
+        merged.update(section)
+    return merged
+
+
+def non_finite(node: Any, path: str = "") -> str | None:
+    """The key path of the first NaN or infinite number in a parsed config (None: all finite)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return path or "(top level)"
+    if isinstance(node, Mapping):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in node.items())
+    elif isinstance(node, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return None
+    return next((found for key, v in items if (found := non_finite(v, key)) is not None), None)
+
+
+def check_finite(raw: Mapping[str, Any], source: str) -> None:
+    """Refuse a config holding NaN or infinity anywhere (YAML's .nan, .inf), naming the key."""
+    where = non_finite(raw)
+    if where is not None:
+        raise ValueError(f"{source}: {where} is not a finite number: every number in the config must be finite")
 
 
 def digest_of(*parts: Any) -> str:

@@ -34,15 +34,15 @@ def gain_matrices(pair_rows: pl.DataFrame, column: str):
     each cell the mean over seeds. The control columns: the single donors' random directions (mean
     over donors), the receiver's own vector ('self'), then each leave-one-out merged donor."""
     merged = (pair_rows.filter((pl.col("kind") == DonorKind.MERGED) & (pl.col("control") == Control.DONOR))
-              .group_by("receiver", "donor").agg(pl.col(column).mean()))
-    pair_rows = single_donors(pair_rows).group_by("receiver", "donor", "control").agg(pl.col(column).mean())
+              .group_by("receiver", "donor", maintain_order=True).agg(pl.col(column).mean()))
+    pair_rows = single_donors(pair_rows).group_by("receiver", "donor", "control", maintain_order=True).agg(pl.col(column).mean())
     real = pair_rows.filter(pl.col("control") == Control.DONOR)
     receivers = sorted(set(pair_rows["receiver"].to_list()))
     donors = sorted(set(real["donor"].to_list()) | set(receivers))
     grid = (real.pivot(on="donor", index="receiver", values=column).to_pandas().set_index("receiver")
             .reindex(index=receivers, columns=donors))
     controls = {}
-    rand = pair_rows.filter(pl.col("control") == Control.RANDOM).group_by("receiver").agg(pl.col(column).mean())
+    rand = pair_rows.filter(pl.col("control") == Control.RANDOM).group_by("receiver", maintain_order=True).agg(pl.col(column).mean())
     controls[Control.RANDOM] = dict(zip(rand["receiver"].to_list(), rand[column].to_list()))
     own = pair_rows.filter(pl.col("control") == Control.SELF)
     controls[Control.SELF] = dict(zip(own["receiver"].to_list(), own[column].to_list()))
@@ -97,7 +97,7 @@ def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") ->
     import seaborn as sns
 
     plt = _matplotlib()
-    mean = cosine.group_by("task_a", "task_b").agg(pl.col("cosine").mean())
+    mean = cosine.group_by("task_a", "task_b", maintain_order=True).agg(pl.col("cosine").mean())
     mat = mean.pivot(on="task_b", index="task_a", values="cosine").to_pandas().set_index("task_a")
     order = sorted(mat.index)
     merged = sorted(c for c in mat.columns if str(c).startswith(MERGED_PREFIX))
@@ -315,28 +315,37 @@ def _merged_and_datafree_lines(summary_specific: pl.DataFrame) -> list[str]:
             "", markdown_table(table), ""]
 
 
+def best_donors(real: pl.DataFrame) -> pl.DataFrame:
+    """Per receiver, the donor of highest oracle gain (ties to the alphabetically first donor) with that
+    donor's own oracle gain and its gain at lambda = 1 (``best_donor_lambda1``)."""
+    return (real.sort(["receiver", "gain_oracle", "donor"], descending=[False, True, False], nulls_last=True)
+            .group_by("receiver", maintain_order=True)
+            .agg(pl.col("donor").first().alias("best_donor"), pl.col("gain_oracle").first().alias("best_oracle"),
+                 pl.col("gain_lambda1").first().alias("best_donor_lambda1")))
+
+
 def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame, summary_specific: pl.DataFrame,
                      norms: pl.DataFrame) -> str:
     heads = headline(baselines, pair_rows)
     seeds = heads["seed"].to_list()
     directions = pair_rows.filter(pl.col("control") == Control.RANDOM)["directions"]
     test = (baselines.filter(pl.col("split") == Split.TEST)
-            .group_by("task", "model").agg(pl.col("accuracy").mean())
+            .group_by("task", "model", maintain_order=True).agg(pl.col("accuracy").mean())
             .pivot(on="model", index="task", values="accuracy")
             .select("task", *(str(v) for v in Variant)).sort("task"))
-    mean = (single_donors(pair_rows).group_by("receiver", "donor", "control")
+    mean = (single_donors(pair_rows).group_by("receiver", "donor", "control", maintain_order=True)
             .agg(pl.col("gain_lambda1", "gain_oracle", "gain_calib").mean()))
     real = mean.filter(pl.col("control") == Control.DONOR)
-    rand = mean.filter(pl.col("control") == Control.RANDOM).group_by("receiver").agg(
+    rand = mean.filter(pl.col("control") == Control.RANDOM).group_by("receiver", maintain_order=True).agg(
         pl.col("gain_lambda1").mean().alias("random_lambda1"), pl.col("gain_oracle").mean().alias("random_oracle"))
     own = mean.filter(pl.col("control") == Control.SELF).select("receiver", pl.col("gain_lambda1").alias("self_lambda1"))
-    per_receiver = (real.sort("gain_oracle", descending=True).group_by("receiver", maintain_order=True)
-                    .agg(pl.col("donor").first().alias("best_donor"), pl.col("gain_oracle").max().alias("best_oracle"),
-                         pl.col("gain_lambda1").max().alias("best_lambda1"), pl.col("gain_calib").mean().alias("mean_calib"))
+    per_receiver = (best_donors(real)
+                    .join(real.group_by("receiver", maintain_order=True).agg(pl.col("gain_calib").mean().alias("mean_calib")),
+                          on="receiver", how="left", maintain_order="left")
                     .join(rand, on="receiver", how="left").join(own, on="receiver", how="left")
                     .with_columns((pl.col("best_oracle") - pl.col("random_oracle")).alias("best_minus_random"))
                     .sort("receiver"))
-    qv = (norms.filter(pl.col("layer_type") == "all").group_by("task")
+    qv = (norms.filter(pl.col("layer_type") == "all").group_by("task", maintain_order=True)
           .agg(pl.col("ft_update_rel").mean(), pl.col("qv_rel").mean()).sort("task"))
     n_pairs = int(heads["pairs"][0]) if len(heads) else 0
     return "\n".join([
@@ -375,7 +384,8 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
         "## Per receiver: best donor against the controls (mean over seeds)",
         "",
         "`best_minus_random` is the best donor's oracle gain minus the mean gain of norm-matched random directions;",
-        "`self_lambda1` is the receiver's own vector at lambda = 1 (its QAT model), the upper bound.",
+        "`best_donor_lambda1` is that donor's gain at lambda = 1; `mean_calib` the mean over donors of the gain at the lambda",
+        "chosen on calib; `self_lambda1` is the receiver's own vector at lambda = 1 (its QAT model), the upper bound.",
         "",
         markdown_table(per_receiver),
         "",

@@ -35,7 +35,7 @@ def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path],
 
 def _of_quant(path: Path, quant: str | None) -> pl.DataFrame:
     """A table's rows of one quantizer (all rows when ``quant`` is None or the table has no column)."""
-    df = pl.read_parquet(path)
+    df = tables.read_table(path)
     if quant is None or "quant" not in df.columns:
         return df
     out = df.filter(pl.col("quant") == quant)

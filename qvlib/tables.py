@@ -21,8 +21,20 @@ RUN_KEYS = ["arch", "quant", "seed"]  # one replicate of one grid
 PAIR_KEYS = [*RUN_KEYS, "receiver", "donor"]
 
 
+def read_table(path: str | Path) -> pl.DataFrame:
+    """One Parquet file; a truncated or foreign file raises ValueError naming it and the way out."""
+    try:
+        return pl.read_parquet(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # polars raises several kinds (ComputeError, OSError, ...) for a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable Parquet table ({reason}): delete it and rerun the workflow, "
+                         "which rebuilds it") from None
+
+
 def read_all(paths: Iterable[str | Path]) -> pl.DataFrame:
-    frames = [pl.read_parquet(p) for p in paths]
+    frames = [read_table(p) for p in paths]
     if not frames:
         raise ValueError("no input tables")
     return pl.concat(frames, how="diagonal_relaxed")
@@ -32,7 +44,7 @@ def with_gain(cells: pl.DataFrame, baselines: pl.DataFrame) -> pl.DataFrame:
     """Each cell joined with its receiver's PTQ accuracy on the same split and seed, and the gain over it."""
     ptq = (baselines.filter(pl.col("model") == Variant.PTQ)
            .select(*RUN_KEYS, pl.col("task").alias("receiver"), "split", pl.col("accuracy").alias("ptq_accuracy")))
-    out = cells.join(ptq, on=[*RUN_KEYS, "receiver", "split"], how="left")
+    out = cells.join(ptq, on=[*RUN_KEYS, "receiver", "split"], how="left", maintain_order="left")
     missing = out.filter(pl.col("ptq_accuracy").is_null())
     if len(missing):
         row = missing.row(0, named=True)
@@ -81,7 +93,7 @@ def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
             out = out.join(picked.select(*keys, pl.col("gain").alias(f"{DATAFREE_GAIN_PREFIX}{criterion}"),
                                          pl.col("lambda").alias(f"lambda_datafree_{criterion}")), on=keys, how="left")
     values = [c for c in out.columns if c not in keys]
-    return (out.group_by([*PAIR_KEYS, "control"])
+    return (out.sort(keys).group_by([*PAIR_KEYS, "control"], maintain_order=True)
             .agg(*(pl.col(c).mean() for c in values), pl.len().cast(pl.Int64).alias("directions"))
             .with_columns(donor_kind().alias("kind"))
             .sort([*PAIR_KEYS, "control"]))
@@ -118,7 +130,8 @@ def specific(pair_rows: pl.DataFrame) -> pl.DataFrame:
     if not frames or not sum(len(f) for f in frames):
         raise ValueError("no donor pair has a random control: run the grid with random_controls >= 1")
     return (pl.concat(frames).drop_nulls("specific_gain")
-            .select(*PAIR_KEYS, "kind", "rule", "donor_gain", "random_gain", "specific_gain", "directions"))
+            .select(*PAIR_KEYS, "kind", "rule", "donor_gain", "random_gain", "specific_gain", "directions")
+            .with_columns(rule_order()).sort([*PAIR_KEYS, "_order", "rule"]).drop("_order"))
 
 
 def _interval_row(rows: pl.DataFrame, pooled: bool) -> dict:
@@ -153,7 +166,7 @@ def _summary(pair_rows: pl.DataFrame, by: str) -> pl.DataFrame:
     their standard deviation over seeds)."""
     rows = []
     for rule, col in rule_columns(pair_rows.columns).items():
-        rows.append(pair_rows.group_by([*RUN_KEYS, by, "control", "kind"]).agg(
+        rows.append(pair_rows.group_by([*RUN_KEYS, by, "control", "kind"], maintain_order=True).agg(
             pl.lit(str(rule)).alias("rule"),
             pl.col(col).mean().alias("mean_gain"),
             pl.col(col).max().alias("best_gain"),
@@ -163,7 +176,8 @@ def _summary(pair_rows: pl.DataFrame, by: str) -> pl.DataFrame:
         ))
     per_seed = pl.concat(rows)
     stats = ["mean_gain", "best_gain", "worst_gain", "share_positive"]
-    pooled = (per_seed.group_by(["arch", "quant", by, "control", "kind", "rule"])
+    pooled = (per_seed.sort([*RUN_KEYS, by, "control", "kind", "rule"])
+              .group_by(["arch", "quant", by, "control", "kind", "rule"], maintain_order=True)
               .agg(*(pl.col(c).mean() for c in stats), pl.col("mean_gain").std().alias("mean_gain_sd"), pl.col("pairs").sum())
               .with_columns(pl.lit(None, dtype=per_seed.schema["seed"]).alias("seed")))
     return (pl.concat([per_seed, pooled], how="diagonal_relaxed")
@@ -185,7 +199,7 @@ def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
     controls' gains."""
     pair_rows = single_donors(pair_rows)
     test = baselines.filter(pl.col("split") == Split.TEST).pivot(on="model", index=[*RUN_KEYS, "task"], values="accuracy")
-    base = test.group_by(RUN_KEYS).agg(
+    base = test.group_by(RUN_KEYS, maintain_order=True).agg(
         pl.len().alias("tasks"),
         pl.col(Variant.FT).mean().alias("ft_mean"),
         pl.col(Variant.PTQ).mean().alias("ptq_mean"),
@@ -204,7 +218,8 @@ def headline(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
                   pl.col(col).filter(pl.col("control") == Control.DONOR).max().alias(f"{key}_best"),
                   pl.col(col).filter(pl.col("control") == Control.RANDOM).mean().alias(f"{key}_random_mean")]
     pairs_n = (pl.col("control") == Control.DONOR).sum().alias("pairs")
-    return base.join(pair_rows.group_by(RUN_KEYS).agg(pairs_n, *gains), on=RUN_KEYS, how="left").sort(RUN_KEYS)
+    return (base.join(pair_rows.group_by(RUN_KEYS, maintain_order=True).agg(pairs_n, *gains), on=RUN_KEYS, how="left")
+            .sort(RUN_KEYS))
 
 
 def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame:
@@ -213,15 +228,15 @@ def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame
     PTQ of the same bit-width* on each receiver: whether a vector adds anything once a better
     quantizer is used. Means over tasks / pairs, test split."""
     test = baselines.filter(pl.col("split") == Split.TEST).pivot(on="model", index=[*RUN_KEYS, "task", "bits"], values="accuracy")
-    best_ptq = test.group_by("arch", "seed", "bits", "task").agg(pl.col(Variant.PTQ).max().alias("best_ptq"))
-    test = test.join(best_ptq, on=["arch", "seed", "bits", "task"])
-    base = test.group_by("arch", "quant", "bits").agg(
+    best_ptq = test.group_by("arch", "seed", "bits", "task", maintain_order=True).agg(pl.col(Variant.PTQ).max().alias("best_ptq"))
+    test = test.join(best_ptq, on=["arch", "seed", "bits", "task"], maintain_order="left")
+    base = test.group_by("arch", "quant", "bits", maintain_order=True).agg(
         pl.col(Variant.FT).mean().alias("ft"), pl.col(Variant.PTQ).mean().alias("ptq"),
         pl.col(Variant.QAT_PTQ).mean().alias("qat"), pl.col("best_ptq").mean().alias("best_ptq_same_bits"),
         pl.col("seed").n_unique().alias("seeds"))
     pairs_ = single_donors(pair_rows).filter(pl.col("control").is_in([str(Control.DONOR), str(Control.RANDOM)]))
     pairs_ = pairs_.join(test.select(*RUN_KEYS, pl.col("task").alias("receiver"), Variant.PTQ, "best_ptq"),
-                         on=[*RUN_KEYS, "receiver"])
+                         on=[*RUN_KEYS, "receiver"], maintain_order="left")
     frames = []
     for rule, col in RULE_COLUMNS.items():  # the fixed rules; data-free ones have their own comparison in summary.md
         patched = pl.col(Variant.PTQ) + pl.col(col)
@@ -230,9 +245,9 @@ def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame
             pick = pl.col("control") == control
             agg += [patched.filter(pick).mean().alias(name),
                     (patched - pl.col("best_ptq")).filter(pick).mean().alias(f"{name}_over_best_ptq")]
-        frames.append(pairs_.group_by("arch", "quant").agg(pl.lit(str(rule)).alias("rule"), *agg,
+        frames.append(pairs_.group_by("arch", "quant", maintain_order=True).agg(pl.lit(str(rule)).alias("rule"), *agg,
                                                            (pl.col("control") == Control.DONOR).sum().alias("pairs")))
-    out = base.join(pl.concat(frames), on=["arch", "quant"], how="left")
+    out = base.join(pl.concat(frames), on=["arch", "quant"], how="left", maintain_order="left_right")
     return out.with_columns(rule_order()).sort("arch", "bits", "quant", "_order").drop("_order")
 
 

@@ -2,12 +2,14 @@
 # resources. Nothing here knows the method.
 import json
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
 
-from qvlib.config import Config, digest_of as digest
+from qvlib.config import Config, check_finite, digest_of as digest
 from qvlib.data.cache import cache_relpath
 from qvlib.pipeline import arch_pixels
 from qvlib.vocab import Mode, merged_donor
@@ -17,6 +19,15 @@ if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
 if config.get("reuse_backbones") == "null":  # `--config reuse_backbones=null` arrives as a string
     config["reuse_backbones"] = None
 validate(config, "../schemas/config.schema.yaml")
+# What JSON schema cannot say, checked before any job is planned (one line naming the key): every number
+# finite, task and generator names known, the policy's regex, each arch a timm ViT whose quantized widths
+# the group sizes divide, and each job's training settings.
+CONFIG_SOURCE = " + ".join(map(str, workflow.overwrite_configfiles or ["config/config.yaml"]))
+try:
+    check_finite(config, CONFIG_SOURCE)
+    Config(config, Path(CONFIG_SOURCE)).check()
+except ValueError as err:
+    sys.exit(f"invalid config: {err}")  # one line, no traceback
 
 NAME = config["name"]
 OUT = f"results/{NAME}"
@@ -36,24 +47,34 @@ QRUN_LOGS = f"{RUN_LOGS}/{{quant}}"
 ROW_GROUP = "row-{arch}-seed{seed}-{quant}-{receiver}"
 
 
-def _write_effective_config():
-    """The validated config (defaults filled in) as one file, rewritten only when it changes."""
-    path = Path(OUT) / "config.yaml"
+# The validated config (defaults filled in) as the one file every `qv` call reads (--config).
+CONFIG = f"{OUT}/config.yaml"
+
+
+def write_effective_config():
+    """Write CONFIG, only when it changes. Called when jobs are about to run (onstart), so that a dry run
+    writes nothing; jobs spawned on other nodes read the file the main process wrote."""
+    path = Path(CONFIG)
     text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return str(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
-CONFIG = _write_effective_config()
+onstart:
+    write_effective_config()
+
+
 RUN_CONFIG = Config(config, Path(CONFIG))
 QUANTS = {spec.tag: spec for spec in RUN_CONFIG.quants}
-# What `qv extract` selects: the config's quantized pattern and training scope (shell-quoted).
-POLICY_ARGS = "--pattern '{}' --scope {}".format(RUN_CONFIG.policy.pattern, RUN_CONFIG.policy.scope)
+# What `qv extract` selects: the config's quantized pattern and training scope, each shell-quoted (a
+# config string never reaches a shell line unquoted; names and tags are restricted by the schema).
+POLICY_ARGS = f"--pattern {shlex.quote(RUN_CONFIG.policy.pattern)} --scope {shlex.quote(RUN_CONFIG.policy.scope)}"
 # Every rule runs the `qv` command through this repository's qvlib, so the same shell lines work in the
 # project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
-QV = f"PYTHONPATH={Path(workflow.basedir).resolve()}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
+QV = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir).resolve()))}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
 
 # Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
 # interpolation and crop agree share one cache per task: results/<name>/cache/<pixels>/<task>.<split>.
@@ -119,13 +140,32 @@ def backbone_flag(wildcards, input):
     return f"--backbone {input.backbone}" if input.backbone else ""
 
 
+def without_train(section):
+    """A task's or arch's settings without its train keys (those key the fine-tuning jobs alone)."""
+    return section if not section or "train" not in section else {k: v for k, v in section.items() if k != "train"}
+
+
 def arch_digest(arch):
-    return digest(config["archs"][arch], config.get("pretrain") if needs_pretrain(arch) else None)
+    return digest(without_train(config["archs"][arch]), config.get("pretrain") if needs_pretrain(arch) else None)
 
 
 def task_digest(task):
-    return digest(config["tasks"][task], config.get("task_defaults"), config.get("data_root"), config.get("data_seed"),
-                  *optional(config, "calib_position"))
+    return digest(without_train(config["tasks"][task]), config.get("task_defaults"), config.get("data_root"),
+                  config.get("data_seed"), *optional(config, "calib_position"))
+
+
+def train_overrides(arch, task):
+    """The arch's and the task's own train keys over `finetune` (nothing where neither has any, so runs
+    without them keep their settings hash)."""
+    sections = [config["archs"][arch].get("train") or {}, (config["tasks"][task] or {}).get("train") or {}]
+    return sections if any(sections) else []
+
+
+def train_digest(wildcards, *extra):
+    """What decides an FT (QAT: ``extra`` = its quantizer) run: the arch, the task, finetune < the arch's
+    train < the task's train, and the policy (runs without arch or task train keys keep their old hash)."""
+    return digest(arch_digest(wildcards.arch), task_digest(wildcards.task), config["finetune"], config.get("policy"),
+                  *extra, *train_overrides(wildcards.arch, wildcards.task))
 
 
 def final_outputs():

@@ -10,7 +10,7 @@ rule finetune:
         f"{RUN_LOGS}/finetune/{{task}}.ft.log",
     params:
         backbone=backbone_flag,
-        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config.get("policy")),
+        settings_hash=train_digest,
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
@@ -33,8 +33,7 @@ rule qat:
         f"{QRUN_LOGS}/finetune/{{task}}.qat.log",
     params:
         backbone=backbone_flag,
-        settings_hash=lambda wc: digest(arch_digest(wc.arch), task_digest(wc.task), config["finetune"], config.get("policy"),
-                                        quant_json(wc)),
+        settings_hash=lambda wc: train_digest(wc, quant_json(wc)),
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),

@@ -35,13 +35,19 @@ under the protocol the paper's text states); `.test/config/config.yaml` is the m
 
 
 def _resolve(node: dict, schema: dict) -> dict:
-    """A node with its ``$ref`` followed; the referring node's own keys (e.g. description) win."""
-    if "$ref" in node:
-        target = schema
-        for part in node["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-    return node
+    """A node with its ``$ref`` followed; the referring node's own keys (e.g. description) win, and its
+    ``properties`` (e.g. the defaults the widest train sections fill in) are merged key by key."""
+    if "$ref" not in node:
+        return node
+    target = schema
+    for part in node["$ref"].lstrip("#/").split("/"):
+        target = target[part]
+    own = {k: v for k, v in node.items() if k != "$ref"}
+    merged = {**target, **own}
+    if "properties" in own and "properties" in target:
+        merged["properties"] = {name: {**child, **own["properties"].get(name, {})}
+                                for name, child in target["properties"].items()}
+    return merged
 
 
 def _type(node: dict) -> str:
