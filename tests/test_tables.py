@@ -208,3 +208,101 @@ def test_cell_text_and_markdown_table_print_the_same_cells():
     assert cell_text(2.0 / 3, digits=3) == "0.667"
     table = markdown_table(pl.DataFrame({"seed": ["0", None], "wins %": [80.0, 86.66]}))
     assert table.splitlines() == ["| seed | wins % |", "|---|---|", "| 0 | 80.0 |", "|  | 86.7 |"]
+
+
+# ---------------------------------------------------------------- run files: determinism and damaged inputs
+GRID_TASKS = ("a", "b", "c")
+
+
+def write_run_files(folder, seeds=(0, 1)):
+    """Per-task and per-cell files of a small grid as the workflow writes them (two seeds, three tasks, a
+    random control per donor, coarse accuracies so that many donors tie); returns the `qv tables` inputs."""
+    import random
+
+    rng = random.Random(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {"arch": "tiny", "quant": "w2-channel", "bits": 2}
+    files = {"baselines": [], "cells": [], "norms": [], "cosine": []}
+    for seed in seeds:
+        for task in GRID_TASKS:
+            rows = [{**run, "seed": seed, "task": task, "model": m, "split": s, "accuracy": float(acc), "correct": acc, "n": 100}
+                    for m, acc in (("ft", 90), ("ptq", 40), ("qat", 88), ("qat_ptq", 80)) for s in ("test", "calib")]
+            files["baselines"].append(folder / f"base-{seed}-{task}.parquet")
+            pl.DataFrame(rows).write_parquet(files["baselines"][-1])
+            for donor in GRID_TASKS:
+                variants = [("self", None)] if donor == task else [("none", None), ("random", 100 + seed)]
+                rows = [{**run, "seed": seed, "receiver": task, "donor": donor, "control": control, "control_seed": cseed,
+                         "search": "sweep", "split": split, "lambda": lam, "n": 100, "accuracy": float(acc), "correct": acc}
+                        for control, cseed in variants for split in ("test", "calib") for lam in (0.5, 1.0, 2.0)
+                        for acc in [5 * rng.randint(8, 14)]]
+                files["cells"].append(folder / f"cell-{seed}-{task}-{donor}.parquet")
+                pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}).write_parquet(files["cells"][-1])
+        files["norms"].append(folder / f"norms-{seed}.parquet")
+        pl.DataFrame([{**run, "seed": seed, "task": t, "layer_type": "all", "ft_update_rel": 0.1, "qv_rel": 0.01 * (i + 1)}
+                      for i, t in enumerate(GRID_TASKS)]).write_parquet(files["norms"][-1])
+        files["cosine"].append(folder / f"cosine-{seed}.parquet")
+        pl.DataFrame([{**run, "seed": seed, "task_a": a, "task_b": b, "cosine": 1.0 if a == b else 0.25}
+                      for a in GRID_TASKS for b in GRID_TASKS]).write_parquet(files["cosine"][-1])
+    return files
+
+
+TABLE_OUTPUTS = ("baselines", "transfer", "donor", "receiver", "specific", "summary-specific", "norms", "cosine", "quantizers")
+
+
+def run_report_steps(files, out):
+    """`qv tables` then `qv figures`, as the workflow's tables and figures rules call them."""
+    from helpers import qv
+
+    out.mkdir()
+    args = ["tables"]
+    for key in ("baselines", "cells", "norms", "cosine"):
+        args += [f"--{key}", *files[key]]
+    for name in TABLE_OUTPUTS:
+        args += [f"--out-{name}", out / f"{name}.parquet"]
+    qv(*args, "--out-quantizers-md", out / "quantizers.md")
+    qv("figures", "--arch", "tiny", "--quant", "w2-channel", "--baselines", out / "baselines.parquet",
+       "--transfer", out / "transfer.parquet", "--summary-specific", out / "summary-specific.parquet",
+       "--norms", out / "norms.parquet", "--cosine", out / "cosine.parquet", "--out-gain", out / "gain.png",
+       "--out-cosine", out / "cos.png", "--out-summary", out / "summary.md")
+
+
+def test_tables_and_summary_are_byte_identical_on_identical_inputs(tmp_path):
+    files = write_run_files(tmp_path / "in")
+    run_report_steps(files, tmp_path / "one")
+    run_report_steps(files, tmp_path / "two")
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert {"summary.md", "quantizers.md", "specific.parquet", "receiver.parquet"} <= set(names)
+    for name in names:
+        if name.endswith(".png"):
+            continue  # figures: matplotlib's rendering, not ours
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_best_donor_ties_go_to_the_first_donor_and_its_lambda1_gain_is_its_own():
+    from qvlib.plots import best_donors
+
+    rows = [{"receiver": "r", "donor": d, "gain_oracle": go, "gain_lambda1": g1}
+            for d, go, g1 in (("d3", 5.0, 9.0), ("d1", 5.0, 1.0), ("d2", 5.0, 2.0), ("d0", 4.0, 20.0))]
+    for order in (rows, rows[::-1], rows[1:] + rows[:1]):
+        best = best_donors(pl.DataFrame(order)).row(0, named=True)
+        # three donors tie on the oracle gain: the first by name wins; its lambda-1 gain, not d0's 20
+        assert (best["best_donor"], best["best_oracle"], best["best_donor_lambda1"]) == ("d1", 5.0, 1.0)
+
+
+def test_a_truncated_cell_file_is_named_with_what_to_do(tmp_path):
+    from helpers import qv
+
+    files = write_run_files(tmp_path / "in", seeds=(0,))
+    bad = files["cells"][1]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{bad}.*not a readable Parquet table.*delete it and rerun"):
+        tables.read_all(files["cells"])
+    out = tmp_path / "out"
+    args = ["tables"]
+    for key in ("baselines", "cells", "norms", "cosine"):
+        args += [f"--{key}", *files[key]]
+    proc = qv(*args, *(x for name in TABLE_OUTPUTS for x in (f"--out-{name}", out / f"{name}.parquet")),
+              "--out-quantizers-md", out / "quantizers.md", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and str(bad) in lines[-1] and "delete it" in lines[-1], proc.stderr
+    assert not [line for line in lines if "Traceback" in line] and not out.exists()
