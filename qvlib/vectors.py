@@ -11,7 +11,7 @@ import errno
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -183,12 +183,14 @@ def encode_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
 
 
 def sort_metadata(path: str | os.PathLike) -> None:
-    """Rewrite a safetensors file's header with its metadata keys in sorted order.
+    """Rewrite a safetensors file's header in place with its metadata keys in sorted order.
 
     safetensors keeps the metadata in a hash map whose order changes from run to run; the tensors'
-    entries (and so their data) are already in a fixed order. The header is rewritten in place when
-    the sorted one has the same length (it does unless the JSON escapes differ), else the file is
-    written again."""
+    entries (and so their data) are already in a fixed order. The sorted header is written over the
+    old one and padded with spaces to the old length (a multiple of 8, as safetensors pads it), so the
+    tensor data never moves. It is never longer than safetensors' own header: both are compact JSON
+    with the same escapes, in another key order. A header it would lengthen (one not written by
+    safetensors) is a ValueError, and the file is left as it was."""
     with open(path, "r+b") as f:
         size = int.from_bytes(f.read(8), "little")
         raw = f.read(size)
@@ -196,20 +198,11 @@ def sort_metadata(path: str | os.PathLike) -> None:
         meta = header.pop("__metadata__", None)
         ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
         text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= size:
-            f.seek(8)
-            f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces too
-            return
-        data = f.read()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text + data)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        if len(text) > size:
+            raise ValueError(f"{path}: its sorted safetensors header takes {len(text)} bytes, more than the {size} the "
+                             "file holds, so its metadata cannot be sorted in place (was it written by safetensors?)")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces too
 
 
 def check_output_path(path: str | os.PathLike) -> None:
@@ -229,32 +222,69 @@ def _about_output(filename, tmp: str | None, path: Path) -> bool:
     return filename is None or str(filename) == str(tmp) or Path(filename) in (path, *path.parents)
 
 
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """Create ``folder`` and its missing parents one at a time, outermost first, appending to ``made``
+    each one this call created (a folder that already exists, or that another process creates first,
+    is not ours), so that ``made`` is right even when a later mkdir fails."""
+    for parent in (*reversed(folder.parents), folder):
+        if parent.is_dir():
+            continue
+        try:
+            os.mkdir(parent)
+        except FileExistsError:
+            continue
+        made.append(parent)
+
+
+def _remove_folders(made: list[Path]) -> None:
+    """Remove the folders ``_make_folders`` created, innermost first, each only while it is empty."""
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (another writer uses it) or gone: keep it and its parents
+            break
+
+
+def _create_temporary(path: Path) -> str:
+    """A new empty file beside ``path``, created by the kernel with mode 0o666 less the umask (and any
+    default ACL of the folder), with a name no other process or thread uses."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    The file gets the permissions of any new file (``0o666`` less the umask), not ``mkstemp``'s
-    ``0o600``. If anything fails, the temporary file and any directory made for it are removed and
-    ``path`` is left untouched; an ``OSError`` about the temporary file is raised about ``path``.
+    The file gets the permissions of any new file (``0o666`` less the umask, as the kernel applies
+    it), not ``mkstemp``'s ``0o600``. If anything fails, the temporary file and the folders this call
+    made for it (only those, only while empty) are removed and ``path`` is left untouched; an
+    ``OSError`` about the temporary file is raised about ``path``.
     """
     path = Path(path)
     check_output_path(path)
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    made: list[Path] = []
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        for attempt in range(3):  # a concurrent failing writer may remove a folder it made before our file is in it
+            _make_folders(path.parent, made)
+            try:
+                tmp = _create_temporary(path)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        for folder in made:  # innermost first; only the empty ones this call made
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_folders(made)
         if isinstance(err, OSError) and err.strerror and _about_output(err.filename, tmp, path):
             raise OSError(err.errno or errno.EIO, f"cannot write {path}: {err.strerror}") from None
         raise
