@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -261,8 +262,9 @@ def _create_temporary(path: Path) -> str:
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    The file gets the permissions of any new file (``0o666`` less the umask, as the kernel applies
-    it), not ``mkstemp``'s ``0o600``. If anything fails, the temporary file and the folders this call
+    The file gets the permissions of any new file (``0o666`` less the umask, as the kernel applies it
+    when the temporary file is created; the umask is never read), not ``mkstemp``'s ``0o600``, even
+    when ``write`` replaces the temporary file with one of its own. If anything fails, the temporary file and the folders this call
     made for it (only those, only while empty) are removed and ``path`` is left untouched; an
     ``OSError`` about the temporary file is raised about ``path``.
     """
@@ -279,7 +281,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the kernel gave a new file here (the umask applied)
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that replaced the file (safetensors' save_file
+            os.chmod(tmp, mode)                         # writes its own 0o600 temporary and renames it over ours)
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
