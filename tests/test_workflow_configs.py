@@ -69,20 +69,27 @@ def test_schema_errors_stop_before_any_job(tmp_path, change, message):
 
 def test_config_on_the_command_line_changes_the_embedded_default(tmp_path):
     """`snakemake --config 'seeds=[0,1]' reuse_backbones=null` (no --configfile) runs the default config
-    with two seeds, pretraining their backbones (null arrives as a string and means no folder)."""
+    with two seeds, pretraining their backbones (null arrives as a string and means no folder). The dry
+    run writes nothing; the effective config the jobs read is written when jobs start (here --touch)."""
     import shutil
     import subprocess
 
     from helpers import BIN, env
 
     shutil.copytree(REPO / "config", tmp_path / "config")
-    proc = subprocess.run([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-                           "--cores", "1", "--dry-run", "--config", "seeds=[0,1]", "reuse_backbones=null"],
-                           capture_output=True, text=True, env=env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    jobs = planned_jobs(proc)
+
+    def run(*extra):
+        proc = subprocess.run([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                               "--cores", "1", *extra, "--config", "seeds=[0,1]", "reuse_backbones=null"],
+                              capture_output=True, text=True, env=env())
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    jobs = planned_jobs(run("--dry-run"))
     tasks = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["tasks"]
     assert jobs["pretrain"] == 2 and jobs["finetune"] == jobs["qat"] == 2 * len(tasks)
+    assert not (tmp_path / "results").exists()
+    run("--touch")
     effective = yaml.safe_load((tmp_path / "results" / "default" / "config.yaml").read_text())
     assert effective["seeds"] == [0, 1] and effective["reuse_backbones"] is None
 
