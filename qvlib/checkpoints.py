@@ -31,6 +31,18 @@ def require(ckpt: WeightVector, role: str, name: str, used: Iterable[str] = ()) 
     taken for what it is given as. Every floating tensor must be float32, and so must the ``used``
     tensors (the ones the command computes with) whatever their dtype: bf16, fp16 or int8 copies are
     refused rather than converted, because a vector of rounded weights is rounding noise."""
+    require_role(ckpt, role, name)
+    used = set(used)
+    for key, t in ckpt.items():
+        if t.dtype != torch.float32 and (t.is_floating_point() or key in used):
+            raise ValueError(f"{name}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, not float32; qv reads "
+                             "float32 files only: convert the file to float32 yourself (qv does not guess how it was rounded)")
+
+
+def require_role(ckpt: WeightVector, role: str, name: str) -> None:
+    """The role half of :func:`require`: refuse a packed file, and a file whose metadata ``mode`` says
+    it is something other than ``role``. Run before anything that compares the file with another, so
+    that a swapped input is named as such rather than as a missing tensor."""
     role = str(role)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
@@ -47,11 +59,6 @@ def require(ckpt: WeightVector, role: str, name: str, used: Iterable[str] = ()) 
         if role in Mode.__members__.values() and mode != role:
             raise ValueError(f"{name} is a {mode!r} checkpoint (its metadata's mode), expected a {role!r} one: "
                              "are two inputs swapped?")
-    used = set(used)
-    for key, t in ckpt.items():
-        if t.dtype != torch.float32 and (t.is_floating_point() or key in used):
-            raise ValueError(f"{name}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, not float32; qv reads "
-                             "float32 files only: convert the file to float32 yourself (qv does not guess how it was rounded)")
 
 
 def _require_quantized(ckpt: Mapping, what: str, policy: QuantPolicy) -> list[str]:
@@ -79,7 +86,11 @@ def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DE
                    qat_name: str = "the QAT checkpoint", ft_name: str = "the FT checkpoint") -> WeightVector:
     """``rho = theta_QAT - theta_FT`` over the tensors the policy's vectors carry (scope linear: the
     quantized ones; scope all: every tensor but the head), with provenance metadata. The two
-    checkpoints must come from the same arch and task (when their metadata says)."""
+    checkpoints must come from the same arch and task (when their metadata says). Checked in this
+    order: what each file is (its metadata mode, packed or not), arch and task, the tensor names and
+    shapes, then the dtypes."""
+    require_role(qat, Mode.QAT, qat_name)
+    require_role(ft, Mode.FT, ft_name)
     for key in ("arch", "task"):
         a, b = qat.metadata.get(key), ft.metadata.get(key)
         if a is not None and b is not None and a != b:
@@ -143,7 +154,14 @@ def patched(receiver: WeightVector, vectors: Iterable[tuple[float, WeightVector]
             raise ValueError(f"lambda {lam!r} for {label} is not a finite number")
         require(vec, "vector", label, vec)
     require(receiver, "checkpoint", receiver_name, {n for _, vec in vectors for n in vec})
-    out = WeightVector(patch(receiver, vectors), receiver.metadata)
+    out = dict(receiver)
+    for label, (lam, vec) in zip(labels, vectors):  # one vector at a time, so an overflow names its lambda and vector
+        out = patch(out, [(lam, vec)])
+        for name in vec:
+            if out[name].is_floating_point() and not bool(torch.isfinite(out[name]).all()):
+                raise ValueError(f"lambda {lam!r} times {label} gives non-finite values in tensor {name!r} of "
+                                 f"{receiver_name} (beyond float32's range): use a smaller lambda")
+    out = WeightVector(out, receiver.metadata)
     return out.with_metadata({"patched_with": [{"vector": n, "lambda": lam} for n, (lam, _) in zip(labels, vectors)]})
 
 

@@ -40,6 +40,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch to parse
+
+
+def lambda_value(text: str) -> float:
+    """A finite lambda that float32 can hold: a vector is scaled in float32, where 1e39 is inf."""
+    value = finite_float(text)
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be within float32's range (|lambda| <= {FLOAT32_MAX:.8g}), got {text!r}")
+    return value
+
+
 def int_in(low: int, high: int | None = None, what: str = ""):
     """An integer type for argparse: ``low`` <= value (<= ``high``); ``what`` starts its message."""
     expected = f"an integer in {low}..{high}" if high is not None else ("a positive integer" if low == 1 else f"an integer >= {low}")
@@ -72,6 +83,18 @@ def check_output(output: Path, *inputs: Path | None) -> None:
     for path in inputs:
         if path is not None and output.exists() and path.exists() and os.path.samefile(output, path):
             raise ValueError(f"-o {output} is the input {path}: writing it would replace that file; give another output path")
+
+
+def check_outputs(outputs, *inputs: Path | None) -> None:
+    """:func:`check_output` for each of a command's outputs, which must also be different files."""
+    seen: dict[str, Path] = {}
+    for output in outputs:
+        output = Path(output)
+        check_output(output, *inputs)
+        key = os.path.realpath(output)
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {output} are the same output file: give each output its own path")
+        seen[key] = output
 
 
 def load_as(path: Path, role: str, used=None) -> WeightVector:
@@ -167,8 +190,8 @@ def _patch_args(p):
     p.description += ". " + FLOAT32_ONLY
     p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
     p.add_argument("--vector", type=Path, action="append", required=True, help="a vector; repeat to add several")
-    p.add_argument("--lambda", dest="lambdas", type=finite_float, action="append",
-                   help="scale per vector, a finite number (one value applies to all; default 1.0)")
+    p.add_argument("--lambda", dest="lambdas", type=lambda_value, action="append",
+                   help="scale per vector, a finite number within float32's range (one value applies to all; default 1.0)")
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
@@ -247,8 +270,8 @@ def _choose_args(p):
                    help="weights: from the weights alone; outputs: agreement with the receiver on noise images")
     p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
     p.add_argument("--vector", type=Path, required=True, help="the (donor or merged) quantization vector")
-    p.add_argument("--lambdas", type=finite_float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
-                   help="candidate lambdas, finite numbers")
+    p.add_argument("--lambdas", type=lambda_value, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
+                   help="candidate lambdas, finite numbers within float32's range")
     add_quant_args(p)
     add_pattern_arg(p)
     p.add_argument("--config", type=Path, default=None, help="outputs: the run config that names the arch")
@@ -378,6 +401,7 @@ def _pretrain_args(p):
 def _pretrain(args) -> int:
     from .backbones import reuse_backbone, shipped_backbone
 
+    check_output(args.output)
     cfg = load_config(args)
     shipped = None if args.no_reuse else shipped_backbone(cfg, args.arch)
     if shipped is not None and shipped.exists():
@@ -406,6 +430,7 @@ def _finetune_args(p):
 def _finetune(args) -> int:
     from .pipeline import finetune, set_threads
 
+    check_output(args.output, args.backbone)
     set_threads(args.threads)
     finetune(load_config(args), args.arch, args.task, args.mode, args.output, backbone=args.backbone,
              device=args.device, progress=not args.no_progress)
@@ -424,6 +449,7 @@ def _cache_args(p):
 def _cache(args) -> int:
     from .pipeline import cache_splits, set_threads
 
+    check_outputs([args.test, args.calib])
     set_threads(args.threads)
     cache_splits(load_config(args), args.arch, args.task, {Split.TEST: args.test, Split.CALIB: args.calib})
     return 0
@@ -455,6 +481,7 @@ def _baselines_args(p):
 def _baselines(args) -> int:
     from .pipeline import evaluate_baselines, set_threads
 
+    check_output(args.output, args.ft, args.qat, args.test_cache, args.calib_cache)
     set_threads(args.threads)
     evaluate_baselines(load_config(args), args.arch, args.task, args.ft, args.qat, cache_inputs(args),
                        args.output, device=args.device)
@@ -480,7 +507,6 @@ def _transfer_args(p):
 def _transfer(args) -> int:
     from .pipeline import evaluate_cells, set_threads
 
-    set_threads(args.threads)
     donors = []
     for item in args.donor:
         name, sep, path = item.partition("=")
@@ -493,6 +519,8 @@ def _transfer(args) -> int:
     outputs = [out.replace("{donor}", name) for out, (name, _) in zip(outputs, donors)]
     if len(set(outputs)) != len(outputs):
         raise ValueError("several donors would write the same file: give -o once per donor, or once with {donor} in it")
+    check_outputs(outputs, args.ft, *(path for _, path in donors), args.test_cache, args.calib_cache)
+    set_threads(args.threads)
     evaluate_cells(load_config(args), args.arch, args.receiver, args.ft,
                    [(name, path, Path(out)) for (name, path), out in zip(donors, outputs)], cache_inputs(args),
                    device=args.device, controls=not args.no_controls)
@@ -521,6 +549,7 @@ def _tables(args) -> int:
     outputs = {name: getattr(args, f"out_{name}") for name in
                ("baselines", "transfer", "donor", "receiver", "specific", "summary_specific", "norms", "cosine",
                 "quantizers", "quantizers_md") if getattr(args, f"out_{name}") is not None}
+    check_outputs(outputs.values(), *args.baselines, *args.cells, *args.norms, *args.cosine)
     assemble_tables(args.baselines, args.cells, args.norms, args.cosine, outputs)
     return 0
 
@@ -537,7 +566,7 @@ def _diagnostics_args(p):
     p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`)")
     p.add_argument("--ft", type=Path, nargs="+", required=True, help="FT checkpoints (task taken from metadata)")
     p.add_argument("--vectors", type=Path, nargs="+", required=True, help="quantization vectors (task from metadata)")
-    p.add_argument("--merged", type=Path, nargs="*", default=[], help="leave-one-out merged donors (`qv merge --exclude`)")
+    p.add_argument("--merged", type=Path, nargs="*", default=[], help="leave-one-out merged donors (`qv merge --receiver`)")
     p.add_argument("--out-norms", type=Path, required=True)
     p.add_argument("--out-cosine", type=Path, required=True)
 
@@ -545,6 +574,7 @@ def _diagnostics_args(p):
 def _diagnostics(args) -> int:
     from .pipeline import diagnostics
 
+    check_outputs([args.out_norms, args.out_cosine], args.backbone, *args.ft, *args.vectors, *args.merged)
     diagnostics(load_config(args), args.arch, args.backbone, args.ft, args.vectors, args.out_norms, args.out_cosine,
                 merged=args.merged)
     return 0
@@ -565,6 +595,8 @@ def _figures_args(p):
 def _figures(args) -> int:
     from .report import figures
 
+    check_outputs([args.out_gain, args.out_cosine, args.out_summary], args.baselines, args.transfer,
+                  args.summary_specific, args.norms, args.cosine)
     print(figures(args.arch, args.baselines, args.transfer, args.summary_specific, args.norms, args.cosine,
                   args.out_gain, args.out_cosine, args.out_summary, quant=args.quant))
     return 0
@@ -589,8 +621,7 @@ def _paper_tables(args) -> int:
     from .paper_tables import write_paper_tables
     from .report import _of_quant as read_of_quant
 
-    for out in (args.out_md, args.out_table1, args.out_transfer):
-        check_output(out, args.baselines, args.transfer)
+    check_outputs([args.out_md, args.out_table1, args.out_transfer], args.baselines, args.transfer)
     pair_rows = tables.pairs(read_of_quant(args.transfer, args.quant))
     print(write_paper_tables(args.name, read_of_quant(args.baselines, args.quant), pair_rows, args.out_md,
                              args.out_table1, args.out_transfer))
@@ -610,6 +641,7 @@ def _readme_args(p):
 def _readme(args) -> int:
     from .plots import QUANTIZERS_BLOCK, readme_block, replace_readme_block
 
+    check_output(args.readme, args.summary, args.quantizers)  # the README itself is rewritten in place
     sources = [(path, name) for path, name in ((args.summary, "readme"), (args.quantizers, QUANTIZERS_BLOCK)) if path]
     if not sources:
         raise SystemExit("qv readme: give --summary and/or --quantizers")

@@ -107,6 +107,9 @@ def unpack_checkpoint(packed: WeightVector, name: str = "the packed checkpoint")
         raise ValueError(f"{name} is not a packed checkpoint (metadata format {packed.metadata.get('format')!r}, "
                          f"expected {PACKED_FORMAT!r})")
     quant = _metadata_json(packed, "quant", name)
+    if not isinstance(quant, dict) or "bits" not in quant:
+        raise ValueError(f"{name}: metadata 'quant' must be a quantizer spec, a JSON object with 'bits', got "
+                         f"{packed.metadata['quant'][:80]!r}; write it again with qv quantize --packed")
     try:
         spec = QuantSpec.from_mapping(quant)
     except (TypeError, ValueError) as err:
