@@ -183,15 +183,167 @@ def test_merge_exclude_must_name_an_input_and_receiver_records_the_left_out_task
 
 
 # ---------------------------------------------------------------- item 6: one line instead of a traceback
+def listing(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder): what a refused command must not change."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
 def test_output_paths_that_cannot_be_files(d, capsys):
     args = ["patch", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "-o"]
     (d / "folder").mkdir()
+    before = listing(d)
     fails(capsys, [*args, d / "folder"], f"cannot write {d / 'folder'}: it is a directory; give a file name")
     assert list((d / "folder").iterdir()) == []
     fails(capsys, [*args, d / "ft.safetensors" / "x"],
           f"cannot write {d / 'ft.safetensors' / 'x'}: {d / 'ft.safetensors'} is a file, not a directory")
     fails(capsys, [*args, d / "ft.safetensors" / "deeper" / "x"],
           f"cannot write {d / 'ft.safetensors' / 'deeper' / 'x'}: {d / 'ft.safetensors'} is a file, not a directory")
+    assert listing(d) == before  # no file, temporary file or folder left behind, the inputs unchanged
+
+
+def test_long_commands_check_their_outputs_before_any_work(tmp_path, capsys, monkeypatch):
+    import time
+
+    import qvlib.pipeline as pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the command started its work before checking -o")
+
+    for name in ("finetune", "pretrain", "cache_splits", "evaluate_baselines", "evaluate_cells", "diagnostics"):
+        monkeypatch.setattr(pipeline, name, no_work)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    folder = tmp_path / "dir"
+    is_dir = f"cannot write {folder}: it is a directory; give a file name"
+    missing = tmp_path / "no-such-config.yaml"  # never read: the output is refused first
+    before = listing(tmp_path)
+    start = time.monotonic()
+    fails(capsys, ["finetune", "--config", missing, "--arch", "tiny", "--task", "t", "--mode", "ft", "-o", folder], is_dir)
+    assert time.monotonic() - start < 5
+    fails(capsys, ["pretrain", "--config", missing, "--arch", "tiny", "-o", folder], is_dir)
+    fails(capsys, ["cache-splits", "--config", missing, "--arch", "tiny", "--task", "t", "--test", folder,
+                   "--calib", tmp_path / "c.pt"], is_dir)
+    same = tmp_path / "t.pt"
+    fails(capsys, ["cache-splits", "--config", missing, "--arch", "tiny", "--task", "t", "--test", same, "--calib", same],
+          f"{same} and {same} are the same output file: give each output its own path")
+    under = tmp_path / "file" / "x.parquet"
+    fails(capsys, ["evaluate-baselines", "--config", missing, "--arch", "tiny", "--task", "t", "--ft", "a", "--qat", "b",
+                   "--test-cache", "c", "-o", under], f"cannot write {under}: {tmp_path / 'file'} is a file, not a directory")
+    fails(capsys, ["evaluate-transfer", "--config", missing, "--arch", "tiny", "--receiver", "r", "--ft", "a",
+                   "--donor", "x=v1", "--donor", "y=v2", "--test-cache", "c", "-o", tmp_path / "ok.parquet", "-o", folder],
+          is_dir)
+    fails(capsys, ["diagnostics", "--config", missing, "--arch", "tiny", "--ft", "a", "--vectors", "v",
+                   "--out-norms", tmp_path / "n.parquet", "--out-cosine", folder], is_dir)
+    fails(capsys, ["diagnostics", "--config", missing, "--arch", "tiny", "--ft", tmp_path / "file", "--vectors", "v",
+                   "--out-norms", tmp_path / "n.parquet", "--out-cosine", tmp_path / "file"],
+          f"-o {tmp_path / 'file'} is the input {tmp_path / 'file'}: writing it would replace that file; give another output path")
+    ins = {name: tmp_path / "file" for name in ("baselines", "cells", "norms", "cosine")}
+    outs = {f"out-{name}": tmp_path / f"{name}.parquet" for name in
+            ("baselines", "transfer", "donor", "receiver", "specific", "summary-specific", "norms")}
+    fails(capsys, ["tables", *(a for k, v in ins.items() for a in (f"--{k}", v)),
+                   *(a for k, v in outs.items() for a in (f"--{k}", v)), "--out-cosine", folder], is_dir)
+    fails(capsys, ["figures", "--arch", "tiny", *(a for k in ("baselines", "transfer", "summary-specific", "norms", "cosine")
+                                                  for a in (f"--{k}", tmp_path / "file")),
+                   "--out-gain", tmp_path / "g.png", "--out-cosine", tmp_path / "c.png", "--out-summary", folder], is_dir)
+    fails(capsys, ["readme", "--summary", tmp_path / "file", "--readme", folder], is_dir)
+    assert listing(tmp_path) == before
+
+
+def test_diagnostics_help_names_the_leave_one_out_option(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["diagnostics"]
+    merged = next(a for a in sub._actions if a.dest == "merged")
+    assert "qv merge --receiver" in merged.help and "--exclude" not in merged.help
+
+
+# ---------------------------------------------------------------- review of issue 31: roles first, overflow, packed quant
+def test_extract_names_a_swapped_vector_before_comparing_tensors(d, capsys):
+    out = d / "out.safetensors"
+    ft, qat, rho = d / "ft.safetensors", d / "qat.safetensors", d / "rho.safetensors"
+    not_a_model = "is a quantization vector (metadata mode 'qv'), not a model checkpoint; give a fine-tuned checkpoint"
+    fails(capsys, ["extract", "--qat", rho, "--ft", ft, "-o", out], f"{rho} {not_a_model}", out)
+    fails(capsys, ["extract", "--qat", qat, "--ft", rho, "-o", out], f"{rho} {not_a_model}", out)
+    assert cli.main(["quantize", str(qat), "--packed", "-o", str(d / "packed.safetensors")]) == 0
+    fails(capsys, ["extract", "--qat", d / "packed.safetensors", "--ft", ft, "-o", out],
+          f"{d / 'packed.safetensors'} is a packed checkpoint (qv quantize --packed): unpack it to float32 first (qv unpack)", out)
+    # roles before dtypes too: a bf16 vector given as --qat is named as a vector
+    WeightVector({QKV: torch.zeros(4, 3, dtype=torch.bfloat16)}, {"mode": "qv"}).save(d / "rho16.safetensors")
+    fails(capsys, ["extract", "--qat", d / "rho16.safetensors", "--ft", ft, "-o", out], f"{d / 'rho16.safetensors'} {not_a_model}", out)
+
+
+def test_extract_refuses_a_tensor_of_another_shape(d, capsys):
+    out = d / "out.safetensors"
+    wide = {**state(0.01), QKV: torch.zeros(3, 4)}
+    WeightVector(wide).save(d / "wide.safetensors", {"mode": "qat"})
+    fails(capsys, ["extract", "--qat", d / "wide.safetensors", "--ft", d / "ft.safetensors", "-o", out],
+          f"tensor {QKV!r} has shape (3, 4) in {d / 'wide.safetensors'} but (4, 3) in {d / 'ft.safetensors'}", out)
+
+
+def test_lambda_beyond_float32_is_refused_and_an_overflow_is_named(d, capsys):
+    out = d / "out.safetensors"
+    ft, rho = d / "ft.safetensors", d / "rho.safetensors"
+    for bad in ("1e39", "-1e39"):
+        fails(capsys, ["patch", "--receiver", ft, "--vector", rho, f"--lambda={bad}", "-o", out],
+              f"argument --lambda: must be within float32's range (|lambda| <= 3.4028235e+38), got '{bad}' (see qv patch --help)", out)
+    fails(capsys, ["choose-lambda", "--receiver", ft, "--vector", rho, "--lambdas", "1", "1e39"],
+          "argument --lambdas: must be within float32's range (|lambda| <= 3.4028235e+38), got '1e39' (see qv choose-lambda --help)")
+    # a lambda float32 holds, whose product does not: the lambda, the vector and the tensor are named
+    WeightVector({QKV: torch.full((4, 3), 1e38)}, {"mode": "qv"}).save(d / "big.safetensors")
+    fails(capsys, ["patch", "--receiver", ft, "--vector", rho, "--vector", d / "big.safetensors",
+                   "--lambda", "1", "--lambda", "1e1", "-o", out],
+          f"lambda 10.0 times {d / 'big.safetensors'} gives non-finite values in tensor {QKV!r} of {ft} (beyond float32's "
+          "range): use a smaller lambda", out)
+    assert cli.main(["patch", "--receiver", str(ft), "--vector", str(rho), "--lambda", "3e38", "-o", str(out)]) == 0
+
+
+@pytest.mark.parametrize("quant", ["[]", "{}", '"w3"', "3", '{"granularity": "channel"}'])
+def test_packed_quant_metadata_must_be_a_spec_with_bits(d, capsys, quant):
+    packed = d / "packed.safetensors"
+    assert cli.main(["quantize", str(d / "ft.safetensors"), "--bits", "2", "--packed", "-o", str(packed)]) == 0
+    good = WeightVector.load(packed)
+    bad = d / "bad.safetensors"
+    save_file(dict(good), str(bad), metadata={**good.metadata, "quant": quant})
+    out = d / "out.safetensors"
+    fails(capsys, ["unpack", bad, "-o", out], f"{bad}: metadata 'quant' must be a quantizer spec, a JSON object with "
+          f"'bits', got {quant!r}; write it again with qv quantize --packed", out)
+
+
+# ---------------------------------------------------------------- legitimate inputs still pass; roles in every command
+def test_legitimate_inputs_are_accepted(d, capsys):
+    ft, qat, rho = d / "ft.safetensors", d / "qat.safetensors", d / "rho.safetensors"
+
+    def ok(*args):
+        capsys.readouterr()
+        code = cli.main([str(a) for a in args])
+        assert code == 0, capsys.readouterr()
+
+    ok("patch", "--receiver", qat, "--vector", rho, "-o", d / "p-qat.safetensors")  # a QAT checkpoint as receiver
+    WeightVector({k: v * 2 for k, v in WeightVector.load(rho).items()}, {"mode": "qv", "task": "u"}).save(d / "rho2.safetensors")
+    ok("merge", rho, d / "rho2.safetensors", "-o", d / "merged.safetensors")
+    ok("patch", "--receiver", ft, "--vector", d / "merged.safetensors", "-o", d / "p-merged.safetensors")
+    ok("random-direction", rho, "--seed", 3, "-o", d / "random.safetensors")
+    ok("patch", "--receiver", ft, "--vector", d / "random.safetensors", "-o", d / "p-random.safetensors")
+    ok("merge", d / "merged.safetensors", d / "random.safetensors", "-o", d / "merged2.safetensors")
+    ok("choose-lambda", "--receiver", ft, "--vector", d / "merged.safetensors", "--bits", 2, "--lambdas", 0.5, 1)
+    ok("quantize", ft, "--packed", "-o", d / "packed.safetensors")
+    ok("unpack", d / "packed.safetensors", "-o", d / "unpacked.safetensors")
+    ok("patch", "--receiver", d / "unpacked.safetensors", "--vector", rho, "-o", d / "p-unpacked.safetensors")
+    merged, base = WeightVector.load(d / "p-merged.safetensors"), WeightVector.load(ft)
+    torch.testing.assert_close(merged[QKV], base[QKV] + 1.5 * WeightVector.load(rho)[QKV])
+
+
+def test_roles_are_checked_in_merge_random_direction_and_choose_lambda(d, capsys):
+    out = d / "out.safetensors"
+    ft, rho = d / "ft.safetensors", d / "rho.safetensors"
+    not_a_vector = f"{ft} is not a quantization vector: its metadata records mode 'ft'; give a vector written by qv extract or qv merge"
+    fails(capsys, ["merge", rho, ft, "-o", out], not_a_vector, out)
+    fails(capsys, ["random-direction", ft, "-o", out], not_a_vector, out)
+    fails(capsys, ["choose-lambda", "--receiver", ft, "--vector", ft, "--bits", 2], not_a_vector)
+    fails(capsys, ["choose-lambda", "--receiver", rho, "--vector", rho, "--bits", 2],
+          f"{rho} is a quantization vector (metadata mode 'qv'), not a model checkpoint; give a fine-tuned checkpoint")
+    assert cli.main(["quantize", str(ft), "--packed", "-o", str(d / "packed.safetensors")]) == 0
+    fails(capsys, ["merge", rho, d / "packed.safetensors", "-o", out],
+          f"{d / 'packed.safetensors'} is a packed checkpoint (qv quantize --packed): unpack it to float32 first (qv unpack)", out)
 
 
 def test_unwritable_output_names_the_output_not_the_temporary_file(d, capsys, monkeypatch):
