@@ -61,7 +61,7 @@ def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Pat
     task = load_task(task_name, cfg.load_options(task_name, pre))
     model = task_model(arch, backbone_state(arch), task_name, task.num_classes, seed=cfg.seed, policy=cfg.policy)
     meta = {**_metadata(cfg, arch_name, task_name, mode), "num_classes": task.num_classes}
-    train(model, task.train, pre, cfg.finetune_train(task_name), mode, output, meta,
+    train(model, task.train, pre, cfg.finetune_train(task_name, arch_name), mode, output, meta,
           spec=cfg.quant if mode == Mode.QAT else None, device=device, progress=progress,
           quantized=cfg.policy.select_model(model))
 
