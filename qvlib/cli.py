@@ -15,7 +15,7 @@ from typing import Callable
 from . import checkpoints
 from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, SCOPES, QuantPolicy, QuantSpec
 from .vectors import WeightVector, atomic_write, check_output_path
-from .vocab import FINETUNE_MODES, Split
+from .vocab import FINETUNE_MODES, LambdaTies, Split
 
 log = logging.getLogger("qvlib.cli")
 
@@ -532,6 +532,12 @@ register("evaluate-transfer", "Top-1 of Q(receiver + lambda * donor vector) over
 
 
 # ---------------------------------------------------------------- report
+def add_ties_arg(p) -> None:
+    p.add_argument("--lambda-ties", choices=[str(t) for t in LambdaTies], default=str(LambdaTies.NEAREST_ONE),
+                   help="which of several lambdas with the best accuracy the oracle and calib picks keep: nearest_one "
+                        "(the lambda nearest 1, then the smaller; default) or smallest (the authors' rule)")
+
+
 def _tables_args(p):
     p.add_argument("--baselines", type=Path, nargs="+", required=True, help="per-task baseline parquet files")
     p.add_argument("--cells", type=Path, nargs="+", required=True, help="per-cell transfer parquet files")
@@ -541,6 +547,7 @@ def _tables_args(p):
         p.add_argument(f"--out-{name}", type=Path, required=True)
     p.add_argument("--out-quantizers", type=Path, default=None, help="the quantizer comparison (parquet)")
     p.add_argument("--out-quantizers-md", type=Path, default=None, help="the quantizer comparison (markdown)")
+    add_ties_arg(p)
 
 
 def _tables(args) -> int:
@@ -550,7 +557,7 @@ def _tables(args) -> int:
                ("baselines", "transfer", "donor", "receiver", "specific", "summary_specific", "norms", "cosine",
                 "quantizers", "quantizers_md") if getattr(args, f"out_{name}") is not None}
     check_outputs(outputs.values(), *args.baselines, *args.cells, *args.norms, *args.cosine)
-    assemble_tables(args.baselines, args.cells, args.norms, args.cosine, outputs)
+    assemble_tables(args.baselines, args.cells, args.norms, args.cosine, outputs, ties=args.lambda_ties)
     return 0
 
 
@@ -590,6 +597,7 @@ def _figures_args(p):
         p.add_argument(f"--{name}", type=Path, required=True)
     for name in ("gain", "cosine", "summary"):
         p.add_argument(f"--out-{name}", type=Path, required=True)
+    add_ties_arg(p)
 
 
 def _figures(args) -> int:
@@ -598,7 +606,7 @@ def _figures(args) -> int:
     check_outputs([args.out_gain, args.out_cosine, args.out_summary], args.baselines, args.transfer,
                   args.summary_specific, args.norms, args.cosine)
     print(figures(args.arch, args.baselines, args.transfer, args.summary_specific, args.norms, args.cosine,
-                  args.out_gain, args.out_cosine, args.out_summary, quant=args.quant))
+                  args.out_gain, args.out_cosine, args.out_summary, quant=args.quant, ties=args.lambda_ties))
     return 0
 
 
@@ -614,16 +622,17 @@ def _paper_tables_args(p):
     p.add_argument("--out-table1", type=Path, required=True, help="Parquet of Table 1 (one row per arch, quantizer, task)")
     p.add_argument("--out-transfer", type=Path, required=True,
                    help="Parquet of Tables 2 and 3 (one row per arch, quantizer, task and lambda rule)")
+    add_ties_arg(p)
 
 
 def _paper_tables(args) -> int:
     from . import tables
     from .paper_tables import write_paper_tables
-    from .report import _of_quant as read_of_quant
+    from .report import of_quant
 
     check_outputs([args.out_md, args.out_table1, args.out_transfer], args.baselines, args.transfer)
-    pair_rows = tables.pairs(read_of_quant(args.transfer, args.quant))
-    print(write_paper_tables(args.name, read_of_quant(args.baselines, args.quant), pair_rows, args.out_md,
+    pair_rows = tables.pairs(of_quant(args.transfer, args.quant), args.lambda_ties)
+    print(write_paper_tables(args.name, of_quant(args.baselines, args.quant), pair_rows, args.out_md,
                              args.out_table1, args.out_transfer))
     return 0
 

@@ -23,7 +23,7 @@ from .data.synthetic import GENERATORS
 from .models import ArchSpec
 from .quant import VIT_BLOCK_LINEARS, QuantPolicy, QuantSpec
 from .train import TrainConfig
-from .vocab import SweepMethod
+from .vocab import LambdaTies, SweepMethod
 
 
 @dataclass
@@ -145,6 +145,11 @@ class Config:
     @property
     def lambdas(self) -> list[float]:
         return [float(x) for x in self.raw.get("lambdas", [1.0])]
+
+    @property
+    def lambda_ties(self) -> LambdaTies:
+        """Which of several best lambdas a pick keeps (qvlib.tables.pairs): nearest 1, or the smallest."""
+        return LambdaTies(self.raw.get("lambda_ties", LambdaTies.NEAREST_ONE))
 
     @property
     def lambda_search(self) -> dict:

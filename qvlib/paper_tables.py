@@ -19,15 +19,10 @@ from pathlib import Path
 import polars as pl
 
 from .tables import RUN_KEYS, single_donors
-from .vocab import Control, Rule, Split, Variant, rule_columns
+from .vocab import VARIANT_LABELS, Control, Rule, Split, Variant, rule_columns
 
 # Table 1's columns: the baselines' model names and what each one is, in words.
-TABLE1_LABELS: dict[str, str] = {
-    Variant.FT: "FT (full precision)",
-    Variant.PTQ: "PTQ (FT quantized)",
-    Variant.QAT: "QAT (full precision: the paper's QAT column)",
-    Variant.QAT_PTQ: "QAT quantized",
-}
+TABLE1_LABELS: dict[str, str] = {**VARIANT_LABELS, Variant.QAT: "QAT (full precision: the paper's QAT column)"}
 STAT_LABELS = {"best": "Best", "worst": "Worst", "mean": "Mean", "positive": "Pos.%"}
 ROLES = ("donor", "receiver")
 

@@ -9,7 +9,7 @@ import polars as pl
 from .provenance import machine_line
 from .tables import headline, single_donors
 from .vectors import atomic_write
-from .vocab import DATAFREE_RULE_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Split, Variant
+from .vocab import DATAFREE_RULE_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Split, VARIANT_LABELS, Variant
 
 CONTROL_COLUMNS = (Control.RANDOM, Control.SELF)
 DPI = 110
@@ -332,7 +332,7 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
     test = (baselines.filter(pl.col("split") == Split.TEST)
             .group_by("task", "model", maintain_order=True).agg(pl.col("accuracy").mean())
             .pivot(on="model", index="task", values="accuracy")
-            .select("task", *(str(v) for v in Variant)).sort("task"))
+            .select("task", *(pl.col(str(v)).alias(VARIANT_LABELS[v]) for v in Variant)).sort("task"))
     mean = (single_donors(pair_rows).group_by("receiver", "donor", "control", maintain_order=True)
             .agg(pl.col("gain_lambda1", "gain_oracle", "gain_calib").mean()))
     real = mean.filter(pl.col("control") == Control.DONOR)
@@ -432,8 +432,9 @@ def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
         lines += [f"**{bits} bits**", ""]  # bold, not a heading: the block also sits inside the README's sections
         view = rows.select(
             "quant", pl.col("rule").map_elements(rule_label, return_dtype=pl.Utf8).alias("lambda rule"),
-            pl.col("ft").alias("FT"), pl.col("ptq").alias("PTQ"), pl.col("best_ptq_same_bits").alias("best PTQ"),
-            pl.col("patched").alias("QV-patched"), pl.col("random").alias("random-patched"), pl.col("qat").alias("QAT"),
+            pl.col("ft").alias(VARIANT_LABELS[Variant.FT]), pl.col("ptq").alias(VARIANT_LABELS[Variant.PTQ]),
+            pl.col("best_ptq_same_bits").alias("best PTQ"), pl.col("patched").alias("QV-patched"),
+            pl.col("random").alias("random-patched"), pl.col("qat_quantized").alias(VARIANT_LABELS[Variant.QAT_PTQ]),
             pl.col("patched_over_best_ptq").alias("patched over best PTQ"),
             pl.col("random_over_best_ptq").alias("random over best PTQ"), "pairs", "seeds")
         lines += [markdown_table(view), ""]

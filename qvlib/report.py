@@ -9,16 +9,17 @@ import polars as pl
 
 from . import plots, tables
 from .vectors import atomic_write
+from .vocab import LambdaTies
 
 
 def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path], cosine: list[Path],
-                    outputs: dict[str, Path]) -> None:
+                    outputs: dict[str, Path], ties: str = LambdaTies.NEAREST_ONE) -> None:
     """Every seed's and quantizer's per-task and per-cell files into the run's tables (``outputs``: table
     name -> path: baselines, transfer, donor, receiver, specific, summary_specific, norms, cosine,
-    quantizers, and quantizers_md, its markdown)."""
-    base = tables.read_all(baselines)
+    quantizers, and quantizers_md, its markdown); ``ties``: which lambda a tied pick keeps."""
+    base = tables.read_all(baselines).with_columns(tables.quantized_model())
     transfer = tables.with_gain(tables.read_all(cells), base)
-    pair_rows = tables.pairs(transfer)
+    pair_rows = tables.pairs(transfer, ties)
     specific = tables.specific(pair_rows)
     frames = {"baselines": base, "transfer": transfer, "donor": tables.summary_donor(pair_rows),
               "receiver": tables.summary_receiver(pair_rows), "specific": specific,
@@ -33,7 +34,7 @@ def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path],
         atomic_write(outputs["quantizers_md"], lambda tmp: Path(tmp).write_text(text))
 
 
-def _of_quant(path: Path, quant: str | None) -> pl.DataFrame:
+def of_quant(path: Path, quant: str | None) -> pl.DataFrame:
     """A table's rows of one quantizer (all rows when ``quant`` is None or the table has no column)."""
     df = tables.read_table(path)
     if quant is None or "quant" not in df.columns:
@@ -45,15 +46,16 @@ def _of_quant(path: Path, quant: str | None) -> pl.DataFrame:
 
 
 def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: Path, norms: Path, cosine: Path,
-            out_gain: Path, out_cosine: Path, out_summary: Path, quant: str | None = None) -> str:
+            out_gain: Path, out_cosine: Path, out_summary: Path, quant: str | None = None,
+            ties: str = LambdaTies.NEAREST_ONE) -> str:
     """The gain and cosine heatmaps and the markdown summary (returned, and written to ``out_summary``)
     of one quantizer's grid (``quant``: its tag; None: the tables hold one quantizer)."""
-    pair_rows = tables.pairs(_of_quant(transfer, quant))
+    pair_rows = tables.pairs(of_quant(transfer, quant), ties)
     name = f"{arch_name} {quant}" if quant else arch_name
     plots.heatmap_gain(pair_rows, out_gain, title=f"{name}: gain over PTQ (points)")
-    plots.heatmap_cosine(_of_quant(cosine, quant), out_cosine, title=f"{name}: cosine of quantization vectors")
-    text = plots.summary_markdown(name, _of_quant(baselines, quant), pair_rows, _of_quant(summary_specific, quant),
-                                  _of_quant(norms, quant))
+    plots.heatmap_cosine(of_quant(cosine, quant), out_cosine, title=f"{name}: cosine of quantization vectors")
+    text = plots.summary_markdown(name, of_quant(baselines, quant), pair_rows, of_quant(summary_specific, quant),
+                                  of_quant(norms, quant))
     atomic_write(out_summary, lambda tmp: Path(tmp).write_text(text))
     return text
 

@@ -14,8 +14,8 @@ from typing import Iterable
 import polars as pl
 
 from .stats import bootstrap_mean, verdict
-from .vocab import (DATAFREE_GAIN_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Search, Split,
-                    Variant, rule_columns)
+from .vocab import (DATAFREE_GAIN_PREFIX, LambdaTies, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Search, Split,
+                    QUANTIZED_VARIANTS, Variant, rule_columns)
 
 RUN_KEYS = ["arch", "quant", "seed"]  # one replicate of one grid
 PAIR_KEYS = [*RUN_KEYS, "receiver", "donor"]
@@ -40,6 +40,12 @@ def read_all(paths: Iterable[str | Path]) -> pl.DataFrame:
     return pl.concat(frames, how="diagonal_relaxed")
 
 
+def quantized_model() -> pl.Expr:
+    """Column ``quantized`` of baselines.parquet: whether the row's model runs with quantized weights
+    (``ptq`` = FT quantized, ``qat_ptq`` = QAT quantized) or in full precision (``ft``, ``qat``)."""
+    return pl.col("model").is_in([str(v) for v in QUANTIZED_VARIANTS]).alias("quantized")
+
+
 def with_gain(cells: pl.DataFrame, baselines: pl.DataFrame) -> pl.DataFrame:
     """Each cell joined with its receiver's PTQ accuracy on the same split and seed, and the gain over it."""
     ptq = (baselines.filter(pl.col("model") == Variant.PTQ)
@@ -52,10 +58,12 @@ def with_gain(cells: pl.DataFrame, baselines: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns((pl.col("accuracy") - pl.col("ptq_accuracy")).alias("gain"))
 
 
-def _best(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The row of highest accuracy per key; ties go to the lambda nearest 1, then the smaller."""
-    near_one = (pl.col("lambda") - 1.0).abs()
-    return (rows.sort([*keys, "accuracy", near_one, "lambda"], descending=[False] * len(keys) + [True, False, False])
+def _best(rows: pl.DataFrame, keys: list[str], ties: str = LambdaTies.NEAREST_ONE) -> pl.DataFrame:
+    """The row of highest accuracy per key; ties go to the lambda nearest 1, then the smaller
+    (``ties`` nearest_one), or to the smallest lambda (``ties`` smallest, the authors' rule)."""
+    ties = LambdaTies(ties)
+    order = ["lambda"] if ties == LambdaTies.SMALLEST else [(pl.col("lambda") - 1.0).abs(), "lambda"]
+    return (rows.sort([*keys, "accuracy", *order], descending=[False] * len(keys) + [True] + [False] * len(order))
             .group_by(keys, maintain_order=True).first())
 
 
@@ -66,7 +74,7 @@ def whole_split_sweep(transfer: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return sweep.filter(pl.col("n") == pl.col("n").max().over([*keys, "split"]))
 
 
-def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
+def pairs(transfer: pl.DataFrame, ties: str = LambdaTies.NEAREST_ONE) -> pl.DataFrame:
     """One row per (arch, quant, seed, receiver, donor, control): the gain under each lambda rule.
 
     Each random direction picks its own best lambda (oracle, calib) like a donor does; a pair's
@@ -75,8 +83,8 @@ def pairs(transfer: pl.DataFrame) -> pl.DataFrame:
     sweep = whole_split_sweep(transfer.with_columns(pl.col("control_seed").fill_null(-1)), keys)
     test = sweep.filter(pl.col("split") == Split.TEST)
     at_one = test.filter(pl.col("lambda") == 1.0).select(*keys, pl.col("gain").alias("gain_lambda1"))
-    oracle = _best(test, keys).select(*keys, pl.col("gain").alias("gain_oracle"), pl.col("lambda").alias("lambda_oracle"))
-    calib_pick = _best(sweep.filter(pl.col("split") == Split.CALIB), keys).select(*keys, pl.col("lambda").alias("lambda_calib"))
+    oracle = _best(test, keys, ties).select(*keys, pl.col("gain").alias("gain_oracle"), pl.col("lambda").alias("lambda_oracle"))
+    calib_pick = _best(sweep.filter(pl.col("split") == Split.CALIB), keys, ties).select(*keys, pl.col("lambda").alias("lambda_calib"))
     calib = (calib_pick.join(test.select(*keys, "lambda", "gain"), left_on=[*keys, "lambda_calib"], right_on=[*keys, "lambda"])
              .rename({"gain": "gain_calib"}))
     out = at_one.join(oracle, on=keys, how="full", coalesce=True).join(calib, on=keys, how="left")
@@ -232,7 +240,7 @@ def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame
     test = test.join(best_ptq, on=["arch", "seed", "bits", "task"], maintain_order="left")
     base = test.group_by("arch", "quant", "bits", maintain_order=True).agg(
         pl.col(Variant.FT).mean().alias("ft"), pl.col(Variant.PTQ).mean().alias("ptq"),
-        pl.col(Variant.QAT_PTQ).mean().alias("qat"), pl.col("best_ptq").mean().alias("best_ptq_same_bits"),
+        pl.col(Variant.QAT_PTQ).mean().alias("qat_quantized"), pl.col("best_ptq").mean().alias("best_ptq_same_bits"),
         pl.col("seed").n_unique().alias("seeds"))
     pairs_ = single_donors(pair_rows).filter(pl.col("control").is_in([str(Control.DONOR), str(Control.RANDOM)]))
     pairs_ = pairs_.join(test.select(*RUN_KEYS, pl.col("task").alias("receiver"), Variant.PTQ, "best_ptq"),

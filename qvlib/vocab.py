@@ -30,6 +30,13 @@ class Variant(StrEnum):
 
 
 QUANTIZED_VARIANTS: tuple[Variant, ...] = (Variant.PTQ, Variant.QAT_PTQ)
+# What each model of ``baselines.parquet`` is, in words: the headers of every table that shows them.
+VARIANT_LABELS: dict[Variant, str] = {
+    Variant.FT: "FT (full precision)",
+    Variant.PTQ: "PTQ (FT quantized)",
+    Variant.QAT: "QAT (full precision)",
+    Variant.QAT_PTQ: "QAT quantized",
+}
 
 
 class Control(StrEnum):
@@ -68,6 +75,13 @@ class SweepMethod(StrEnum):
 
     DENSE = "dense"  # every lambda on every image: the reference
     RACING = "racing"  # successive halving (qvlib.racing): every lambda on a subsample, the best on the whole split
+
+
+class LambdaTies(StrEnum):
+    """Which of several lambdas with the same best accuracy a pick keeps (config ``lambda_ties``)."""
+
+    NEAREST_ONE = "nearest_one"  # the lambda nearest 1, then the smaller: the patch that changes least
+    SMALLEST = "smallest"  # the smallest lambda: the authors' pick_best_alpha (first strict maximum, ascending)
 
 
 class Rule(StrEnum):

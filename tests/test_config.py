@@ -36,13 +36,17 @@ def test_every_paper_job_trains_with_finetune_merged_with_its_task_keys(name):
     replaced the config's finetune (batch 128, lr 1e-5) for every task of the paper grid."""
     raw = yaml.safe_load((REPO / "config" / name).read_text())
     written = {task: dict((opts or {}).get("train") or {}) for task, opts in raw["tasks"].items()}
+    per_arch = {arch: dict(opts.get("train") or {}) for arch, opts in raw["archs"].items()}
     finetune = dict(raw["finetune"])
     cfg = validated(raw, f"config/{name}")
     for arch in cfg.arch_names:
         for task in cfg.task_names:
             got = cfg.finetune_train(task, arch)
-            assert got == TrainConfig.from_mapping({**finetune, **written[task], "seed": cfg.seed}), (arch, task)
-            assert (got.lr, got.batch_size, got.weight_decay, got.warmup_steps) == (1e-5, 128, 0.1, 500)
+            want = {**finetune, **per_arch[arch], **written[task], "seed": cfg.seed}
+            assert got == TrainConfig.from_mapping(want), (arch, task)
+            assert (got.lr, got.weight_decay, got.warmup_steps) == (1e-5, 0.1, 500)
+            # the authors' batch: 128 per step, ViT-L as 64 x 2
+            assert got.batch_size * got.grad_accum == 128 and (got.batch_size == 64) == (arch == "vit_large")
             assert got.epochs == written[task]["epochs"]
 
 

@@ -62,6 +62,20 @@ def test_oracle_ties_go_to_the_lambda_nearest_one():
     assert p["lambda_oracle"].to_list() == [1.25]
 
 
+def test_ties_smallest_keeps_the_smallest_best_lambda_for_oracle_and_calib():
+    # the authors' rule: 0.5 and 1.25 tie on test, 0.5 and 1.0 tie on calib
+    rows = cell("none", None, {("test", 0.5): 60.0, ("test", 1.0): 55.0, ("test", 1.25): 60.0, ("test", 2.0): 52.0,
+                               ("calib", 0.5): 70.0, ("calib", 1.0): 70.0, ("calib", 1.25): 65.0, ("calib", 2.0): 40.0})
+    baselines = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 0, "task": "R", "model": "ptq", "split": s,
+                               "accuracy": 50.0} for s in ("test", "calib")])
+    transfer = tables.with_gain(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64}), baselines)
+    near, small = tables.pairs(transfer).row(0, named=True), tables.pairs(transfer, "smallest").row(0, named=True)
+    assert (near["lambda_oracle"], near["lambda_calib"], near["gain_calib"]) == (1.25, 1.0, 5.0)
+    assert (small["lambda_oracle"], small["lambda_calib"], small["gain_calib"]) == (0.5, 0.5, 10.0)
+    with pytest.raises(ValueError, match="'largest' is not a valid LambdaTies"):
+        tables.pairs(transfer, "largest")
+
+
 def test_missing_baseline_and_missing_controls_are_named():
     cells = pl.DataFrame(cell("none", None, {("test", 1.0): 60.0}), schema_overrides={"control_seed": pl.Int64})
     other = pl.DataFrame([{"arch": "a", "quant": "w2-channel", "seed": 1, "task": "R", "model": "ptq", "split": "test", "accuracy": 50.0}])
@@ -173,7 +187,7 @@ def test_quantizer_comparison_reads_gains_over_the_best_ptq_of_the_same_bits():
     absmax = row[("w2-channel", "oracle")]
     # patched = PTQ 40 + 25 = 65; the best 2-bit PTQ on R is mse's 50: 65 - 50 = +15; random 40 + 5 - 50 = -5
     assert (absmax["ptq"], absmax["best_ptq_same_bits"], absmax["patched"], absmax["patched_over_best_ptq"]) == (40.0, 50.0, 65.0, 15.0)
-    assert (absmax["random"], absmax["random_over_best_ptq"], absmax["qat"], absmax["ft"]) == (45.0, -5.0, 80.0, 90.0)
+    assert (absmax["random"], absmax["random_over_best_ptq"], absmax["qat_quantized"], absmax["ft"]) == (45.0, -5.0, 80.0, 90.0)
     mse = row[("w2-channel-mse", "lambda=1")]
     assert (mse["patched"], mse["patched_over_best_ptq"], mse["random_over_best_ptq"]) == (56.0, 6.0, 1.0)
     w3 = row[("w3-channel", "calib")]

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 TASKS = ("shapes", "dots", "blur")
 REPORT = ["baselines.parquet", "transfer.parquet", "summary_donor.parquet", "summary_receiver.parquet", "specific.parquet",
           "summary_specific.parquet", "diagnostics.parquet", "cosine.parquet", "quantizers.parquet", "quantizers.md"]
-FIGURES = ["summary.md", "heatmap_gain.png", "heatmap_cosine.png"]  # per quantizer
+FIGURES = ["summary.md", "heatmap_gain.png", "heatmap_cosine.png",  # per quantizer
+           "paper_tables.md", "paper_table1.parquet", "paper_transfer.parquet"]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,11 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert "Summary written on:" in summary and "<!-- readme:start -->" in summary
     assert "leave-one-out merged donor" in summary and "lambda chosen data-free (weights)" in summary
     assert "- `merged:mean`: at the oracle lambda it gains" in summary and "from the oracle and" in summary
+    paper = (out / QUANT / "paper_tables.md").read_text()
+    assert "## Table 1: baselines" in paper and "## Table 3: transfer, lambda picked per pair on the calib split" in paper
+    table1 = pl.read_parquet(out / QUANT / "paper_table1.parquet")
+    assert sorted(table1["task"]) == sorted(TASKS) and table1["qat"].is_not_null().all()
+    assert set(pl.read_parquet(out / QUANT / "paper_transfer.parquet")["task"]) == set(TASKS)
 
 
 def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
@@ -125,7 +131,7 @@ def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
                     "merge_leave_one_out": 4,  # every receiver's merge now holds one more vector
                     # its own row (3 donors + self), one cell per other receiver, every merged-donor cell
                     "transfer_cell": 4 + 3 + 4,
-                    "tables": 1, "diagnostics": 1, "figures": 1, "all": 1, "total": 24}
+                    "tables": 1, "diagnostics": 1, "figures": 1, "paper_tables": 1, "all": 1, "total": 25}
 
 
 def test_deleting_a_cell_reruns_only_that_cell(finished):
@@ -136,7 +142,7 @@ def test_deleting_a_cell_reruns_only_that_cell(finished):
     before = pl.read_parquet(cell)
     cell.unlink()
     jobs = planned_jobs(snakemake(work, cfg, "--dry-run"))
-    assert jobs == {"transfer_cell": 1, "tables": 1, "figures": 1, "all": 1, "total": 4}
+    assert jobs == {"transfer_cell": 1, "tables": 1, "figures": 1, "paper_tables": 1, "all": 1, "total": 5}
     snakemake(work, cfg)
     assert pl.read_parquet(cell).equals(before)  # deterministic on the CPU
 
@@ -149,8 +155,8 @@ def test_adding_a_seed_plans_only_its_jobs(finished, tmp_path):
     more.write_text(yaml.safe_dump(data))
     jobs = planned_jobs(snakemake(work, more, "--dry-run"))
     assert jobs == {"pretrain": 1, "finetune": 3, "qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3,
-                    "transfer_cell": 9 + 3, "diagnostics": 1, "tables": 1, "figures": 1, "all": 1,
-                    "total": 32}  # no cache: data is shared
+                    "transfer_cell": 9 + 3, "diagnostics": 1, "tables": 1, "figures": 1, "paper_tables": 1,
+                    "all": 1, "total": 33}  # no cache: data is shared
     # the same from the command line, as the README's three-seed study runs it
     jobs = planned_jobs(snakemake(work, cfg, "--dry-run", "--config", "seeds=[0,1]"))
     assert jobs["pretrain"] == 1 and jobs["transfer_cell"] == 12
@@ -165,7 +171,7 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
     proc = snakemake(work, other, "--dry-run")
     jobs = planned_jobs(proc)
     assert jobs == {"qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
-                    "diagnostics": 1, "tables": 1, "figures": 1, "all": 1, "total": 28}
+                    "diagnostics": 1, "tables": 1, "figures": 1, "paper_tables": 1, "all": 1, "total": 29}
     assert re.search(r"output: \S+\.qat\.safetensors", proc.stdout)
     assert not re.search(r"output: \S+\.ft\.safetensors", proc.stdout)
 
@@ -181,7 +187,8 @@ def test_adding_a_quantizer_runs_only_its_jobs_and_compares_them(finished, tmp_p
     snakemake(work, cfg)  # the original effective config first, as other tests leave it changed
     jobs = planned_jobs(snakemake(work, two, "--dry-run"))
     assert jobs == {"qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
-                    "diagnostics": 1, "tables": 1, "figures": 2, "all": 1, "total": 29}  # both tags' figures read the tables
+                    "diagnostics": 1, "tables": 1, "figures": 2, "paper_tables": 2, "all": 1,
+                    "total": 31}  # both tags' figures and paper tables read the tables
     snakemake(work, two)
     out = work / "results" / "mini" / "tiny"
     for tag in (QUANT, "w2-channel-mse"):

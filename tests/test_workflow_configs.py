@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("config", ["paper.yaml", "paper-text.yaml"])
 def test_paper_config_dag(tmp_path, config):
     jobs = planned_jobs(snakemake(tmp_path, REPO / "config" / config, "--dry-run"))
-    seeds, archs, tasks = 3, 4, 22
+    seeds, archs, tasks = 1, 4, 22  # the authors' single seed, 2038
     assert jobs["finetune"] == jobs["qat"] == seeds * archs * tasks
     assert jobs["transfer_cell"] == seeds * archs * tasks * (tasks + 1)  # + each receiver's leave-one-out merged donor
     assert jobs["merge_leave_one_out"] == seeds * archs * tasks
     assert jobs["baselines"] == jobs["extract_vector"] == seeds * archs * tasks
     assert jobs["cache_splits"] == tasks  # the four archs read 224 px bicubic crop 0.9 images: one cache per task
-    assert jobs["tables"] == jobs["figures"] == archs and jobs["diagnostics"] == seeds * archs
+    assert jobs["tables"] == jobs["figures"] == jobs["paper_tables"] == archs and jobs["diagnostics"] == seeds * archs
     assert "pretrain" not in jobs
 
 

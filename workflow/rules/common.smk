@@ -72,6 +72,8 @@ QUANTS = {spec.tag: spec for spec in RUN_CONFIG.quants}
 # What `qv extract` selects: the config's quantized pattern and training scope, each shell-quoted (a
 # config string never reaches a shell line unquoted; names and tags are restricted by the schema).
 POLICY_ARGS = f"--pattern {shlex.quote(RUN_CONFIG.policy.pattern)} --scope {shlex.quote(RUN_CONFIG.policy.scope)}"
+# Which of several best lambdas the tables' oracle and calib picks keep (a schema enum: safe in a shell line).
+LAMBDA_TIES = str(RUN_CONFIG.lambda_ties)
 # Every rule runs the `qv` command through this repository's qvlib, so the same shell lines work in the
 # project's venv and in the per-rule conda environment (envs/qvlib.yaml, `--sdm conda`).
 QV = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir).resolve()))}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
@@ -174,7 +176,7 @@ def final_outputs():
     files = []
     for arch in ARCHS:
         files += [f"{OUT}/{arch}/{name}" for name in REPORT_FILES]
-        files += [f"{OUT}/{arch}/{quant}/{name}" for quant in QUANTS for name in FIGURE_FILES]
+        files += [f"{OUT}/{arch}/{quant}/{name}" for quant in QUANTS for name in [*FIGURE_FILES, *PAPER_FILES.values()]]
         for seed in SEEDS:
             run = f"{OUT}/{arch}/seed{seed}"
             files += [f"{run}/checkpoints/{task}.{Mode.FT}.safetensors" for task in TASKS]

@@ -13,6 +13,8 @@ REPORT_FILES = [
 ]
 # Per arch and quantizer ({OUT}/{arch}/{quant}/): the heatmaps and the summary of that quantizer's grid.
 FIGURE_FILES = ["summary.md", "heatmap_gain.png", "heatmap_cosine.png"]
+# The paper's Tables 1-3 in its layout, per quantizer (qv paper-tables).
+PAPER_FILES = {"md": "paper_tables.md", "table1": "paper_table1.parquet", "transfer": "paper_transfer.parquet"}
 
 
 rule diagnostics:
@@ -65,7 +67,7 @@ rule tables:
         "--out-baselines {output.baselines} --out-transfer {output.transfer} --out-donor {output.donor} "
         "--out-receiver {output.receiver} --out-specific {output.specific} "
         "--out-summary-specific {output.summary_specific} --out-norms {output.norms} --out-cosine {output.cosine} "
-        "--out-quantizers {output.quantizers} --out-quantizers-md {output.quantizers_md} 2> {log}"
+        "--out-quantizers {output.quantizers} --out-quantizers-md {output.quantizers_md} --lambda-ties {LAMBDA_TIES} 2> {log}"
 
 
 rule figures:
@@ -88,4 +90,24 @@ rule figures:
     shell:
         "{QV} figures --arch {wildcards.arch} --quant {wildcards.quant} --baselines {input.baselines} --transfer {input.transfer} "
         "--summary-specific {input.summary_specific} --norms {input.norms} --cosine {input.cosine} "
-        "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} 2> {log}"
+        "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} --lambda-ties {LAMBDA_TIES} 2> {log}"
+
+
+rule paper_tables:
+    """Per quantizer: the paper's Tables 1-3 in its layout (baselines with the QAT model unquantized and
+    quantized; donor and receiver statistics at lambda = 1 and at each tuned lambda), markdown and Parquet."""
+    input:
+        baselines=f"{OUT}/{{arch}}/baselines.parquet",
+        transfer=f"{OUT}/{{arch}}/transfer.parquet",
+    output:
+        md=report(f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['md']}", category="Paper tables", subcategory="{quant}"),
+        table1=f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['table1']}",
+        transfer=f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['transfer']}",
+    log:
+        f"{LOGS}/{{arch}}/{{quant}}/paper_tables.log",
+    conda:
+        "../envs/qvlib.yaml"
+    shell:
+        "{QV} paper-tables --name '{wildcards.arch} {wildcards.quant}' --quant {wildcards.quant} "
+        "--baselines {input.baselines} --transfer {input.transfer} --out-md {output.md} --out-table1 {output.table1} "
+        "--out-transfer {output.transfer} --lambda-ties {LAMBDA_TIES} > /dev/null 2> {log}"
