@@ -1,15 +1,20 @@
 """Choosing lambda with no data of the receiver: criteria computed from its weights alone, or from
-inputs anyone can make (noise). Each criterion scores every candidate lambda, lower is better; the
+inputs a user has without it: proxy images (the donor's own training images, other tasks' images, a
+folder of any images) or noise. Each criterion scores every candidate lambda, lower is better; the
 chosen lambda is the lowest score's (ties: the lambda nearest 1, then the smaller).
 
-These are what a user who holds only a fine-tuned model and a donor's vector can run; how close
-each comes to the oracle (best lambda on test) is an empirical question the grid can answer.
+The input-based criteria compare the patched, quantized receiver with the full-precision receiver
+on the same inputs (``outputs``: KL of the class probabilities, ``agreement``: top-1 disagreement,
+``features``: relative error of the pre-logit features); which inputs they see is the caller's
+choice, and :func:`proxy_tasks` / :func:`task_images` never hand over the receiver's own task.
+docs/zero-shot-lambda.md measures which rule comes closest to the lambda chosen on labelled calib.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -46,27 +51,165 @@ def noise_images(n: int, img_size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
 
 
-@LAMBDA_CRITERIA.register("outputs")
+class _PreLogits(torch.nn.Module):
+    """The model's pre-logit features and logits in one pass (timm ViT: forward_features, forward_head)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        feats = self.m.forward_head(self.m.forward_features(x), pre_logits=True)
+        return feats, self.m.get_classifier()(feats)
+
+
+INPUT_MEASURES = ("outputs", "agreement", "features")
+
+
 @torch.inference_mode()
-def output_divergence(receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor], spec: QuantSpec,
-                      lambdas: Sequence[float], policy: QuantPolicy = DEFAULT_POLICY, *,
-                      model: torch.nn.Module, inputs: torch.Tensor, **_) -> dict[float, float]:
-    """Mean KL divergence from the full-precision receiver's class probabilities to the patched,
-    quantized receiver's, on synthetic ``inputs`` (no labels, no task data): the lambda whose
-    quantized model behaves most like the model the user fine-tuned. Tensors the vector carries but
-    the policy does not quantize (scope all) are patched unquantized."""
+def input_measures(receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor], spec: QuantSpec,
+                   lambdas: Sequence[float], policy: QuantPolicy = DEFAULT_POLICY, *,
+                   model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> dict[float, dict[str, float]]:
+    """Per lambda, how far the patched, quantized receiver ``Q(theta + lam * rho)`` lands from the
+    full-precision receiver on ``inputs`` (normalised images, no labels), in one forward pass each:
+    ``outputs`` mean KL(full precision || patched) of the class probabilities, ``agreement`` the
+    share of inputs whose top-1 class differs, ``features`` ``||f_q - f||^2 / ||f||^2`` of the
+    pre-logit features pooled over the inputs. Tensors the vector carries but the policy does not
+    quantize (scope all) are patched unquantized."""
     names = policy.select(vector)
     device = next(model.parameters()).device
-    x = inputs.to(device)
+    wrapped = _PreLogits(model)
     base = {n: receiver[n].to(device) for n in vector}
     rho = {n: t.to(device) for n, t in vector.items()}
-    reference = torch.func.functional_call(model, base, (x,), strict=False).float().log_softmax(dim=1)
-    scores = {}
+
+    def run(params):
+        feats, logps = [], []
+        for i in range(0, len(inputs), batch_size):
+            x = inputs[i:i + batch_size].to(device)
+            f, logits = torch.func.functional_call(wrapped, {f"m.{n}": t for n, t in params.items()}, (x,), strict=False)
+            feats.append(f.float())
+            logps.append(logits.float().log_softmax(dim=1))
+        return torch.cat(feats), torch.cat(logps)
+
+    ref_f, ref_p = run(base)
+    ref_top = ref_p.argmax(dim=1)
+    out = {}
     for lam in lambdas:
-        patched = quantized_patch(base, names, spec, rho, lam)
-        logp = torch.func.functional_call(model, patched, (x,), strict=False).float().log_softmax(dim=1)
-        scores[float(lam)] = float(torch.nn.functional.kl_div(logp, reference, log_target=True, reduction="batchmean"))
-    return scores
+        f, logp = run(quantized_patch(base, names, spec, rho, lam))
+        out[float(lam)] = {
+            "outputs": float(torch.nn.functional.kl_div(logp, ref_p, log_target=True, reduction="batchmean")),
+            "agreement": float((logp.argmax(dim=1) != ref_top).float().mean()),
+            "features": float((f - ref_f).pow(2).sum() / ref_f.pow(2).sum().clamp(min=1e-30)),
+        }
+    return out
+
+
+def _input_criterion(measure: str, doc: str) -> Callable:
+    def criterion(receiver, vector, spec, lambdas, policy=DEFAULT_POLICY, *, model, inputs, **_):
+        return {lam: m[measure] for lam, m in input_measures(receiver, vector, spec, lambdas, policy, model=model,
+                                                             inputs=inputs).items()}
+
+    criterion.__name__, criterion.__doc__ = f"{measure}_criterion", doc
+    return LAMBDA_CRITERIA.register(measure)(criterion)
+
+
+output_divergence = _input_criterion(
+    "outputs", "Mean KL divergence from the full-precision receiver's class probabilities to the patched, quantized "
+    "receiver's on ``inputs`` (no labels): the lambda whose quantized model behaves most like the model the user fine-tuned.")
+top1_disagreement = _input_criterion(
+    "agreement", "Share of ``inputs`` whose top-1 class under the patched, quantized receiver differs from the "
+    "full-precision receiver's.")
+feature_error = _input_criterion(
+    "features", "Relative squared error of the patched, quantized receiver's pre-logit features against the "
+    "full-precision receiver's on ``inputs``: independent of the (task-specific) head.")
+
+# where the input-based criteria may draw their images from, with no image of the receiver's task
+IMAGE_SOURCES = {
+    "noise": "standard-normal images in the model's input space (no data at all)",
+    "donor": "the donor's own training images (a merged donor: its tasks'), which whoever made the vector has",
+    "others": "training images of every task except the receiver's",
+}
+
+
+def proxy_tasks(source: str, receiver: str, donor_tasks: Sequence[str], all_tasks: Sequence[str]) -> list[str]:
+    """The tasks whose training images stand in for the receiver's data under ``source`` (empty for
+    noise): the donor's own tasks, or every task but the receiver's. The receiver's task is never
+    among them: a donor made from it (the self control) has no proxy images, a ValueError."""
+    if source not in IMAGE_SOURCES:
+        raise ValueError(f"unknown image source {source!r}; known: {', '.join(IMAGE_SOURCES)}")
+    if source == "noise":
+        return []
+    tasks = list(donor_tasks) if source == "donor" else [t for t in all_tasks if t != receiver]
+    tasks = [t for t in dict.fromkeys(tasks) if t != receiver]
+    if not tasks:
+        raise ValueError(f"no task other than the receiver's ({receiver!r}) to draw proxy images from (source {source!r})")
+    return tasks
+
+
+def task_images(tasks: Sequence[str], n: int, train_split: Callable[[str], torch.utils.data.Dataset], *,
+                receiver: str, seed: int = 0) -> torch.Tensor:
+    """``n`` uint8 training images (fewer where a task holds fewer) drawn evenly (seeded) from ``tasks`` through ``train_split`` (task
+    name -> its training Dataset of (image, label)); labels are dropped. ``receiver`` names the task
+    whose images a data-free criterion must never see: asking for it is a ValueError, before any
+    image is read."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of proxy images must be a positive integer, got {n!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no task to draw proxy images from")
+    if receiver in tasks:
+        raise ValueError(f"task {receiver!r} is the receiver's: a data-free criterion never sees the receiver's images")
+    per = [n // len(tasks) + (i < n % len(tasks)) for i in range(len(tasks))]
+    images = []
+    for k, (task, m) in enumerate(zip(tasks, per)):
+        if m == 0:
+            continue
+        ds = train_split(task)
+        if len(ds) == 0:
+            raise ValueError(f"task {task!r} has no training images")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 1000 + k))[:m].tolist()
+        images += [ds[i][0] for i in idx]
+    return torch.stack(images)
+
+
+def proxy_inputs(source: str, n: int, img_size: int, *, receiver: str, donor_tasks: Sequence[str] = (),
+                 all_tasks: Sequence[str] = (), train_split: Callable[[str], torch.utils.data.Dataset] | None = None,
+                 to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> torch.Tensor:
+    """The normalised images an input-based criterion sees for one (receiver, donor) under
+    ``source`` (:data:`IMAGE_SOURCES`): noise, or training images of :func:`proxy_tasks` read through
+    ``train_split`` and prepared by ``to_model`` (uint8 batch -> model input). The one door through
+    which the workflow and the bench hand images to a criterion: the receiver's task is never read."""
+    if source == "noise":
+        return noise_images(n, img_size, seed=seed)
+    if train_split is None or to_model is None:
+        raise ValueError(f"image source {source!r} needs the tasks' training images (train_split) and the model's preprocessing")
+    tasks = proxy_tasks(source, receiver, donor_tasks, all_tasks)
+    return to_model(task_images(tasks, n, train_split, receiver=receiver, seed=seed))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def folder_images(folder: str | Path, n: int, transform: Callable, seed: int = 0) -> torch.Tensor:
+    """Up to ``n`` images of a folder (searched recursively, seeded choice), each through ``transform``
+    (PIL image -> uint8 tensor, e.g. ``Preprocess.pil_transform()``)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    out = []
+    for i in sorted(pick):
+        try:
+            with Image.open(files[i]) as im:
+                out.append(transform(im))
+        except OSError as err:
+            raise ValueError(f"{files[i]} is not a readable image: {err}") from None
+    return torch.stack(out)
 
 
 def choose_lambda(scores: Mapping[float, float]) -> float:
@@ -97,13 +240,14 @@ def check_fits(receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.
 
 def score_lambdas(criterion: str, receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],
                   spec: QuantSpec, lambdas: Sequence[float], policy: QuantPolicy = DEFAULT_POLICY, **inputs) -> dict[float, float]:
-    """Scores of ``lambdas`` (finite numbers) under the named criterion (``outputs`` also needs
-    ``model`` and ``inputs``, at least one image); the vector must fit the receiver."""
+    """Scores of ``lambdas`` (finite numbers) under the named criterion (the input-based ones,
+    :data:`INPUT_MEASURES`, also need ``model`` and ``inputs``, at least one normalised image); the
+    vector must fit the receiver."""
     fn = LAMBDA_CRITERIA.lookup(criterion)
-    if criterion == "outputs" and not {"model", "inputs"} <= set(inputs):
-        raise ValueError("the outputs criterion needs the receiver's model and synthetic inputs")
-    if criterion == "outputs" and len(inputs["inputs"]) == 0:
-        raise ValueError("the outputs criterion needs at least one input image")
+    if criterion in INPUT_MEASURES and not {"model", "inputs"} <= set(inputs):
+        raise ValueError(f"the {criterion} criterion needs the receiver's model and input images")
+    if criterion in INPUT_MEASURES and len(inputs["inputs"]) == 0:
+        raise ValueError(f"the {criterion} criterion needs at least one input image")
     lambdas = [float(lam) for lam in lambdas]
     if not lambdas:
         raise ValueError("no lambda to score")

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from qvlib.datafree import choose_lambda, noise_images, output_divergence, score_lambdas, weight_error
+from qvlib.data.base import ArrayDataset
+from qvlib.datafree import (choose_lambda, folder_images, input_measures, noise_images, output_divergence, proxy_inputs,
+                            proxy_tasks, score_lambdas, task_images, weight_error)
 from qvlib.models import build_vit
 from qvlib.quant import QuantPolicy, QuantSpec, fake_quant
 
@@ -50,9 +52,137 @@ def test_outputs_criterion_prefers_the_lambda_that_restores_the_receiver(tiny_ar
 
 def test_errors():
     theta = {"w": torch.ones(2, 2)}
-    with pytest.raises(ValueError, match="unknown data-free lambda criterion 'psychic'; known: weights, outputs"):
+    with pytest.raises(ValueError, match="unknown data-free lambda criterion 'psychic'; known: weights, outputs, agreement, features"):
         score_lambdas("psychic", theta, theta, QuantSpec(bits=2), [1.0], POLICY)
     with pytest.raises(ValueError, match="needs the receiver's model"):
         score_lambdas("outputs", theta, theta, QuantSpec(bits=2), [1.0], POLICY)
     with pytest.raises(ValueError, match="no tensor that the policy quantizes"):
         weight_error(theta, {"b": torch.ones(2)}, QuantSpec(bits=2), [1.0], POLICY)
+
+
+# ---------------------------------------------------------------- input-based criteria on proxy images
+def _on_grid_receiver(tiny_arch, spec):
+    """A tiny ViT whose quantized weights are already on their own 2-bit grid (values -s, 0, s per
+    channel), and a vector that moves some zero weights by 0.8 s: lambda 0.25 moves them 0.2 s, which
+    rounds back to the receiver exactly; lambda 1 and 2 land a whole step (or more) away."""
+    model = build_vit(tiny_arch, 5, seed=0).eval()
+    policy = QuantPolicy()
+    names = policy.select_model(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                p.copy_(fake_quant(p, spec))
+    receiver = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    rho = {}
+    for n in names:
+        w = receiver[n]
+        scale = w.abs().amax(dim=1, keepdim=True)
+        zero = (w == 0) & (torch.rand(w.shape, generator=g) < 0.5)
+        sign = torch.where(torch.rand(w.shape, generator=g) < 0.5, -1.0, 1.0)
+        rho[n] = torch.where(zero, 0.8 * scale * sign, torch.zeros_like(w))
+    return model, receiver, rho, policy
+
+
+@pytest.mark.parametrize("criterion", ["outputs", "agreement", "features"])
+def test_input_criteria_find_the_lambda_that_restores_the_receiver(tiny_arch, criterion):
+    spec = QuantSpec(bits=2)
+    model, receiver, rho, policy = _on_grid_receiver(tiny_arch, spec)
+    inputs = noise_images(32, 16, seed=0)
+    scores = score_lambdas(criterion, receiver, rho, spec, [0.25, 1.0, 2.0], policy, model=model, inputs=inputs)
+    assert scores[0.25] == pytest.approx(0.0, abs=1e-6)
+    assert scores[2.0] > 0  # two steps away: the quantized model differs on these inputs
+    assert choose_lambda(scores) == 0.25
+    # where every lambda restores it (a vector too small to move any weight a step), the tie goes to 1
+    small = {n: 0.1 * t for n, t in rho.items()}
+    tied = score_lambdas(criterion, receiver, small, spec, [0.5, 1.0, 1.5], policy, model=model, inputs=inputs)
+    assert max(tied.values()) == pytest.approx(0.0, abs=1e-6) and choose_lambda(tied) == 1.0
+
+
+def test_input_measures_by_hand(tiny_arch):
+    """The three measures of one pass against a direct computation."""
+    spec = QuantSpec(bits=2)
+    model, receiver, rho, policy = _on_grid_receiver(tiny_arch, spec)
+    x = noise_images(8, 16, seed=3)
+    got = input_measures(receiver, rho, spec, [1.0], policy, model=model, inputs=x, batch_size=3)[1.0]
+    with torch.no_grad():
+        ref_f = model.forward_head(model.forward_features(x), pre_logits=True)
+        ref = model(x).log_softmax(1)
+        state = dict(model.state_dict())
+        for n in policy.select(rho):
+            model.get_parameter(n).copy_(fake_quant(receiver[n] + rho[n], spec))
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        logp = model(x).log_softmax(1)
+        model.load_state_dict(state)
+    assert got["outputs"] == pytest.approx(float((ref.exp() * (ref - logp)).sum(1).mean()), rel=1e-4, abs=1e-7)
+    assert got["agreement"] == pytest.approx(float((ref.argmax(1) != logp.argmax(1)).float().mean()))
+    assert got["features"] == pytest.approx(float((f - ref_f).pow(2).sum() / ref_f.pow(2).sum()), rel=1e-4)
+
+
+# ---------------------------------------------------------------- no image of the receiver's task
+def test_proxy_tasks_never_name_the_receiver():
+    tasks = ["shapes", "glyphs", "dots"]
+    assert proxy_tasks("donor", "shapes", ["glyphs"], tasks) == ["glyphs"]
+    assert proxy_tasks("others", "shapes", ["glyphs"], tasks) == ["glyphs", "dots"]
+    assert proxy_tasks("donor", "shapes", ["glyphs", "shapes", "dots"], tasks) == ["glyphs", "dots"]  # a merged donor's tasks
+    assert proxy_tasks("noise", "shapes", [], tasks) == []
+    with pytest.raises(ValueError, match="no task other than the receiver's"):
+        proxy_tasks("donor", "shapes", ["shapes"], tasks)  # the self control has no proxy images
+    with pytest.raises(ValueError, match="unknown image source"):
+        proxy_tasks("test", "shapes", [], tasks)
+
+
+class _Recorder:
+    """Training splits of fake tasks whose images are filled with the task's index; the receiver's
+    split raises if it is ever read."""
+
+    def __init__(self, tasks, receiver):
+        self.tasks, self.receiver, self.read = tasks, receiver, []
+
+    def __call__(self, task):
+        if task == self.receiver:
+            raise AssertionError("the receiver's images were read")
+        self.read.append(task)
+        k = self.tasks.index(task)
+        return ArrayDataset(torch.full((20, 3, 16, 16), k, dtype=torch.uint8), torch.zeros(20, dtype=torch.long))
+
+
+@pytest.mark.parametrize("source", ["donor", "others", "noise"])
+def test_proxy_inputs_cannot_see_the_receivers_task(source):
+    tasks = ["shapes", "glyphs", "dots", "mnist5k"]
+    for receiver in tasks:
+        for donor_tasks in ([t for t in tasks if t != receiver][:1], [t for t in tasks if t != receiver]):
+            split = _Recorder(tasks, receiver)
+            x = proxy_inputs(source, 12, 16, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
+                             train_split=split, to_model=lambda u: u.float(), seed=0)
+            assert len(x) == 12 and receiver not in split.read
+            if source != "noise":
+                assert set(x.unique().long().tolist()) <= {tasks.index(t) for t in tasks if t != receiver}
+                assert set(split.read) == set(donor_tasks if source == "donor" else [t for t in tasks if t != receiver])
+
+
+def test_task_images_refuses_the_receivers_task_before_reading():
+    split = _Recorder(["shapes", "glyphs"], "shapes")
+    with pytest.raises(ValueError, match="'shapes' is the receiver's"):
+        task_images(["glyphs", "shapes"], 4, split, receiver="shapes")
+    assert split.read == []
+    x = task_images(["glyphs"], 3, split, receiver="shapes")
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.uint8
+    with pytest.raises(ValueError, match="positive integer"):
+        task_images(["glyphs"], 0, split, receiver="shapes")
+
+
+def test_folder_images(tmp_path):
+    from PIL import Image
+
+    from qvlib.data.base import Preprocess
+
+    for i in range(5):
+        Image.new("RGB", (20, 24), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    x = folder_images(tmp_path, 3, Preprocess(img_size=16).pil_transform())
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.uint8
+    with pytest.raises(ValueError, match="holds no image"):
+        folder_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None, 3, lambda im: im)
+    with pytest.raises(ValueError, match="not a folder"):
+        folder_images(tmp_path / "missing", 3, lambda im: im)

@@ -1,0 +1,317 @@
+"""Zero-shot lambda: which data-free rule picks a lambda (and a donor) as well as labelled calib does.
+
+    # 1. score: every data-free measure at every lambda of the sweep (and 0) for every cell of the
+    #    finished seeds, on each image source (noise, the donor's training images, other tasks' images);
+    #    cached in <results>/zero_shot_scores.parquet, one seed at a time (a scored seed is not redone)
+    nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --seeds 0 1 2 3 4 5 --score
+    # 2. select on seeds 0-3, then report 4-5 held out with the selected rule only; --report writes the doc
+    .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --select 0 1 2 3 --heldout 4 5 \\
+        --report docs/zero-shot-lambda.md
+
+No image of the receiver's task is ever read: proxy images come from qvlib.datafree.task_images,
+which refuses the receiver's task, through qvlib.datafree.proxy_tasks. The test gain of the lambda a
+rule picks is read from the run's own cells (no new evaluation); lambda = 1, calib and oracle come
+from qvlib.tables.pairs on the same cells, and every rule is applied to the donor's random controls
+too (specific gain = donor gain - mean random-control gain under the same rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qvlib.config import Config  # noqa: E402
+from qvlib.data.registry import load_task, stable_seed  # noqa: E402
+from qvlib.datafree import input_measures, proxy_inputs, weight_error  # noqa: E402
+from qvlib.pipeline import load_engine, random_control_seeds  # noqa: E402
+from qvlib.provenance import machine_line  # noqa: E402
+from qvlib.stats import bootstrap_mean  # noqa: E402
+from qvlib.tables import pairs, read_all, with_gain, whole_split_sweep  # noqa: E402
+from qvlib.vectors import WeightVector, random_direction  # noqa: E402
+from qvlib.vocab import Control, Split  # noqa: E402
+
+MERGED = "merged:mean"
+TOLERANCES = (0.0, 0.05, 0.1, 0.25)  # a rule takes the lambda nearest 1 among those within (1 + tol) x the lowest score
+KEYS = ["seed", "receiver", "donor", "control", "control_seed"]
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _run_paths(results: Path, cfg: Config, seed: int) -> dict:
+    q = results / f"seed{seed}" / cfg.quant.tag
+    return {"ft": results / f"seed{seed}" / "checkpoints", "vectors": q / "vectors", "cells": q / "transfer", "baselines": q / "baselines"}
+
+
+def seed_finished(results: Path, cfg: Config, seed: int) -> bool:
+    p = _run_paths(results, cfg, seed)
+    tasks = cfg.task_names
+    cells = [p["cells"] / r / f"{d}.parquet" for r in tasks for d in [*tasks, "merged-mean"]]
+    return all(c.exists() for c in cells) and all((p["baselines"] / f"{t}.parquet").exists() for t in tasks)
+
+
+def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets: dict) -> pl.DataFrame:
+    cfg = cfg.with_seed(seed)
+    arch, p = results.name, _run_paths(results, cfg, seed)
+    tasks = cfg.task_names
+    lambdas = [0.0, *map(float, cfg.lambdas)]
+    rows = []
+    for receiver in tasks:
+        engine, ckpt = load_engine(cfg, arch, p["ft"] / f"{receiver}.ft.safetensors", "cpu")
+        pre = engine.preprocess
+
+        def images(source: str, donor_tasks: list[str]) -> torch.Tensor:
+            return proxy_inputs(source, n_images, pre.img_size, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
+                                train_split=train_sets.__getitem__, to_model=lambda x: pre.normalize(pre.resize_batch(x)),
+                                seed=stable_seed("noise-images", seed) if source == "noise" else seed)
+
+        others = images("others", [])
+        noise = images("noise", [])
+        donors = [(d, p["vectors"] / f"{d}.safetensors", [d]) for d in tasks if d != receiver]
+        donors.append((MERGED, p["vectors"] / "loo" / f"{receiver}.mean.safetensors", [t for t in tasks if t != receiver]))
+        for donor, path, donor_tasks in donors:
+            rho = WeightVector.load(path)
+            inputs = {"noise": noise, "others": others, "donor": images("donor", donor_tasks)}
+            variants = [(str(Control.DONOR), -1, rho)] + [(str(Control.RANDOM), s, random_direction(rho, s))
+                                                          for s in random_control_seeds(cfg, donor)]
+            for control, cseed, vec in variants:
+                base = {"seed": seed, "receiver": receiver, "donor": donor, "control": control, "control_seed": cseed}
+                for lam, score in weight_error(ckpt, vec, cfg.quant, lambdas, cfg.policy).items():
+                    rows.append({**base, "source": "weights", "measure": "weights", "lambda": lam, "score": score})
+                for source, x in inputs.items():
+                    for lam, ms in input_measures(ckpt, vec, cfg.quant, lambdas, cfg.policy, model=engine.model, inputs=x).items():
+                        rows += [{**base, "source": source, "measure": m, "lambda": lam, "score": v} for m, v in ms.items()]
+    return pl.DataFrame(rows)
+
+
+def score(results: Path, seeds: list[int], n_images: int) -> None:
+    cfg = Config.load(results.parent / "config.yaml")
+    out = results / f"zero_shot_scores.{n_images}.parquet"
+    have = pl.read_parquet(out) if out.exists() else None
+    done = set(have["seed"].unique().to_list()) if have is not None else set()
+    todo = [s for s in seeds if s not in done]
+    if not todo:
+        print(f"{out}: seeds {sorted(done)} already scored")
+        return
+    train_sets = {}
+    for s in todo:
+        if not seed_finished(results, cfg, s):
+            print(f"seed {s}: cells not finished, skipped")
+            continue
+        if not train_sets:
+            for t in cfg.task_names:  # the tasks' own training splits (without calib), as the workflow draws them
+                probe = load_engine(cfg, results.name, _run_paths(results, cfg.with_seed(s), s)["ft"] / f"{t}.ft.safetensors", "cpu")[0]
+                train_sets[t] = load_task(t, cfg.load_options(t, probe.preprocess)).train
+        t0 = time.time()
+        frame = score_seed(results, cfg, s, n_images, train_sets)
+        have = frame if have is None else pl.concat([have, frame])
+        have.write_parquet(out)
+        print(f"seed {s}: {len(frame)} scores in {time.time() - t0:.0f} s -> {out}")
+
+
+# ---------------------------------------------------------------------------------------------- rules
+def rule_name(source: str, measure: str, tol: float) -> str:
+    name = "weights" if measure == "weights" else f"{measure}@{source}"
+    return name if tol == 0 else f"{name}~{tol:g}"
+
+
+def picks(scores: pl.DataFrame, sweep_lambdas: list[float]) -> pl.DataFrame:
+    """Per cell variant and rule: the lambda it picks among the sweep's, and the rank score
+    (best score / score at lambda 0: the share of PTQ's departure from the receiver left)."""
+    rows = []
+    for key, g in scores.group_by([*KEYS, "source", "measure"], maintain_order=True):
+        d = dict(zip(g["lambda"].to_list(), g["score"].to_list()))
+        at0 = d.get(0.0, float("nan"))
+        cand = {lam: d[lam] for lam in sweep_lambdas if lam in d and math.isfinite(d[lam])}
+        best = min(cand.values())
+        for tol in TOLERANCES:
+            if key[6] == "weights" and tol != 0.0:
+                continue
+            near = [lam for lam, v in cand.items() if v <= best * (1 + tol) + 1e-15]
+            lam = min(near, key=lambda x: (abs(x - 1.0), x))
+            rows.append({**dict(zip(KEYS, key[:5])), "rule": rule_name(key[5], key[6], tol), "lambda": lam,
+                         "rank_score": cand[lam] / at0 if at0 > 0 else float("nan")})
+    return pl.DataFrame(rows)
+
+
+def load_cells(results: Path, cfg: Config, seeds: list[int]) -> pl.DataFrame:
+    cells, base = [], []
+    for s in seeds:
+        p = _run_paths(results, cfg, s)
+        cells += sorted(p["cells"].glob("*/*.parquet"))
+        base += sorted(p["baselines"].glob("*.parquet"))
+    return with_gain(read_all(cells), read_all(base))
+
+
+def evaluate(results: Path, seeds: list[int], n_images: int, rules: list[str] | None = None) -> dict:
+    """Per rule: the pooled tables of the study on ``seeds``."""
+    cfg = Config.load(results.parent / "config.yaml")
+    transfer = load_cells(results, cfg, seeds)
+    ref = pairs(transfer)  # lambda = 1, calib, oracle, per (pair, control), random controls averaged
+    ref = ref.rename({"donor": "donor"}).select("seed", "receiver", "donor", "control", "gain_lambda1", "gain_calib", "gain_oracle")
+    keys5 = KEYS
+    test = whole_split_sweep(transfer.with_columns(pl.col("control_seed").fill_null(-1)), ["arch", "quant", *keys5])
+    test = test.filter(pl.col("split") == Split.TEST).select(*keys5, "lambda", "gain")
+    scores = pl.read_parquet(results / f"zero_shot_scores.{n_images}.parquet").filter(pl.col("seed").is_in(seeds))
+    chosen = picks(scores, [float(x) for x in cfg.lambdas])
+    if rules is not None:
+        chosen = chosen.filter(pl.col("rule").is_in(rules))
+    chosen = chosen.join(test, on=[*keys5, "lambda"], how="left")
+    if chosen["gain"].null_count():
+        raise ValueError("a picked lambda has no test cell")
+    per_pair = (chosen.group_by(["seed", "receiver", "donor", "control", "rule"])
+                .agg(pl.col("gain").mean(), pl.col("lambda").mean(), pl.col("rank_score").mean())
+                .join(ref, on=["seed", "receiver", "donor", "control"], how="left")
+                .with_columns(pl.when(pl.col("donor") == MERGED).then(pl.lit("merged")).otherwise(pl.lit("single")).alias("kind")))
+    return {"per_pair": per_pair, "cfg": cfg}
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    if not len(pos) or not len(neg):
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def rule_table(per_pair: pl.DataFrame) -> pl.DataFrame:
+    """One row per (rule, kind): pooled donor gain with its interval, lambda = 1 / calib / oracle, the
+    random controls under the rule, specific gain with its interval, worst seed against lambda = 1,
+    and the AUROC of -rank score for specific gain > 0."""
+    donor = per_pair.filter(pl.col("control") == Control.DONOR)
+    rand = per_pair.filter(pl.col("control") == Control.RANDOM).select("seed", "receiver", "donor", "rule",
+                                                                       pl.col("gain").alias("random_gain"))
+    both = donor.join(rand, on=["seed", "receiver", "donor", "rule"], how="inner").with_columns(
+        (pl.col("gain") - pl.col("random_gain")).alias("specific"))
+    rows = []
+    for (rule, kind), g in both.group_by(["rule", "kind"], maintain_order=True):
+        iv = bootstrap_mean(g["gain"].to_list(), g["seed"].to_list())
+        sp = bootstrap_mean(g["specific"].to_list(), g["seed"].to_list())
+        per_seed = g.group_by("seed").agg((pl.col("gain").mean() - pl.col("gain_lambda1").mean()).alias("d"))
+        s = g["specific"].to_numpy() > 0
+        rs = -g["rank_score"].to_numpy()
+        rows.append({"rule": rule, "kind": kind, "pairs": len(g), "gain": iv.mean, "low": iv.low, "high": iv.high,
+                     "lambda1": g["gain_lambda1"].mean(), "calib": g["gain_calib"].mean(), "oracle": g["gain_oracle"].mean(),
+                     "of_calib": iv.mean / g["gain_calib"].mean(), "random": g["random_gain"].mean(),
+                     "specific": sp.mean, "specific_low": sp.low, "specific_high": sp.high,
+                     "worst_seed_vs_lambda1": per_seed["d"].min(), "median_lambda": g["lambda"].median(),
+                     "auroc": _auroc(rs[s], rs[~s])})
+    return pl.DataFrame(rows).sort(["kind", "gain"], descending=[False, True])
+
+
+def donor_choice(per_pair: pl.DataFrame) -> pl.DataFrame:
+    """Per rule: for each (seed, receiver), the donor (single or merged) of lowest rank score at its
+    picked lambda, and its test gain there, beside the mean single donor, the best single donor
+    (its oracle gain) and the merged donor under the same rule."""
+    donor = per_pair.filter(pl.col("control") == Control.DONOR)
+    rows = []
+    for rule, g in donor.group_by("rule", maintain_order=True):
+        top = g.sort("rank_score").group_by(["seed", "receiver"]).first()
+        single = g.filter(pl.col("kind") == "single").group_by(["seed", "receiver"]).agg(
+            pl.col("gain").mean().alias("mean_single"), pl.col("gain_oracle").max().alias("best_single_oracle"),
+            pl.col("gain").max().alias("best_single_rule"))
+        merged = g.filter(pl.col("kind") == "merged").select("seed", "receiver", pl.col("gain").alias("merged"))
+        t = top.join(single, on=["seed", "receiver"]).join(merged, on=["seed", "receiver"])
+        iv = bootstrap_mean(t["gain"].to_list(), t["seed"].to_list())
+        rows.append({"rule": rule, "receivers": len(t), "top_ranked": iv.mean, "low": iv.low, "high": iv.high,
+                     "mean_single": t["mean_single"].mean(), "best_single_rule": t["best_single_rule"].mean(),
+                     "best_single_oracle": t["best_single_oracle"].mean(), "merged": t["merged"].mean(),
+                     "top_is_merged": float((t["donor"] == MERGED).mean())})
+    return pl.DataFrame(rows).sort("top_ranked", descending=True)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _fmt(df: pl.DataFrame, cols: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in df.iter_rows(named=True):
+        cells = []
+        for c in cols:
+            v = r[c]
+            cells.append(f"{v:+.2f}" if isinstance(v, float) and c not in ("auroc", "of_calib", "median_lambda", "top_is_merged")
+                         else f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+MAIN_COLS = ["rule", "pairs", "gain", "low", "high", "lambda1", "calib", "oracle", "of_calib", "random", "specific",
+             "specific_low", "specific_high", "worst_seed_vs_lambda1", "median_lambda", "auroc"]
+DONOR_COLS = ["rule", "receivers", "top_ranked", "low", "high", "mean_single", "best_single_rule", "best_single_oracle",
+              "merged", "top_is_merged"]
+
+
+def selection_score(table: pl.DataFrame) -> pl.DataFrame:
+    """A rule's selection score on the selection seeds: the smaller of its single and merged shares of
+    calib's pooled gain (both must hold), ties broken by the worse seed against lambda = 1."""
+    wide = table.group_by("rule").agg(pl.col("of_calib").min().alias("min_of_calib"),
+                                      pl.col("worst_seed_vs_lambda1").min().alias("worst_seed"),
+                                      pl.col("specific_low").min().alias("min_specific_low"))
+    return wide.sort(["min_of_calib", "worst_seed"], descending=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, required=True, help="a run's results/<config>/<arch> folder")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--score: the seeds to score")
+    ap.add_argument("--score", action="store_true", help="score the finished seeds (cached)")
+    ap.add_argument("--images", type=int, default=256, help="proxy / noise images per criterion")
+    ap.add_argument("--select", type=int, nargs="+", default=None, help="selection seeds: every rule, ranked")
+    ap.add_argument("--heldout", type=int, nargs="+", default=None, help="held-out seeds: the selected rules only")
+    ap.add_argument("--report", type=Path, default=None, help="write the study (markdown) here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.score:
+        score(args.results, args.seeds, args.images)
+    if not args.select:
+        return 0
+    sel = evaluate(args.results, args.select, args.images)
+    table = rule_table(sel["per_pair"])
+    ranked = selection_score(table)
+    pl.Config.set_tbl_rows(200)
+    pl.Config.set_tbl_cols(30)
+    print(f"selection seeds {args.select}:")
+    print(ranked)
+    for kind in ("single", "merged"):
+        print(table.filter(pl.col("kind") == kind).select(MAIN_COLS))
+    print(donor_choice(sel["per_pair"]))
+    winner = ranked["rule"][0]
+    out = {"select": args.select, "winner": winner, "selection": table, "ranked": ranked, "donors": donor_choice(sel["per_pair"])}
+    if args.heldout:
+        keep = [winner, "outputs@noise", "weights"]
+        held = evaluate(args.results, args.heldout, args.images, rules=keep)
+        out["heldout"] = rule_table(held["per_pair"])
+        out["heldout_donors"] = donor_choice(held["per_pair"])
+        out["heldout_per_seed"] = per_seed_table(held["per_pair"], winner)
+        print(f"held-out seeds {args.heldout}:")
+        print(out["heldout"].select(MAIN_COLS))
+        print(out["heldout_donors"])
+        print(out["heldout_per_seed"])
+    if args.report:
+        write_report(args, out)
+    return 0
+
+
+def per_seed_table(per_pair: pl.DataFrame, rule: str) -> pl.DataFrame:
+    d = per_pair.filter((pl.col("control") == Control.DONOR) & (pl.col("rule") == rule))
+    return (d.group_by(["seed", "kind"]).agg(pl.len().alias("pairs"), pl.col("gain").mean().alias("rule"),
+                                             pl.col("gain_lambda1").mean().alias("lambda1"), pl.col("gain_calib").mean().alias("calib"),
+                                             pl.col("gain_oracle").mean().alias("oracle"))
+            .sort(["kind", "seed"]))
+
+
+def write_report(args, out: dict) -> None:  # filled in once the selection is known (see docs/zero-shot-lambda.md)
+    from zero_shot_report import render  # noqa: E402  (bench/zero_shot_report.py)
+
+    args.report.write_text(render(args, out, MAIN_COLS, DONOR_COLS, _fmt, machine_line()))
+    print(f"wrote {args.report}")
+    json.dumps({})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
