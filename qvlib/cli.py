@@ -263,51 +263,141 @@ def _merge(args) -> int:
 register("merge", "one vector from several (mean, sum = task arithmetic, ties); usable by qv patch", _merge_args, _merge)
 
 
+def _images_arg(text: str):
+    """--images: a positive integer (that many noise images) or a folder of proxy images."""
+    if text.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        return int_in(1)(text)
+    return Path(text)
+
+
 def _choose_args(p):
-    from .datafree import LAMBDA_CRITERIA
+    from .datafree import INPUT_MEASURES, LAMBDA_CRITERIA
 
     p.add_argument("--criterion", default="weights", choices=list(LAMBDA_CRITERIA),
-                   help="weights: from the weights alone; outputs: agreement with the receiver on noise images")
+                   help="weights: from the weights alone; " + ", ".join(INPUT_MEASURES) + ": how far the patched, "
+                        "quantized receiver lands from the full-precision one on proxy images (KL, top-1 disagreement, "
+                        "pre-logit feature error); lower is better (docs/zero-shot-lambda.md compares them)")
     p.add_argument("--receiver", type=Path, required=True, help="the FT checkpoint to patch")
-    p.add_argument("--vector", type=Path, required=True, help="the (donor or merged) quantization vector")
+    p.add_argument("--vector", type=Path, nargs="+", required=True,
+                   help="the (donor or merged) quantization vector; several: each is scored and the donor whose best "
+                        "score is the smallest share of PTQ's is chosen")
     p.add_argument("--lambdas", type=lambda_value, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
                    help="candidate lambdas, finite numbers within float32's range")
     add_quant_args(p)
     add_pattern_arg(p)
-    p.add_argument("--config", type=Path, default=None, help="outputs: the run config that names the arch")
-    p.add_argument("--arch", default=None, help="outputs: an arch name from --config")
-    p.add_argument("--images", type=int_in(1), default=256,
-                   help="outputs: noise images to compare on (a positive integer)")
+    p.add_argument("--config", type=Path, default=None, help="input criteria: the run config that names the arch")
+    p.add_argument("--arch", default=None, help="input criteria: an arch name from --config")
+    p.add_argument("--images", type=_images_arg, default=None,
+                   help="input criteria: a folder of proxy images (any images but the receiver's task's, e.g. the "
+                        "donor's training images), or a positive integer: that many noise images (default 256 noise)")
+    p.add_argument("--task", nargs="+", default=None,
+                   help="input criteria: registered tasks whose training images are the proxies (e.g. the donor's "
+                        "task); the receiver's own task (its checkpoint's metadata) is refused")
+    p.add_argument("--n-images", type=int_in(1), default=256, help="proxy images drawn from --images DIR or --task")
+    p.add_argument("--controls", type=int_in(0, what="controls"), default=1,
+                   help="norm-matched random directions scored beside each vector (how sure: a donor should leave a "
+                        "smaller share of PTQ's score than its random directions); 0: none")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def _choose(args) -> int:
-    from .datafree import choose_lambda, noise_images, score_lambdas
+def _choose_inputs(args, engine, receiver_meta: dict):
+    """The images an input criterion compares on, and what they are, never the receiver's task."""
+    from .datafree import folder_images, noise_images, proxy_inputs
 
-    extra = {}
+    pre = engine.preprocess
+    if args.task and args.images is not None:
+        raise ValueError("give --images or --task, not both")
+    if args.task:
+        from .data.registry import LoadOptions, load_task
+
+        cfg = load_config(args)
+        receiver_task = receiver_meta.get("task")
+        if receiver_task in args.task:
+            raise ValueError(f"--task {receiver_task} is the receiver's own task (its checkpoint's metadata): "
+                             "a data-free criterion never sees the receiver's images")
+
+        def train_split(task):
+            opts = cfg.load_options(task, pre) if task in cfg.task_names else LoadOptions(preprocess=pre, root=cfg.data_root)
+            return load_task(task, opts).train
+
+        x = proxy_inputs("donor", args.n_images, pre.img_size, receiver=receiver_task or "", donor_tasks=args.task,
+                         train_split=train_split, to_model=lambda u: pre.normalize(pre.resize_batch(u)))
+        return x, f"{len(x)} training images of {', '.join(args.task)}"
+    if isinstance(args.images, Path):
+        x = folder_images(args.images, args.n_images, pre.pil_transform())
+        return pre.normalize(x), f"{len(x)} images of {args.images}"
+    n = args.images or 256
+    return noise_images(n, pre.img_size), f"{n} noise images"
+
+
+def _choose(args) -> int:
+    from .datafree import INPUT_MEASURES, choose_lambda, score_lambdas
+    from .vectors import random_direction
+
+    extra, images = {}, None
     spec, policy = quant_spec(args), policy_of(args)
-    vector = load_as(args.vector, "vector")
-    if args.criterion == "outputs":
+    vectors = [load_as(v, "vector") for v in args.vector]
+    if args.criterion in INPUT_MEASURES:
         if args.config is None or args.arch is None:
-            raise ValueError("--criterion outputs needs --config and --arch to build the receiver's model")
+            raise ValueError(f"--criterion {args.criterion} needs --config and --arch to build the receiver's model")
         from .pipeline import load_engine
 
         engine, receiver = load_engine(load_config(args), args.arch, args.receiver, device=None)
-        extra = {"model": engine.model, "inputs": noise_images(args.images, engine.preprocess.img_size)}
+        inputs, images = _choose_inputs(args, engine, dict(receiver.metadata))
+        extra = {"model": engine.model, "inputs": inputs}
     else:
-        receiver = load_as(args.receiver, "checkpoint", list(vector))
-    scores = score_lambdas(args.criterion, receiver, vector, spec, args.lambdas, policy, **extra)
-    best = choose_lambda(scores)
+        if args.images is not None or args.task:
+            raise ValueError(f"--criterion {args.criterion} reads no images: --images and --task need an input criterion")
+        receiver = load_as(args.receiver, "checkpoint", sorted({n for v in vectors for n in v}))
+    lambdas = list(dict.fromkeys(args.lambdas))
+    scored = lambdas + ([0.0] if 0.0 not in lambdas else [])
+
+    def rank(vec):  # scores of the candidates, the pick, and its score as a share of PTQ's (lambda 0)
+        all_scores = score_lambdas(args.criterion, receiver, vec, spec, scored, policy, **extra)
+        scores = {lam: all_scores[lam] for lam in lambdas}
+        best = choose_lambda(scores)
+        at0 = all_scores[0.0]
+        share = scores[best] / at0 if math.isfinite(at0) and at0 > 0 else float("nan")
+        return scores, best, share
+
+    donors = []
+    for path, vec in zip(args.vector, vectors):
+        scores, best, share = rank(vec)
+        try:
+            randoms = [rank(random_direction(vec, seed))[2] for seed in range(args.controls)]
+        except ValueError:  # a vector that no random direction can match (non-finite norms): no control
+            randoms = []
+        donors.append({"vector": str(path), "scores": scores, "lambda": best, "share_of_ptq": share,
+                       "random_share_of_ptq": sum(randoms) / len(randoms) if randoms else None})
+    chosen = min(donors, key=lambda d: (d["share_of_ptq"] if math.isfinite(d["share_of_ptq"]) else math.inf))
+
+    def clean(x):
+        return x if x is None or math.isfinite(x) else None
+
     if args.json:  # a non-finite score (the criterion failed there) is null: the output stays valid JSON
-        valid = {lam: score if math.isfinite(score) else None for lam, score in scores.items()}
-        print(json.dumps({"criterion": args.criterion, "scores": valid, "lambda": best}, indent=2, allow_nan=False))
-    else:
-        for lam, score in scores.items():
-            print(f"lambda {lam:>6.3f}  score {score:.6g}{'  <- chosen' if lam == best else ''}")
+        print(json.dumps({"criterion": args.criterion, "lower_is_better": True, "images": images,
+                          "scores": {lam: clean(v) for lam, v in chosen["scores"].items()}, "lambda": chosen["lambda"],
+                          "vector": chosen["vector"],
+                          "donors": [{**d, "scores": {lam: clean(v) for lam, v in d["scores"].items()},
+                                      "share_of_ptq": clean(d["share_of_ptq"]), "random_share_of_ptq": clean(d["random_share_of_ptq"])}
+                                     for d in donors]}, indent=2, allow_nan=False))
+        return 0
+    print(f"criterion {args.criterion}{' on ' + images if images else ''}: lower is better")
+    for d in donors:
+        if len(donors) > 1:
+            print(f"{Path(d['vector']).name}{'  <- chosen donor' if d is chosen else ''}")
+        for lam, score in d["scores"].items():
+            print(f"lambda {lam:>6.3f}  score {score:.6g}{'  <- chosen' if lam == d['lambda'] else ''}")
+    sure = ""
+    if chosen["random_share_of_ptq"] is not None:
+        r = chosen["random_share_of_ptq"]
+        sure = (f"; {args.controls} random direction(s) of the same norms leave {r:.0%}"
+                + (" (no better than random: do not trust this donor)" if not chosen["share_of_ptq"] < r else ""))
+    print(f"chosen: {Path(chosen['vector']).name} at {chosen['lambda']:g}, which leaves {chosen['share_of_ptq']:.0%} of PTQ's score{sure}")
     return 0
 
 
-register("choose-lambda", "pick lambda with no receiver data: from the weights alone or from noise images",
+register("choose-lambda", "pick lambda (and a donor) with no receiver data: from the weights alone or from proxy images",
          _choose_args, _choose)
 
 

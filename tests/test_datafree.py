@@ -186,3 +186,52 @@ def test_folder_images(tmp_path):
         folder_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None, 3, lambda im: im)
     with pytest.raises(ValueError, match="not a folder"):
         folder_images(tmp_path / "missing", 3, lambda im: im)
+
+
+# ---------------------------------------------------------------- qv choose-lambda with proxy images
+def test_choose_lambda_on_proxy_images_ranks_donors_and_refuses_the_receivers_task(tmp_path, tiny_arch, capsys):
+    import json
+
+    from PIL import Image
+
+    from helpers import mini_config
+    from qvlib import cli
+    from qvlib.models import set_fixed_head
+    from qvlib.vectors import WeightVector
+
+    model = build_vit(tiny_arch, 3, seed=0)
+    set_fixed_head(model, "shapes", 0)
+    ft = model.state_dict()
+    WeightVector(ft).save(tmp_path / "ft.safetensors", {"arch": "tiny", "task": "shapes", "seed": 0, "mode": "ft",
+                                                        "quant": QuantSpec(bits=2).to_json()})
+    names = QuantPolicy().select(ft)
+    g = torch.Generator().manual_seed(0)
+    for k, size in enumerate((0.01, 0.3)):
+        rho = {n: size * ft[n].abs().mean() * torch.randn(ft[n].shape, generator=g) for n in names}
+        WeightVector(rho).save(tmp_path / f"rho{k}.safetensors", {"arch": "tiny", "task": f"d{k}", "mode": "qv"})
+    cfg = mini_config(tmp_path / "c.yaml", pretrain=False)
+    base = ["choose-lambda", "--receiver", str(tmp_path / "ft.safetensors"), "--bits", "2", "--config", str(cfg),
+            "--arch", "tiny", "--criterion", "features", "--lambdas", "0.5", "1", "2", "--n-images", "16"]
+    # the receiver's own task is refused before any image is read
+    assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--task", "shapes"]) == 2
+    assert "receiver's own task" in capsys.readouterr().err
+    # another task's training images; two donors ranked, the chosen one named
+    assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), str(tmp_path / "rho1.safetensors"),
+                     "--task", "glyphs", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["criterion"] == "features" and out["lower_is_better"] and "glyphs" in out["images"]
+    assert len(out["donors"]) == 2 and out["vector"] in {d["vector"] for d in out["donors"]}
+    best = min(out["donors"], key=lambda d: d["share_of_ptq"])
+    assert out["vector"] == best["vector"] and out["lambda"] == best["lambda"]
+    # a folder of images
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 40), (i * 30, 100, 200 - i * 30)).save(tmp_path / "imgs" / f"{i}.png")
+    assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--images", str(tmp_path / "imgs")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("criterion features on 6 images of") and "lower is better" in text
+    assert text.count("<- chosen") == 1 and "chosen: rho0.safetensors at " in text
+    # the weights criterion reads no image
+    assert cli.main(["choose-lambda", "--receiver", str(tmp_path / "ft.safetensors"), "--vector", str(tmp_path / "rho0.safetensors"),
+                     "--bits", "2", "--task", "glyphs"]) == 2
+    assert "reads no images" in capsys.readouterr().err
