@@ -128,8 +128,9 @@ def _check_timm_file(arch: ArchSpec, path: Path) -> None:
 
 def _timm_npz_state(arch: ArchSpec, name: str, path: Path) -> dict[str, torch.Tensor]:
     """An original JAX/Flax ``.npz`` checkpoint read by timm's own loader (the ``custom_load`` path of
-    its pretrained loading). The loader skips arrays it does not find, so every tensor starts as NaN
-    and one still NaN afterwards is reported missing; arrays the loader does not read are ignored."""
+    its pretrained loading). The loader raises for most missing arrays (reported in one line) but
+    skips some it treats as optional, so every tensor starts as NaN and one still NaN afterwards is
+    reported missing; arrays the loader does not read (a head, pre-logits) are ignored."""
     model = timm.create_model(name, pretrained=False, num_classes=0, **arch.overrides)
     with torch.no_grad():
         for t in model.state_dict().values():

@@ -141,7 +141,7 @@ def write_timm_checkpoint(path: Path, seed: int = 0, timm_name: str = "vit_tiny_
     return path
 
 
-def write_all(run_dir: Path, n_train: int = 60, n_test: int = 30, seed: int = 0) -> dict[str, Path]:
+def write_all(run_dir: Path, n_train: int = 48, n_test: int = 16, seed: int = 0) -> dict[str, Path]:
     """Every fixture the smoke config reads, under ``run_dir`` (the folder snakemake runs in)."""
     run_dir = Path(run_dir)
     out = {name: write_hf_task(run_dir / "data", name, n_train, n_test, seed) for name in TASKS}
