@@ -13,11 +13,18 @@ from .vocab import DATAFREE_RULE_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, D
 
 CONTROL_COLUMNS = (Control.RANDOM, Control.SELF)
 DPI = 110
+GAIN_UNITS = "gain over PTQ, points"
+COSINE_UNITS = "cosine similarity"
+CELL_W, CELL_H = 0.62, 0.42  # inches per heatmap cell: room for an annotation such as "-12.3"
+NEUTRAL = "#e6e6e6"  # cells shown apart from the colour scale (self column, cosine diagonal) and missing cells
+GAIN_TOP, COSINE_TOP, FIG_BOTTOM = 1.05, 0.7, 0.3  # inches above and below the cells (tick labels overflow into the crop)
 
 
 def gain_figure_size(n_receivers: int, n_donors: int, n_controls: int = 2) -> tuple[float, float]:
-    """Inches of the gain heatmap figure (two panels of donors plus ``n_controls`` control columns each)."""
-    return 2.0 + 1.6 * (n_donors + 0.5 + n_controls), 2.8 + 0.55 * n_receivers
+    """Inches of the gain heatmap's canvas before it is cropped to its content (``bbox_inches='tight'``):
+    two panels of ``n_donors`` donor columns (single and merged donors) plus ``n_controls`` control
+    columns each, and the colour bar. The PNG written is at most this size times :data:`DPI`."""
+    return 3.0 + 2 * CELL_W * (n_donors + n_controls + 0.6) + 1.0, GAIN_TOP + CELL_H * n_receivers + FIG_BOTTOM
 
 
 def _matplotlib():
@@ -30,9 +37,12 @@ def _matplotlib():
 
 
 def gain_matrices(pair_rows: pl.DataFrame, column: str):
-    """(donor grid, control columns) as pandas frames indexed by receiver, for one gain column,
-    each cell the mean over seeds. The control columns: the single donors' random directions (mean
-    over donors), the receiver's own vector ('self'), then each leave-one-out merged donor."""
+    """(donor grid, control columns) as pandas frames indexed by receiver, for one gain column, each
+    cell the mean over seeds. The donor grid: every single donor (the diagonal, a receiver's own vector,
+    is empty), then each leave-one-out merged donor (``merged:<method>``). The control columns: the
+    single donors' random directions (mean over donors), then the receiver's own vector ('self')."""
+    import pandas as pd
+
     merged = (pair_rows.filter((pl.col("kind") == DonorKind.MERGED) & (pl.col("control") == Control.DONOR))
               .group_by("receiver", "donor", maintain_order=True).agg(pl.col(column).mean()))
     pair_rows = single_donors(pair_rows).group_by("receiver", "donor", "control", maintain_order=True).agg(pl.col(column).mean())
@@ -40,90 +50,196 @@ def gain_matrices(pair_rows: pl.DataFrame, column: str):
     receivers = sorted(set(pair_rows["receiver"].to_list()))
     donors = sorted(set(real["donor"].to_list()) | set(receivers))
     grid = (real.pivot(on="donor", index="receiver", values=column).to_pandas().set_index("receiver")
-            .reindex(index=receivers, columns=donors))
+            .reindex(index=receivers, columns=donors).astype(float))
+    for label in sorted(set(merged["donor"].to_list())):
+        rows = merged.filter(pl.col("donor") == label)
+        gains = dict(zip(rows["receiver"].to_list(), rows[column].to_list()))
+        grid[label] = [gains.get(r) for r in receivers]
     controls = {}
     rand = pair_rows.filter(pl.col("control") == Control.RANDOM).group_by("receiver", maintain_order=True).agg(pl.col(column).mean())
     controls[Control.RANDOM] = dict(zip(rand["receiver"].to_list(), rand[column].to_list()))
     own = pair_rows.filter(pl.col("control") == Control.SELF)
     controls[Control.SELF] = dict(zip(own["receiver"].to_list(), own[column].to_list()))
-    import pandas as pd
+    ctrl = pd.DataFrame({str(c): [controls[c].get(r) for r in receivers] for c in CONTROL_COLUMNS}, index=receivers, dtype=float)
+    grid.columns.name = ctrl.columns.name = None
+    grid.index.name = ctrl.index.name = None
+    return grid.astype(float), ctrl
 
-    columns = {str(c): [controls[c].get(r) for r in receivers] for c in CONTROL_COLUMNS}
-    for label in sorted(set(merged["donor"].to_list())):
-        rows = merged.filter(pl.col("donor") == label)
-        gains = dict(zip(rows["receiver"].to_list(), rows[column].to_list()))
-        columns[label] = [gains.get(r) for r in receivers]
-    ctrl = pd.DataFrame(columns, index=receivers, dtype=float)
-    return grid, ctrl
+
+def gain_color_range(donor_grids) -> float:
+    """Half-width of the gain colour scale (centred on 0): the largest |gain| among the donor cells
+    (single and merged donors) of every panel, at least 1 point. The controls do not set it: the
+    receiver's own vector ('self') gains tens of points and would wash out the donors' -2..+3."""
+    values = [float(abs(g).max().max()) for g in donor_grids if g.size and g.notna().any().any()]
+    return max([1.0, *values])
+
+
+def _annot_size(n_cells: int) -> float:
+    return 8.0 if n_cells <= 12 else 7.0 if n_cells <= 24 else 6.0
+
+
+def _label_axes(ax, xlabel: str = "", ylabel: str = "", yticks: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=45, length=0)
+    for t in ax.get_xticklabels():
+        t.set_horizontalalignment("right")
+        t.set_rotation_mode("anchor")
+    ax.tick_params(axis="y", rotation=0, length=0)
+    if not yticks:
+        ax.set_yticklabels([])
+
+
+def _quiet(make):
+    """``make``'s figure, without numpy's warnings about the columns that a mask leaves all empty."""
+    import functools
+    import warnings
+
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+            return make(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
+def gain_figure(pair_rows: pl.DataFrame, title: str = ""):
+    """The gain heatmaps as a matplotlib figure (see :func:`heatmap_gain`)."""
+    import seaborn as sns
+    from matplotlib.colors import ListedColormap, TwoSlopeNorm
+
+    plt = _matplotlib()
+    panels = [("gain_lambda1", "lambda = 1"), ("gain_oracle", "best lambda (oracle on test)")]
+    mats = [gain_matrices(pair_rows, col) for col, _ in panels]
+    vmax = gain_color_range([donors for donors, _ in mats])
+    n_rows, n_cols = mats[0][0].shape
+    n_ctrl = mats[0][1].shape[1]
+    fig = plt.figure(figsize=gain_figure_size(n_rows, n_cols, n_ctrl))
+    height = fig.get_figheight()
+    grid = fig.add_gridspec(1, 6, width_ratios=[n_cols, n_ctrl, 0.6, n_cols, n_ctrl, 0.3], wspace=0.06,
+                            top=1 - GAIN_TOP / height, bottom=FIG_BOTTOM / height, left=0.12, right=0.97)
+    n_single = sum(not str(c).startswith(MERGED_PREFIX) for c in mats[0][0].columns)
+    size = _annot_size(n_cols)
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
+    kw = dict(cmap="RdYlGn", norm=norm, annot=True, fmt="+.1f", cbar=False, linewidths=0.5, linecolor="white",
+              annot_kws={"size": size})
+    neutral = ListedColormap([NEUTRAL])
+    mesh = None
+    for k, ((col, label), (donors, controls)) in enumerate(zip(panels, mats)):
+        ax = fig.add_subplot(grid[0, 3 * k])
+        ax.set_facecolor(NEUTRAL)  # missing cells: a receiver is not its own donor
+        sns.heatmap(donors, ax=ax, **kw)
+        mesh = ax.collections[0]
+        if n_single < n_cols:  # the merged donors apart from the single ones
+            ax.axvline(n_single, color="white", linewidth=4)
+        ax.set_title(f"gain at {label}", fontsize=10)
+        _label_axes(ax, "donor", "receiver" if k == 0 else "", yticks=k == 0)
+        cax = fig.add_subplot(grid[0, 3 * k + 1])
+        cax.set_facecolor(NEUTRAL)
+        # random directions on the donors' scale (clipped beyond it); the receiver's own vector apart, neutral
+        rand = controls.copy()
+        rand[str(Control.SELF)] = float("nan")
+        sns.heatmap(rand, ax=cax, **kw)
+        own = controls.copy()
+        own[str(Control.RANDOM)] = float("nan")
+        sns.heatmap(own, ax=cax, cmap=neutral, annot=True, fmt="+.1f", cbar=False, linewidths=0.5, linecolor="white",
+                    annot_kws={"size": size, "color": "#333333"})
+        cax.set_title("controls", fontsize=9)
+        _label_axes(cax, yticks=False)
+    cbar_ax = fig.add_subplot(grid[0, 5])
+    cbar = fig.colorbar(mesh, cax=cbar_ax, extend="both")
+    cbar.set_label(GAIN_UNITS)
+    note = ("mean over seeds; 'random': norm-matched random directions (same scale); grey: a receiver is not its own\n"
+            "donor, and 'self' (the receiver's own vector: QAT quantized) is off the scale, annotated only")
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=9, y=1 - 0.08 / height, va="top")
+    return fig
 
 
 def heatmap_gain(pair_rows: pl.DataFrame, output: str | Path, title: str = "") -> Path:
     """Gain over PTQ at lambda = 1 and at the best lambda (test-set oracle), side by side, mean over
-    seeds; rows are receivers, columns donors; the random-direction control (mean over donors), the receiver's
-    own vector ('self') and each leave-one-out merged donor are separate columns on the right of each panel."""
+    seeds; rows are receivers, columns donors (single donors, then each leave-one-out merged donor).
+    The colour scale is centred on 0 and spans the donor cells (:func:`gain_color_range`); beside each
+    panel, the random-direction control (mean over donors) on the same scale and the receiver's own
+    vector ('self', an upper bound of tens of points) annotated on a neutral grey."""
+    return _save(gain_figure(pair_rows, title), output)
+
+
+def cosine_matrices(cosine: pl.DataFrame):
+    """(task x task matrix, task x merged-donor columns) of the cosine of quantization vectors, mean over seeds."""
+    mean = cosine.group_by("task_a", "task_b", maintain_order=True).agg(pl.col("cosine").mean())
+    mat = mean.pivot(on="task_b", index="task_a", values="cosine").to_pandas().set_index("task_a")
+    mat.index.name = None
+    order = sorted(mat.index)
+    merged = sorted(c for c in mat.columns if str(c).startswith(MERGED_PREFIX))
+    return mat.reindex(index=order, columns=order).astype(float), mat.reindex(index=order, columns=merged).astype(float)
+
+
+def cosine_color_range(tasks, merged) -> float:
+    """Half-width of the cosine colour scale (centred on 0): the largest |cosine| off the diagonal
+    (every vector has cosine 1 with itself) and in the merged columns; at least 0.01."""
+    import numpy as np
+
+    off = tasks.to_numpy(copy=True)
+    np.fill_diagonal(off, np.nan)
+    values = np.concatenate([off.ravel(), merged.to_numpy().ravel()])
+    values = values[np.isfinite(values)]
+    return max(0.01, float(np.abs(values).max())) if values.size else 1.0
+
+
+@_quiet
+def cosine_figure(cosine: pl.DataFrame, title: str = ""):
+    """The cosine heatmap as a matplotlib figure (see :func:`heatmap_cosine`)."""
+    import numpy as np
     import seaborn as sns
+    from matplotlib.colors import ListedColormap, TwoSlopeNorm
 
     plt = _matplotlib()
-    panels = [("gain_lambda1", "gain at lambda = 1"), ("gain_oracle", "gain at best lambda (oracle)")]
-    mats = [gain_matrices(pair_rows, col) for col, _ in panels]
-    vmax = max(1.0, *(float(abs(m).max().max()) for pair in mats for m in pair if m.size))
-    n_rows, n_cols = mats[0][0].shape
-    n_ctrl = mats[0][1].shape[1]
-    fig = plt.figure(figsize=gain_figure_size(n_rows, n_cols, n_ctrl))
-    grid = fig.add_gridspec(1, 5, width_ratios=[n_cols, n_ctrl, 0.6, n_cols, n_ctrl], wspace=0.08)
-    kw = dict(cmap="RdYlGn", center=0.0, vmin=-vmax, vmax=vmax, annot=True, fmt=".1f", cbar=False,
-              linewidths=0.5, linecolor="white", annot_kws={"size": 8})
-    for k, ((col, label), (donors, controls)) in enumerate(zip(panels, mats)):
-        ax = fig.add_subplot(grid[0, 3 * k])
-        sns.heatmap(donors, ax=ax, **kw)
-        ax.set_title(label)
-        ax.set_xlabel("donor")
-        ax.set_ylabel("receiver" if k == 0 else "")
-        ax.tick_params(axis="y", rotation=0)
-        if k:
-            ax.set_yticklabels([])
-        cax = fig.add_subplot(grid[0, 3 * k + 1])
-        sns.heatmap(controls, ax=cax, **kw)
-        cax.set_yticklabels([])
-        cax.set_ylabel("")
-        cax.set_title("controls", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.subplots_adjust(left=1.6 / fig.get_figwidth(), right=0.98, top=1 - 0.9 / fig.get_figheight(), bottom=1.3 / fig.get_figheight())
-    return _save(fig, output, tight=False)
+    tasks, merged = cosine_matrices(cosine)
+    n, m = len(tasks), merged.shape[1]
+    vmax = cosine_color_range(tasks, merged)
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
+    size = _annot_size(n + m)
+    kw = dict(cmap="vlag", norm=norm, annot=True, fmt=".2f", cbar=False, linewidths=0.5, linecolor="white",
+              annot_kws={"size": size})
+    height = COSINE_TOP + CELL_H * n + FIG_BOTTOM
+    fig = plt.figure(figsize=(2.5 + CELL_W * (n + m + 1.2), height))
+    ratios = [n, m, 0.3] if m else [n, 0.3]
+    grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios, wspace=0.08 if m else 0.05,
+                            top=1 - COSINE_TOP / height, bottom=FIG_BOTTOM / height, left=0.2, right=0.95)
+    ax = fig.add_subplot(grid[0, 0])
+    diagonal = np.eye(n, dtype=bool)
+    sns.heatmap(tasks, ax=ax, mask=diagonal, **kw)
+    mesh = ax.collections[0]
+    sns.heatmap(tasks.where(diagonal), ax=ax, mask=~diagonal, cmap=ListedColormap([NEUTRAL]), annot=True, fmt=".0f",
+                cbar=False, linewidths=0.5, linecolor="white", annot_kws={"size": size, "color": "#666666"})
+    ax.set_title("between tasks' vectors (diagonal = 1, grey; scale: off-diagonal range)", fontsize=9)
+    _label_axes(ax)
+    if m:  # each receiver's leave-one-out merged donor against the receiver's own vector, apart
+        side = fig.add_subplot(grid[0, 1])
+        side.set_facecolor(NEUTRAL)
+        sns.heatmap(merged, ax=side, **kw)
+        side.set_title("vs own vector", fontsize=9)
+        _label_axes(side, yticks=False)
+    cbar = fig.colorbar(mesh, cax=fig.add_subplot(grid[0, len(ratios) - 1]), extend="both")
+    cbar.set_label(COSINE_UNITS)
+    fig.suptitle(title or "cosine similarity of quantization vectors", fontsize=10, y=1 - 0.08 / height, va="top")
+    return fig
 
 
 def heatmap_cosine(cosine: pl.DataFrame, output: str | Path, title: str = "") -> Path:
-    import seaborn as sns
+    """Cosine similarity of the tasks' quantization vectors, mean over seeds; the diagonal (1 by
+    definition) in neutral grey and the colour scale spanning the off-diagonal cosines
+    (:func:`cosine_color_range`); each leave-one-out merged donor against the receiver's own vector
+    in its own columns, and the colour bar beside them."""
+    return _save(cosine_figure(cosine, title), output)
 
+
+def _save(fig, output: str | Path) -> Path:
+    """Write ``fig`` as PNG at :data:`DPI`, cropped to its content (no blank margin), and close it."""
     plt = _matplotlib()
-    mean = cosine.group_by("task_a", "task_b", maintain_order=True).agg(pl.col("cosine").mean())
-    mat = mean.pivot(on="task_b", index="task_a", values="cosine").to_pandas().set_index("task_a")
-    order = sorted(mat.index)
-    merged = sorted(c for c in mat.columns if str(c).startswith(MERGED_PREFIX))
-    fig, axes = plt.subplots(1, 2 if merged else 1, squeeze=False, figsize=(2.0 + 0.7 * (len(order) + len(merged) + 0.5), 1.3 + 0.55 * len(order)),
-                             gridspec_kw={"width_ratios": [len(order), len(merged)] if merged else [1], "wspace": 0.08})
-    kw = dict(cmap="vlag", center=0.0, vmin=-1, vmax=1, annot=True, fmt=".2f", annot_kws={"size": 8})
-    ax = axes[0][0]
-    sns.heatmap(mat.reindex(index=order, columns=order), ax=ax, cbar=not merged, **kw)
-    (fig.suptitle if merged else ax.set_title)(title or "cosine similarity of quantization vectors")
-    ax.set_xlabel("")
-    ax.set_ylabel("")
-    if merged:  # each receiver's leave-one-out merged donor against the receiver's own vector, apart
-        side = axes[0][1]
-        sns.heatmap(mat.reindex(index=order, columns=merged), ax=side, **kw)
-        side.set_yticklabels([])
-        side.set_ylabel("")
-        side.set_title("vs own vector", fontsize=9)
-        fig.subplots_adjust(left=1.1 / fig.get_figwidth(), right=1 - 0.7 / fig.get_figwidth(), bottom=0.6 / fig.get_figheight(), top=1 - 0.7 / fig.get_figheight())
-    return _save(fig, output, tight=not merged)
-
-
-def _save(fig, output: str | Path, tight: bool = True) -> Path:
-    plt = _matplotlib()
-    if tight:
-        fig.tight_layout()
-    path = atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    path = atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight", pad_inches=0.08))
     plt.close(fig)
     return path
 
@@ -148,6 +264,9 @@ def markdown_table(df: pl.DataFrame, digits: int = 1) -> str:
     lines += ["| " + " | ".join(cell_text(v, digits) for v in row) + " |" for row in df.iter_rows()]
     return "\n".join(lines)
 
+
+# Per-seed table: the share of the PTQ loss (FT - PTQ) that the QAT model, quantized, wins back.
+QAT_RECOVERS = "QAT quantized recovers %"
 
 RULE_LABELS = {Rule.LAMBDA1: "lambda = 1", Rule.ORACLE: "best lambda (oracle on test)",
                Rule.CALIB: "lambda chosen on calib (deployable)"}
@@ -175,7 +294,7 @@ def verdict_lines(summary_specific: pl.DataFrame) -> list[str]:
 def per_seed_table(heads: pl.DataFrame, summary_specific: pl.DataFrame) -> pl.DataFrame:
     """One row per seed and a last row with the mean and the standard deviation over seeds."""
     overall = summary_specific.filter((pl.col("scope") == "overall") & (pl.col("kind") == DonorKind.SINGLE))
-    cols = {"seed": [], "PTQ loss": [], "QAT recovers %": []}
+    cols = {"seed": [], "PTQ loss": [], QAT_RECOVERS: []}
     for rule in Rule:
         cols[f"donor {rule}"] = []
         cols[f"random {rule}"] = []
@@ -185,7 +304,7 @@ def per_seed_table(heads: pl.DataFrame, summary_specific: pl.DataFrame) -> pl.Da
     for h in heads.to_dicts():
         cols["seed"].append(str(h["seed"]))
         cols["PTQ loss"].append(f"{h['ptq_loss_mean']:.1f}")
-        cols["QAT recovers %"].append("n/a" if h["qat_recovery"] is None else f"{100 * h['qat_recovery']:.0f}")
+        cols[QAT_RECOVERS].append("n/a" if h["qat_recovery"] is None else f"{100 * h['qat_recovery']:.0f}")
         for rule, col in RULE_COLUMNS.items():
             key = col.removeprefix("gain_")
             cols[f"donor {rule}"].append(f"{h[f'{key}_mean']:+.1f}")
@@ -204,7 +323,7 @@ def per_seed_table(heads: pl.DataFrame, summary_specific: pl.DataFrame) -> pl.Da
 
         cols["seed"].append("mean ± sd")
         cols["PTQ loss"].append(mean_sd(heads["ptq_loss_mean"], sign=False))
-        cols["QAT recovers %"].append(mean_sd(heads["qat_recovery"], 100, sign=False))
+        cols[QAT_RECOVERS].append(mean_sd(heads["qat_recovery"], 100, sign=False))
         for rule, col in RULE_COLUMNS.items():
             key = col.removeprefix("gain_")
             cols[f"donor {rule}"].append(mean_sd(heads[f"{key}_mean"]))
@@ -361,7 +480,8 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
         "",
         *verdict_lines(summary_specific),
         "",
-        "Per seed (gains are means over pairs; the last row is the mean and standard deviation over seeds):",
+        "Per seed (gains are means over pairs; the last row is the mean and standard deviation over seeds; `PTQ loss` = FT (full "
+        "precision) minus PTQ (FT quantized), points; `QAT quantized recovers %` = the share of that loss the QAT model, quantized, wins back):",
         "",
         markdown_table(per_seed_table(heads, summary_specific)),
         "",
@@ -385,7 +505,7 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
         "",
         "`best_minus_random` is the best donor's oracle gain minus the mean gain of norm-matched random directions;",
         "`best_donor_lambda1` is that donor's gain at lambda = 1; `mean_calib` the mean over donors of the gain at the lambda",
-        "chosen on calib; `self_lambda1` is the receiver's own vector at lambda = 1 (its QAT model), the upper bound.",
+        "chosen on calib; `self_lambda1` is the receiver's own vector at lambda = 1 (its QAT model quantized: QAT quantized), the upper bound.",
         "",
         markdown_table(per_receiver),
         "",
@@ -421,9 +541,9 @@ QUANTIZERS_BLOCK = "readme-quantizers"
 
 def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
     """The quantizer comparison (``tables.quantizers``) as markdown: per bit-width, FT, PTQ, QV-patched
-    and QAT accuracy under each quantizer, and the patched models' gain over the best data-free PTQ."""
+    and QAT quantized accuracy under each quantizer, and the patched models' gain over the best data-free PTQ."""
     lines = [f"# {arch}: quantization vectors against better quantizers", "",
-             "Top-1 (%) on the test splits, means over tasks (FT, PTQ, QAT) or single-donor pairs (patched), "
+             "Top-1 (%) on the test splits, means over tasks (FT, PTQ and QAT quantized) or single-donor pairs (patched), "
              "seeds pooled. `best PTQ` is, per receiver, the best PTQ accuracy among this run's quantizers of the "
              "same bit-width; `over best PTQ` is the patched model's accuracy minus it: positive means the vector "
              "adds something a better data-free quantizer alone does not. `random` is the same with the pairs' "
