@@ -105,30 +105,129 @@ def load_as(path: Path, role: str, used=None) -> WeightVector:
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int_in(2, 8, "bits"), default=3, help="bit-width, 2..8 (default 3, as in the paper)")
-    p.add_argument("--granularity", default="channel", choices=GRANULARITIES)
+    p.add_argument("--bits", type=int_in(2, 8, "bits"), default=None,
+                   help="bit-width, 2..8 (default: what the input's metadata records, else 3, as in the paper)")
+    p.add_argument("--granularity", default=None, choices=GRANULARITIES,
+                   help="the blocks that share one scale: a row (channel), --group-size columns of a row (group), or "
+                        "the whole tensor (default: the input's metadata, else channel)")
     p.add_argument("--group-size", type=int_in(1), default=None,
-                   help="columns per scale with --granularity group")
-    p.add_argument("--scale", default="absmax", choices=list(SCALES),
+                   help="columns per scale with --granularity group (default: the input's metadata, else none)")
+    p.add_argument("--scale", default=None, choices=list(SCALES),
                    help="how a block's scale is chosen: absmax (the paper's), mse (clipping that minimises the squared "
-                        "error), hqq (HQQ's half-quadratic fit); all data-free")
+                        "error), hqq (HQQ's half-quadratic fit); all data-free (default: the input's metadata, else absmax)")
+    add_force_arg(p)
+
+
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    if not any("--force" in a.option_strings for a in p._actions):
+        p.add_argument("--force", action="store_true",
+                       help="use the quantizer and policy options given even where the input's metadata records others "
+                            "(without it such a contradiction is an error)")
 
 
 def quant_spec(args: argparse.Namespace) -> QuantSpec:
     return QuantSpec(bits=args.bits, granularity=args.granularity, group_size=args.group_size, scale=args.scale)
 
 
+# ---------------------------------------------------------------- options the input's metadata settles
+# Checkpoints written by the workflow record ``quant`` (the quantizer, JSON; empty for FT), ``policy`` (the
+# quantized pattern) and ``scope``; vectors record ``quant`` and ``scope``; ``qv patch`` passes its vectors'
+# ``quant`` on to the patched checkpoint. An option left out takes the recorded value, else its fallback.
+FALLBACKS: dict[str, object] = {"bits": 3, "granularity": "channel", "group_size": None, "scale": "absmax",
+                                "pattern": DEFAULT_POLICY.pattern, "scope": DEFAULT_POLICY.scope}
+# command -> (the attributes naming its input files, in order of precedence; whether a given option that
+# contradicts their metadata is an error without --force). info only reports, so its options simply win.
+METADATA_INPUTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "info": (("checkpoint",), False),
+    "extract": (("qat", "ft"), True),
+    "choose-lambda": (("vector", "receiver"), True),
+    "quantize": (("checkpoint",), True),
+}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata without its tensors; {} when it cannot be read (the command's own
+    load then names what is wrong with the file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - any unreadable file: the command reports it when it loads it
+        return {}
+
+
+def recorded_options(meta: dict[str, str]) -> dict[str, object]:
+    """The quantizer and policy options one file's metadata records (option dest -> value)."""
+    out: dict[str, object] = {}
+    if meta.get("quant"):
+        try:
+            spec = QuantSpec.from_json(meta["quant"])
+        except (ValueError, TypeError):
+            spec = None  # not a spec (e.g. a hand-made file): the metadata says nothing usable
+        if spec is not None:
+            out.update(bits=spec.bits, granularity=spec.granularity, group_size=spec.group_size, scale=spec.scale)
+    if meta.get("scope") in SCOPES:
+        out["scope"] = meta["scope"]
+    if meta.get("policy"):
+        out["pattern"] = meta["policy"]
+    return out
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def settle_from_metadata(args: argparse.Namespace) -> None:
+    """Fill the quantizer and policy options a command was not given from its inputs' metadata (else
+    :data:`FALLBACKS`); an option given that contradicts the metadata is a ValueError unless --force."""
+    attrs, strict = METADATA_INPUTS.get(args.command, ((), False))
+    dests = [d for d in FALLBACKS if hasattr(args, d)]
+    if not dests:
+        return
+    paths = []
+    for attr in attrs:
+        value = getattr(args, attr, None)
+        paths += [Path(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    recorded: dict[str, list[tuple[object, Path]]] = {}
+    for path in paths:
+        for dest, value in recorded_options(read_metadata(path)).items():
+            recorded.setdefault(dest, []).append((value, path))
+    given = {d: getattr(args, d) for d in dests if getattr(args, d) is not None}
+    for dest in dests:
+        found = recorded.get(dest, [])
+        if dest in given:
+            wrong = [(v, p) for v, p in found if v != given[dest]]
+            if wrong and strict and not getattr(args, "force", False):
+                value, path = wrong[0]
+                raise ValueError(f"{_option(dest)} {given[dest]} contradicts {path}: its metadata records {value!r}; "
+                                 f"leave {_option(dest)} out to use it, or pass --force to override it")
+            continue
+        values = {v for v, _ in found}
+        if len(values) > 1:
+            listed = ", ".join(f"{p} records {v!r}" for v, p in found)
+            raise ValueError(f"the inputs disagree on {_option(dest)} ({listed}): give {_option(dest)} (and --force)")
+        value = values.pop() if values else FALLBACKS[dest]
+        if dest == "group_size" and "granularity" in given and given["granularity"] != "group":
+            value = None  # a group size recorded for group granularity does not apply to another one
+        setattr(args, dest, value)
+
+
 # ---------------------------------------------------------------- checkpoint commands
-def add_pattern_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pattern", default=DEFAULT_POLICY.pattern,
-                   help="regex of the tensors that are quantized (default: the block linear weights)")
-    p.add_argument("--scope", default=DEFAULT_POLICY.scope, choices=list(SCOPES),
-                   help="what a vector holds: linear = only the quantized tensors (the paper's text); all = every "
-                        "tensor but the head (the authors' code, for models fine-tuned with all parameters)")
+def add_pattern_arg(p: argparse.ArgumentParser, scope: bool = True) -> None:
+    p.add_argument("--pattern", default=None,
+                   help="regex of the tensors that are quantized (default: the input's metadata 'policy', else the "
+                        "block linear weights)")
+    if scope:
+        p.add_argument("--scope", default=None, choices=list(SCOPES),
+                       help="what a vector holds: linear = only the quantized tensors (the paper's text); all = every "
+                            "tensor but the head (the authors' code, for models fine-tuned with all parameters) "
+                            "(default: the input's metadata, else linear)")
+    add_force_arg(p)
 
 
 def policy_of(args: argparse.Namespace) -> QuantPolicy:
-    return QuantPolicy(pattern=args.pattern, scope=args.scope)
+    return QuantPolicy(pattern=args.pattern, scope=getattr(args, "scope", None) or DEFAULT_POLICY.scope)
 
 
 FLOAT32_ONLY = ("Inputs must be float32 safetensors: bf16, fp16 or integer copies are refused, not converted; "
@@ -169,7 +268,8 @@ def _extract_args(p):
     p.description += (". The two checkpoints must hold the same tensors with the same shapes. " + FLOAT32_ONLY)
     p.add_argument("--qat", type=Path, required=True, help="checkpoint fine-tuned with QAT")
     p.add_argument("--ft", type=Path, required=True, help="checkpoint fine-tuned plainly, same task and start")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the vector to write (safetensors, float32): QAT minus FT over the tensors --scope carries, metadata mode qv with the quantizer, scope and both sources")
     add_pattern_arg(p)
 
 
@@ -192,7 +292,8 @@ def _patch_args(p):
     p.add_argument("--vector", type=Path, action="append", required=True, help="a vector; repeat to add several")
     p.add_argument("--lambda", dest="lambdas", type=lambda_value, action="append",
                    help="scale per vector, a finite number within float32's range (one value applies to all; default 1.0)")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the patched checkpoint to write (safetensors, float32): the receiver with lambda times each vector added, its metadata plus patched_with and the vectors' quant (qv quantize's default)")
 
 
 def _patch(args) -> int:
@@ -200,7 +301,11 @@ def _patch(args) -> int:
     lambdas = checkpoints.broadcast_lambdas(args.lambdas, len(args.vector))
     receiver = WeightVector.load(args.receiver)
     vectors = [WeightVector.load(v) for v in args.vector]
-    checkpoints.patched(receiver, zip(lambdas, vectors), map(str, args.vector), str(args.receiver)).save(args.output)
+    out = checkpoints.patched(receiver, zip(lambdas, vectors), map(str, args.vector), str(args.receiver))
+    quants = {v.metadata.get("quant") for v in vectors} - {None, ""}
+    if not out.metadata.get("quant") and len(quants) == 1:  # the quantizer the vectors were made for: qv quantize's default
+        out = out.with_metadata({"quant": quants.pop()})
+    out.save(args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -210,8 +315,9 @@ register("patch", "receiver + lambda * vector(s): zero-shot patching, no data ne
 
 def _random_args(p):
     p.add_argument("vector", type=Path, help="a quantization vector")
-    p.add_argument("--seed", type=int_in(0), default=0)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the random direction (an integer >= 0)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the random vector to write (safetensors, float32): per tensor the norm of the given vector, metadata control random and the seed")
 
 
 def _random(args) -> int:
@@ -231,14 +337,15 @@ def _merge_args(p):
 
     p.add_argument("vectors", type=Path, nargs="+", help="quantization vectors to merge")
     p.add_argument("--method", default="mean", choices=list(MERGE_METHODS), help="merge method (default mean)")
-    p.add_argument("--density", type=fraction, default=None, help="ties: share of largest entries each vector keeps, in (0, 1]")
+    p.add_argument("--density", type=fraction, default=None, help="ties: share of largest entries each vector keeps, in (0, 1] (default: the method's own, 0.2 for ties)")
     p.add_argument("--exclude", action="append", default=[], metavar="TASK",
                    help="leave out the vector of this task (its metadata's task, else its file name), which must be "
                         "among the inputs; repeatable")
     p.add_argument("--receiver", default=None, metavar="TASK",
                    help="the receiver this leave-one-out donor is for: its vector is left out if it is among the "
-                        "inputs, and it is recorded as left out either way (qv diagnostics reads it)")
-    p.add_argument("-o", "--output", type=Path, required=True)
+                        "inputs, and it is recorded as left out either way (qv diagnostics reads it; default: none)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the merged vector to write (safetensors, float32), usable by qv patch; its metadata records the method and the tasks merged and left out")
 
 
 def _merge(args) -> int:
@@ -403,12 +510,14 @@ register("choose-lambda", "pick lambda (and a donor) with no receiver data: from
 
 def _quantize_args(p):
     p.description += ". " + FLOAT32_ONLY
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a float32 model checkpoint (FT, QAT or patched)")
     add_quant_args(p)
-    add_pattern_arg(p)
+    add_pattern_arg(p, scope=False)  # quantizing reads the pattern only; a vector's scope does not apply
     p.add_argument("--packed", action="store_true",
                    help="write integer codes bit-packed (bits per weight) with float32 scales, not fake-quantized float32")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the quantized checkpoint to write (safetensors): the pattern's tensors fake-quantized in float32, "
+                        "or with --packed their integer codes and scales (qv unpack reads it); the rest unchanged")
 
 
 def _quantize(args) -> int:
@@ -436,7 +545,8 @@ register("quantize", "write the quantized checkpoint: fake-quantized float32, or
 
 def _unpack_args(p):
     p.add_argument("packed", type=Path, help="a checkpoint written by qv quantize --packed")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the float32 checkpoint to write (safetensors): fake-quantized weights, bit-exact with qv quantize without --packed")
 
 
 def _unpack(args) -> int:
@@ -460,7 +570,7 @@ def add_job_args(p, task: bool = False) -> None:
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
     p.add_argument("--quant", default=None, help="quantizer tag, one of the config's quantizers, e.g. w3-channel (default: the first)")
     p.add_argument("--threads", type=int_in(1), default=None,
-                   help="CPU threads for torch (Snakemake passes {threads})")
+                   help="CPU threads for torch (Snakemake passes {threads}; default: torch's own choice)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
@@ -513,7 +623,7 @@ register("pretrain", "train the demo backbone on the generated pretraining mixtu
 def _finetune_args(p):
     add_job_args(p, task=True)
     p.add_argument("--mode", required=True, choices=[str(m) for m in FINETUNE_MODES], help="plain fine-tuning or quantization-aware")
-    p.add_argument("--backbone", type=Path, default=None, help="backbone file (for archs pretrained by `qv pretrain`)")
+    p.add_argument("--backbone", type=Path, default=None, help="backbone file (for archs pretrained by `qv pretrain`; default: the arch's timm weights)")
     p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint safetensors to write")
 
 
@@ -550,7 +660,7 @@ register("cache-splits", "store a task's preprocessed test and calib splits for 
 
 def add_cache_inputs(p) -> None:
     p.add_argument("--test-cache", type=Path, required=True, help="cached test split (qv cache-splits)")
-    p.add_argument("--calib-cache", type=Path, default=None, help="cached calib split (optional)")
+    p.add_argument("--calib-cache", type=Path, default=None, help="cached calib split (default: none, no calib rows)")
 
 
 def cache_inputs(args) -> dict:
@@ -628,15 +738,25 @@ def add_ties_arg(p) -> None:
                         "(the lambda nearest 1, then the smaller; default) or smallest (the authors' rule)")
 
 
+TABLE_HELP = {"baselines": "Top-1 of every task's models (baselines.parquet)",
+              "transfer": "transfer grid with gains over PTQ (transfer.parquet)",
+              "donor": "per-donor summary", "receiver": "per-receiver summary",
+              "specific": "specific gains over the random controls, per pair and rule",
+              "summary-specific": "specific gains pooled with bootstrap intervals and verdicts",
+              "norms": "norms of the FT updates and vectors (all seeds)", "cosine": "cosine of the vectors (all seeds)"}
+
+
 def _tables_args(p):
     p.add_argument("--baselines", type=Path, nargs="+", required=True, help="per-task baseline parquet files")
     p.add_argument("--cells", type=Path, nargs="+", required=True, help="per-cell transfer parquet files")
     p.add_argument("--norms", type=Path, nargs="+", required=True, help="per-seed diagnostics parquet files")
     p.add_argument("--cosine", type=Path, nargs="+", required=True, help="per-seed cosine parquet files")
     for name in ("baselines", "transfer", "donor", "receiver", "specific", "summary-specific", "norms", "cosine"):
-        p.add_argument(f"--out-{name}", type=Path, required=True)
-    p.add_argument("--out-quantizers", type=Path, default=None, help="the quantizer comparison (parquet)")
-    p.add_argument("--out-quantizers-md", type=Path, default=None, help="the quantizer comparison (markdown)")
+        p.add_argument(f"--out-{name}", type=Path, required=True, help=f"the {TABLE_HELP[name]} to write (Parquet)")
+    p.add_argument("--out-quantizers", type=Path, default=None,
+                   help="the quantizer comparison to write (Parquet; default: not written)")
+    p.add_argument("--out-quantizers-md", type=Path, default=None,
+                   help="the quantizer comparison to write (markdown; default: not written)")
     add_ties_arg(p)
 
 
@@ -656,16 +776,18 @@ register("tables", "assemble baselines, the transfer grid with gains, specific g
 
 
 def _diagnostics_args(p):
-    p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    p.add_argument("--arch", required=True)
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="run configuration (YAML)")
+    p.add_argument("--arch", required=True, help="an arch name from the config")
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
     p.add_argument("--quant", default=None, help="quantizer tag, one of the config's quantizers (default: the first)")
-    p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`)")
+    p.add_argument("--backbone", type=Path, default=None, help="backbone file (archs pretrained by `qv pretrain`; default: the arch's timm weights)")
     p.add_argument("--ft", type=Path, nargs="+", required=True, help="FT checkpoints (task taken from metadata)")
     p.add_argument("--vectors", type=Path, nargs="+", required=True, help="quantization vectors (task from metadata)")
     p.add_argument("--merged", type=Path, nargs="*", default=[], help="leave-one-out merged donors (`qv merge --receiver`)")
-    p.add_argument("--out-norms", type=Path, required=True)
-    p.add_argument("--out-cosine", type=Path, required=True)
+    p.add_argument("--out-norms", type=Path, required=True,
+                   help="Parquet to write: relative norms of each FT update and vector, total and per layer type")
+    p.add_argument("--out-cosine", type=Path, required=True,
+                   help="Parquet to write: cosine of every pair of vectors, and of each merged donor with its receiver's")
 
 
 def _diagnostics(args) -> int:
@@ -681,12 +803,16 @@ register("diagnostics", "relative norms of FT updates and vectors, and the cosin
 
 
 def _figures_args(p):
-    p.add_argument("--arch", required=True)
+    p.add_argument("--arch", required=True, help="the arch name (the title of the figures and the summary)")
     p.add_argument("--quant", default=None, help="the quantizer tag whose grid to draw (default: the tables hold one)")
-    for name in ("baselines", "transfer", "summary-specific", "norms", "cosine"):
-        p.add_argument(f"--{name}", type=Path, required=True)
-    for name in ("gain", "cosine", "summary"):
-        p.add_argument(f"--out-{name}", type=Path, required=True)
+    for name, what in (("baselines", "baselines"), ("transfer", "transfer"), ("summary-specific", "summary_specific"),
+                       ("norms", "diagnostics"), ("cosine", "cosine")):
+        p.add_argument(f"--{name}", type=Path, required=True, help=f"the run's {what}.parquet (qv tables)")
+    p.add_argument("--out-gain", type=Path, required=True,
+                   help="PNG to write: gain over PTQ at lambda = 1 and at the oracle lambda, receivers x donors, controls beside")
+    p.add_argument("--out-cosine", type=Path, required=True, help="PNG to write: cosine of the tasks' vectors")
+    p.add_argument("--out-summary", type=Path, required=True,
+                   help="markdown to write (also printed): verdicts, per-seed table, per-task tables")
     add_ties_arg(p)
 
 
@@ -732,8 +858,8 @@ register("paper-tables", "the paper's Tables 1-3 in its layout: baselines, trans
 
 
 def _readme_args(p):
-    p.add_argument("--summary", type=Path, default=None, help="a run's summary.md (qv figures): its headline block")
-    p.add_argument("--quantizers", type=Path, default=None, help="a run's quantizers.md (qv tables): its comparison block")
+    p.add_argument("--summary", type=Path, default=None, help="a run's summary.md (qv figures): its headline block (default: that block is left as it is)")
+    p.add_argument("--quantizers", type=Path, default=None, help="a run's quantizers.md (qv tables): its comparison block (default: that block is left as it is)")
     p.add_argument("--readme", type=Path, default=Path("README.md"), help="the file whose blocks are replaced")
 
 
@@ -765,11 +891,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each optional option's default, ``(default: X)``, unless its help already says what the
+    default is; required options, flags (off unless given) and options without a default show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        empty = isinstance(action.default, (list, tuple)) and not action.default  # e.g. a repeatable option: none
+        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS))  # identity: 0 is a default to show
+        if action.option_strings and not action.required and not unset and not empty and "default" not in text:
+            default = action.default
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qv", description="Quantization vectors for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter))
     return parser
 
 
@@ -797,6 +938,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     _, _, run = COMMANDS[args.command]
     try:
+        settle_from_metadata(args)
         return run(args)
     except USER_ERRORS as err:
         print(f"qv {args.command}: error: {one_line(err)}", file=sys.stderr)

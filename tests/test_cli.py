@@ -1,5 +1,6 @@
 """The `qv` subcommands end to end, through a subprocess (one test also calls the entry point in-process), on tiny checkpoints."""
 
+import argparse
 import contextlib
 import io
 import json
@@ -61,7 +62,7 @@ def test_extract_patch_quantize_info(ckpts):
        "--lambda", 0.5, "--lambda", -0.5, "-o", d / "p0.safetensors")
     torch.testing.assert_close(WeightVector.load(d / "p0.safetensors")["blocks.0.mlp.fc1.weight"], ft["blocks.0.mlp.fc1.weight"])
 
-    qv("quantize", d / "ft.safetensors", "--bits", 2, "-o", d / "q.safetensors")
+    qv("quantize", d / "ft.safetensors", "--bits", 2, "--force", "-o", d / "q.safetensors")  # its metadata says 3 bits
     q = WeightVector.load(d / "q.safetensors")
     assert torch.equal(q["blocks.1.mlp.fc2.weight"], fake_quant(ft["blocks.1.mlp.fc2.weight"], QuantSpec(bits=2)))
     assert torch.equal(q["blocks.1.mlp.fc2.bias"], ft["blocks.1.mlp.fc2.bias"])
@@ -163,15 +164,115 @@ def test_choose_lambda_from_weights_and_from_noise(ckpts, tmp_path):
     d, ft, qat = ckpts
     qv("extract", "--qat", d / "qat.safetensors", "--ft", d / "ft.safetensors", "-o", d / "rho.safetensors")
     out = json.loads(qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors",
-                        "--bits", 2, "--lambdas", 0.0, 1.0, "--json").stdout)
+                        "--bits", 2, "--force", "--lambdas", 0.0, 1.0, "--json").stdout)
     assert out["criterion"] == "weights" and set(out["scores"]) == {"0.0", "1.0"} and out["lambda"] in (0.0, 1.0)
     assert out["lambda"] == min((0.0, 1.0), key=lambda lam: (out["scores"][str(lam)], abs(lam - 1)))
     from helpers import mini_config
 
     cfg = mini_config(tmp_path / "c.yaml", pretrain=False)
-    text = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--bits", 2,
+    text = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--bits", 2, "--force",
               "--criterion", "outputs", "--config", cfg, "--arch", "tiny", "--images", 8).stdout
     assert text.count("lambda") == 7 and text.count("<- chosen") == 1
     proc = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "--criterion", "outputs",
               check=False)
     assert proc.returncode == 2 and "needs --config and --arch" in proc.stderr
+
+
+# ---------------------------------------------------------------- issue 29: options from the input's metadata
+@pytest.fixture
+def two_bit(tmp_path, tiny_arch):
+    """FT (metadata quant empty, as the workflow writes it) and QAT at 2 bits, group granularity, scope linear."""
+    model = build_vit(tiny_arch, 3, seed=0)
+    ft = model.state_dict()
+    qat = {k: v + 0.01 * torch.randn_like(v) if k.endswith(("qkv.weight", "fc1.weight")) else v for k, v in ft.items()}
+    spec = QuantSpec(bits=2, granularity="group", group_size=4)
+    meta = {"arch": "tiny", "task": "t", "seed": 0, "scope": "linear"}
+    WeightVector(ft).save(tmp_path / "ft.safetensors", {**meta, "mode": "ft", "quant": ""})
+    WeightVector(qat).save(tmp_path / "qat.safetensors", {**meta, "mode": "qat", "quant": spec.to_json()})
+    assert cli.main(["extract", "--qat", str(tmp_path / "qat.safetensors"), "--ft", str(tmp_path / "ft.safetensors"),
+                     "-o", str(tmp_path / "rho.safetensors")]) == 0
+    return tmp_path, ft, spec
+
+
+def run_qv(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_quantize_takes_bits_and_blocks_from_the_metadata(two_bit, capsys):
+    d, ft, spec = two_bit
+    assert json.loads(WeightVector.load(d / "rho.safetensors").metadata["quant"]) == json.loads(spec.to_json())
+    # patch passes the vector's quantizer on; quantize without --bits then uses it: 2 bits, groups of 4
+    assert run_qv(capsys, "patch", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors", "-o", d / "p.safetensors")[0] == 0
+    patched = WeightVector.load(d / "p.safetensors")
+    assert QuantSpec.from_json(patched.metadata["quant"]) == spec
+    assert run_qv(capsys, "quantize", d / "p.safetensors", "-o", d / "q.safetensors")[0] == 0
+    q = WeightVector.load(d / "q.safetensors")
+    name = "blocks.0.mlp.fc1.weight"
+    assert torch.equal(q[name], fake_quant(patched[name], spec))
+    assert len(torch.unique(q[name][0, :4])) <= 4  # 2 bits: at most 4 levels per group
+    # the QAT checkpoint records it too
+    assert run_qv(capsys, "quantize", d / "qat.safetensors", "--packed", "-o", d / "packed.safetensors")[0] == 0
+    assert QuantSpec.from_json(WeightVector.load(d / "packed.safetensors").metadata["quant"]) == spec
+
+
+def test_an_option_that_contradicts_the_metadata_is_an_error_unless_forced(two_bit, capsys):
+    d, ft, spec = two_bit
+    out = d / "q.safetensors"
+    code, err = run_qv(capsys, "quantize", d / "qat.safetensors", "--bits", 3, "-o", out)
+    assert code == 2 and not out.exists()
+    assert err.strip() == (f"qv quantize: error: --bits 3 contradicts {d / 'qat.safetensors'}: its metadata records 2; "
+                           "leave --bits out to use it, or pass --force to override it")
+    code, err = run_qv(capsys, "quantize", d / "qat.safetensors", "--granularity", "channel", "-o", out)
+    assert code == 2 and "--granularity channel contradicts" in err and "'group'" in err
+    code, err = run_qv(capsys, "extract", "--qat", d / "qat.safetensors", "--ft", d / "ft.safetensors", "--scope", "all",
+                       "-o", d / "rho2.safetensors")
+    assert code == 2 and "--scope all contradicts" in err and "--force" in err
+    # agreeing values pass; --force overrides: 3 bits per channel on a 2-bit file
+    assert run_qv(capsys, "quantize", d / "qat.safetensors", "--bits", 2, "-o", out)[0] == 0
+    assert run_qv(capsys, "quantize", d / "qat.safetensors", "--bits", 3, "--granularity", "channel", "--force",
+                  "-o", d / "q3.safetensors")[0] == 0
+    qat = WeightVector.load(d / "qat.safetensors")
+    name = "blocks.1.attn.qkv.weight"
+    assert torch.equal(WeightVector.load(d / "q3.safetensors")[name], fake_quant(qat[name], QuantSpec(bits=3)))
+
+
+def test_where_the_metadata_says_nothing_the_defaults_apply(two_bit, capsys):
+    d, ft, _ = two_bit  # the FT checkpoint records no quantizer (quant "")
+    assert run_qv(capsys, "quantize", d / "ft.safetensors", "-o", d / "q.safetensors")[0] == 0
+    name = "blocks.0.attn.proj.weight"
+    assert torch.equal(WeightVector.load(d / "q.safetensors")[name], fake_quant(ft[name], QuantSpec()))
+    assert run_qv(capsys, "quantize", d / "ft.safetensors", "--bits", 5, "-o", d / "q5.safetensors")[0] == 0
+
+
+def test_inputs_that_disagree_must_be_settled_explicitly(two_bit, capsys):
+    d, _, _ = two_bit
+    rho = WeightVector.load(d / "rho.safetensors")
+    rho.with_metadata({"quant": QuantSpec(bits=4).to_json()}).save(d / "rho4.safetensors")
+    code, err = run_qv(capsys, "choose-lambda", "--receiver", d / "ft.safetensors", "--vector", d / "rho.safetensors",
+                       d / "rho4.safetensors", "--lambdas", 1.0)
+    assert code == 2 and "the inputs disagree on --bits" in err
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing, unshown = [], []
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+            if not (action.help or "").strip():
+                missing.append(flag)
+            optional = action.option_strings and not action.required and not isinstance(action, argparse._StoreTrueAction)
+            shown = cli.HelpFormatter("qv")._get_help_string(action)
+            if optional and action.default is not None and action.default != [] and "default" not in shown:
+                unshown.append(flag)
+        help_text = command.format_help()
+        if "-o OUTPUT" in help_text:
+            assert "write" in help_text.split("-o OUTPUT, --output OUTPUT", 1)[1], f"{name}: -o does not say what is written"
+    assert not missing, f"options without help: {missing}"
+    assert not unshown, f"options whose default is not shown: {unshown}"
+    assert "(default: 0)" in " ".join(sub.choices["random-direction"].format_help().split())
