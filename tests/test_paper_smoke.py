@@ -20,6 +20,8 @@ from qvlib.vectors import WeightVector
 
 SMOKE = REPO / ".test" / "config" / "paper-smoke.yaml"
 PAPER = REPO / "config" / "paper.yaml"
+TEXT_SMOKE = REPO / ".test" / "config" / "paper-text-smoke.yaml"
+PAPER_TEXT = REPO / "config" / "paper-text.yaml"
 QUANT = "w3-channel"
 ARCH = "vit_tiny"
 SEED = f"seed{yaml.safe_load(SMOKE.read_text())['seeds'][0]}"  # the authors' one seed
@@ -46,16 +48,28 @@ def differences(a, b, path=""):
     return [] if a == b else [path]
 
 
-def test_smoke_config_is_the_paper_config_with_only_sizes_changed():
-    paper, smoke = yaml.safe_load(PAPER.read_text()), yaml.safe_load(SMOKE.read_text())
+@pytest.mark.parametrize("paper, smoke", [(PAPER, SMOKE), (PAPER_TEXT, TEXT_SMOKE)], ids=["paper", "paper-text"])
+def test_smoke_config_is_the_paper_config_with_only_sizes_changed(paper, smoke):
+    paper, smoke = yaml.safe_load(paper.read_text()), yaml.safe_load(smoke.read_text())
     other = [d for d in differences(paper, smoke) if not any(re.fullmatch(p, d) for p in SIZE_KEYS)]
-    assert other == [], f"paper-smoke.yaml differs from paper.yaml beyond sizes: {other}"
+    assert other == [], f"the smoke config differs from {paper['name']}.yaml beyond sizes: {other}"
     assert set(smoke["tasks"]) <= set(paper["tasks"]) and len(smoke["tasks"]) == 3
     assert set(smoke["archs"]) == {ARCH} and smoke["archs"][ARCH]["timm_name"] == "vit_tiny_patch16_224"
     assert "overrides" not in smoke["archs"][ARCH]  # the full-size arch at 224 px
     assert smoke["archs"][ARCH]["backbone"]["file"] == BACKBONE_FILE
     assert set(smoke["tasks"]) == set(TASKS)  # every task has a fixture, read from data_root/<its hub id>
     assert all(smoke["tasks"][t]["source"]["id"] == TASKS[t].id for t in TASKS)
+
+
+def test_the_text_protocols_smoke_config_plans_every_rule(tmp_path):
+    """The paper text's protocol (scope linear, no augmentation) at the smoke sizes: planned, not run
+    (running it would double the end-to-end test's time)."""
+    from helpers import planned_jobs
+
+    jobs = planned_jobs(snakemake(tmp_path, TEXT_SMOKE, "--dry-run"))
+    per_run = {"finetune": 3, "qat": 3, "extract_vector": 3, "cache_splits": 3, "baselines": 3, "merge_leave_one_out": 3,
+               "transfer_cell": 3 * 4, "diagnostics": 1, "tables": 1, "figures": 1, "all": 1}
+    assert {k: jobs.get(k) for k in per_run} == per_run and "pretrain" not in jobs
 
 
 @pytest.fixture(scope="module")
