@@ -18,7 +18,6 @@ too (specific gain = donor gain - mean random-control gain under the same rule).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qvlib.config import Config  # noqa: E402
 from qvlib.data.registry import load_task, stable_seed  # noqa: E402
-from qvlib.datafree import input_measures, proxy_inputs, weight_error  # noqa: E402
+from qvlib.datafree import Rule, choose_lambda, input_measures, proxy_inputs, weight_error  # noqa: E402
 from qvlib.pipeline import load_engine, random_control_seeds  # noqa: E402
 from qvlib.provenance import machine_line  # noqa: E402
 from qvlib.stats import bootstrap_mean  # noqa: E402
@@ -117,26 +116,20 @@ def score(results: Path, seeds: list[int], n_images: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- rules
-def rule_name(source: str, measure: str, tol: float) -> str:
-    name = "weights" if measure == "weights" else f"{measure}@{source}"
-    return name if tol == 0 else f"{name}~{tol:g}"
-
-
 def picks(scores: pl.DataFrame, sweep_lambdas: list[float]) -> pl.DataFrame:
-    """Per cell variant and rule: the lambda it picks among the sweep's, and the rank score
-    (best score / score at lambda 0: the share of PTQ's departure from the receiver left)."""
+    """Per cell variant and rule (qvlib.datafree.Rule): the lambda it picks among the sweep's, and
+    the rank score (best score / score at lambda 0: the share of PTQ's departure from the receiver left)."""
     rows = []
     for key, g in scores.group_by([*KEYS, "source", "measure"], maintain_order=True):
         d = dict(zip(g["lambda"].to_list(), g["score"].to_list()))
         at0 = d.get(0.0, float("nan"))
-        cand = {lam: d[lam] for lam in sweep_lambdas if lam in d and math.isfinite(d[lam])}
-        best = min(cand.values())
+        cand = {lam: d[lam] for lam in sweep_lambdas if lam in d}
         for tol in TOLERANCES:
             if key[6] == "weights" and tol != 0.0:
                 continue
-            near = [lam for lam, v in cand.items() if v <= best * (1 + tol) + 1e-15]
-            lam = min(near, key=lambda x: (abs(x - 1.0), x))
-            rows.append({**dict(zip(KEYS, key[:5])), "rule": rule_name(key[5], key[6], tol), "lambda": lam,
+            rule = Rule(key[6], key[5] if key[6] != "weights" else "noise", tol)
+            lam = choose_lambda(cand, tol)
+            rows.append({**dict(zip(KEYS, key[:5])), "rule": rule.name, "lambda": lam,
                          "rank_score": cand[lam] / at0 if at0 > 0 else float("nan")})
     return pl.DataFrame(rows)
 
@@ -282,7 +275,7 @@ def main() -> int:
     winner = ranked["rule"][0]
     out = {"select": args.select, "winner": winner, "selection": table, "ranked": ranked, "donors": donor_choice(sel["per_pair"])}
     if args.heldout:
-        keep = [winner, "outputs@noise", "weights"]
+        keep = [winner, "outputs", "weights"]
         held = evaluate(args.results, args.heldout, args.images, rules=keep)
         out["heldout"] = rule_table(held["per_pair"])
         out["heldout_donors"] = donor_choice(held["per_pair"])
@@ -350,7 +343,7 @@ def render(args, out: dict) -> str:
         "(`~t`: the lambda nearest 1 among those within (1 + t) x the lowest score); nothing else is tuned.",
         "",
         "- `weights`: `||Q(theta + lambda rho) - theta||^2 / ||theta||^2` per layer, no images (the old rule).",
-        "- `outputs@S`, `agreement@S`, `features@S`: how far the patched, quantized receiver lands from the full-precision "
+        "- `outputs@S`, `agreement@S`, `features@S` (`outputs` alone: on noise): how far the patched, quantized receiver lands from the full-precision "
         "receiver on images S: mean KL of the class probabilities, share of top-1 disagreements, relative error of the "
         "pre-logit features (`qvlib.datafree.input_measures`, one forward pass per lambda).",
         f"- images S ({args.images} per criterion): `noise` (standard-normal images, the old `outputs` rule), `donor` (the donor's "
@@ -391,7 +384,7 @@ def render(args, out: dict) -> str:
         "### Selection seeds, the selected rule and the old ones in full",
         "",
     ]
-    keep = [winner, "outputs@noise", "weights"]
+    keep = [winner, "outputs", "weights"]
     for kind in ("single", "merged"):
         t = out["selection"].filter(pl.col("rule").is_in(pl.Series(keep).implode()) & (pl.col("kind") == kind))
         lines += [f"{kind} donors:", "", *_fmt(t, MAIN_COLS), ""]

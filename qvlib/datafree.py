@@ -13,6 +13,7 @@ docs/zero-shot-lambda.md measures which rule comes closest to the lambda chosen 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -212,19 +213,62 @@ def folder_images(folder: str | Path, n: int, transform: Callable, seed: int = 0
     return torch.stack(out)
 
 
-def choose_lambda(scores: Mapping[float, float]) -> float:
-    """The lambda of the lowest score; ties go to the lambda nearest 1, then to the smaller. A
-    non-finite score (a criterion that failed at that lambda) never wins; all of them non-finite is
-    an error, as is a non-finite lambda."""
+def choose_lambda(scores: Mapping[float, float], tolerance: float = 0.0) -> float:
+    """The lambda of the lowest score; ties go to the lambda nearest 1, then to the smaller. With
+    ``tolerance`` t, every lambda whose score is within (1 + t) x the lowest counts as tied (a
+    score's noise should not move lambda away from 1). A non-finite score (a criterion that failed
+    at that lambda) never wins; all of them non-finite is an error, as is a non-finite lambda."""
     if not scores:
         raise ValueError("no lambda was scored")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"the tolerance must be a finite number >= 0, got {tolerance!r}")
     bad = [lam for lam in scores if not math.isfinite(lam)]
     if bad:
         raise ValueError(f"lambda {bad[0]!r} is not a finite number")
     finite = [lam for lam, score in scores.items() if math.isfinite(score)]
     if not finite:
         raise ValueError(f"every lambda scored a non-finite value ({', '.join(f'{lam:g}' for lam in scores)}): nothing to choose")
-    return min(finite, key=lambda lam: (scores[lam], abs(lam - 1.0), lam))
+    best = min(scores[lam] for lam in finite)
+    near = [lam for lam in finite if scores[lam] <= best + tolerance * abs(best)] if tolerance else \
+        [lam for lam in finite if scores[lam] == best]
+    return min(near, key=lambda lam: (abs(lam - 1.0), lam))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A data-free lambda rule as the config and the tables name it: ``criterion[@source][~tolerance]``,
+    e.g. ``weights``, ``outputs`` (on noise, the old rule), ``features@donor`` or ``outputs@others~0.1``."""
+
+    criterion: str
+    source: str = "noise"
+    tolerance: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Rule":
+        rest, _, tol = str(text).partition("~")
+        criterion, at, source = rest.partition("@")
+        LAMBDA_CRITERIA.lookup(criterion)
+        if at and criterion not in INPUT_MEASURES:
+            raise ValueError(f"data-free rule {text!r}: criterion {criterion!r} reads no images, so it takes no @source")
+        source = source if at else "noise"
+        if source not in IMAGE_SOURCES:
+            raise ValueError(f"data-free rule {text!r}: unknown image source {source!r}; known: {', '.join(IMAGE_SOURCES)}")
+        try:
+            tolerance = float(tol) if tol else 0.0
+        except ValueError:
+            raise ValueError(f"data-free rule {text!r}: the tolerance after ~ must be a number, got {tol!r}") from None
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"data-free rule {text!r}: the tolerance must be a finite number >= 0")
+        return cls(criterion, source, tolerance)
+
+    @property
+    def needs_images(self) -> bool:
+        return self.criterion in INPUT_MEASURES
+
+    @property
+    def name(self) -> str:
+        out = self.criterion + (f"@{self.source}" if self.needs_images and self.source != "noise" else "")
+        return out + (f"~{self.tolerance:g}" if self.tolerance else "")
 
 
 def check_fits(receiver: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor]) -> None:

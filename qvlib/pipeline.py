@@ -16,7 +16,7 @@ from .diagnostics import cosine_table, merged_cosine_table, norms_table
 from .data.base import Preprocess
 from .data.cache import cache_relpath, read_split_cache, write_split_cache
 from .data.registry import load_task, pretrain_mixture, stable_seed
-from .datafree import choose_lambda, noise_images, score_lambdas
+from .datafree import Rule, choose_lambda, noise_images, proxy_inputs, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
 from .racing import race_splits
 from .report import write_parquet
@@ -170,8 +170,10 @@ def evaluate_cells(cfg: Config, arch_name: str, receiver: str, receiver_ft: Path
     carried = cfg.policy.select_carried(engine.base)
     vectors = [_checked_vector(cfg, arch_name, engine, carried, path) for _, path, _ in donors]
     splits = cached_splits(engine, caches)
-    datafree = _datafree_inputs(cfg, engine, carried) if cfg.datafree_criteria and Split.TEST in splits else None
+    datafree = _datafree_inputs(cfg, engine, carried, receiver) if cfg.datafree_criteria and Split.TEST in splits else None
     for (donor, _, output), rho in zip(donors, vectors):
+        if datafree is not None:  # proxy images come from the donor's tasks (a merged donor: every task but the receiver's)
+            datafree["donor_tasks"] = [donor] if donor in cfg.task_names else [t for t in cfg.task_names if t != receiver]
         rows = _cell_rows(cfg, arch_name, engine, names, splits, datafree, receiver, donor, rho, controls)
         write_parquet(pl.DataFrame(rows, schema_overrides={"control_seed": pl.Int64, "criterion": pl.Utf8}), output)
 
@@ -246,19 +248,50 @@ def _sweep_rows(cfg: Config, engine: Engine, patched, splits: dict, test_lambdas
     return rows
 
 
-def _datafree_inputs(cfg: Config, engine: Engine, names: list[str]) -> dict:
-    """What the data-free criteria read, the same for every vector of a cell: the receiver's tensors
-    that vectors carry, its model and the noise images."""
-    return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model,
-            "inputs": noise_images(cfg.datafree_images, engine.preprocess.img_size, seed=stable_seed("noise-images", cfg.seed))}
+def _datafree_inputs(cfg: Config, engine: Engine, names: list[str], receiver: str) -> dict:
+    """What the data-free rules read, the same for every vector of a cell: the receiver's tensors
+    that vectors carry, its model, the noise images, and a reader of other tasks' training images
+    (qvlib.datafree.proxy_inputs, which never reads the receiver's task)."""
+    pre = engine.preprocess
+    train_sets: dict = {}
+
+    def train_split(task: str):
+        if task not in train_sets:
+            train_sets[task] = load_task(task, cfg.load_options(task, pre)).train
+        return train_sets[task]
+
+    return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model, "receiver_task": receiver,
+            "inputs": noise_images(cfg.datafree_images, pre.img_size, seed=stable_seed("noise-images", cfg.seed)),
+            "train_split": train_split, "to_model": lambda x: pre.normalize(pre.resize_batch(x)).to(engine.device),
+            "n_proxy": int(cfg.raw.get("datafree", {}).get("proxy_images", 256)), "proxies": {}, "donor_tasks": []}
 
 
 def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, float]:
-    """Per configured criterion, the sweep lambda it picks from the receiver's weights (and noise
-    images) alone; its rows (``search: datafree``) carry that lambda's test accuracy."""
-    extra = {"model": datafree["model"], "inputs": datafree["inputs"]}
-    return {c: choose_lambda(score_lambdas(c, datafree["receiver"], vector, cfg.quant, cfg.lambdas, cfg.policy, **extra))
-            for c in cfg.datafree_criteria}
+    """Per configured rule (qvlib.datafree.Rule), the sweep lambda it picks from the receiver's
+    weights, noise or proxy images alone; its rows (``search: datafree``) carry that lambda's test
+    accuracy. A rule on the donor's images has none for the receiver's own vector (the self
+    control): no pick there."""
+    picks = {}
+    for text in cfg.datafree_criteria:
+        rule = Rule.parse(text)
+        inputs = datafree["inputs"]
+        if rule.needs_images and rule.source != "noise":
+            key = (rule.source, tuple(datafree["donor_tasks"]) if rule.source == "donor" else ())
+            if key not in datafree["proxies"]:
+                try:
+                    datafree["proxies"][key] = proxy_inputs(
+                        rule.source, datafree["n_proxy"], 0, receiver=datafree["receiver_task"], donor_tasks=key[1],
+                        all_tasks=cfg.task_names, train_split=datafree["train_split"], to_model=datafree["to_model"],
+                        seed=stable_seed("proxy-images", cfg.seed))
+                except ValueError:  # the self control: its only tasks are the receiver's
+                    datafree["proxies"][key] = None
+            inputs = datafree["proxies"][key]
+            if inputs is None:
+                continue
+        scores = score_lambdas(rule.criterion, datafree["receiver"], vector, cfg.quant, cfg.lambdas, cfg.policy,
+                               model=datafree["model"], inputs=inputs)
+        picks[text] = choose_lambda(scores, rule.tolerance)
+    return picks
 
 
 def vectors_by_task(paths: list[Path]) -> dict[str, WeightVector]:

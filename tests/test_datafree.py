@@ -235,3 +235,44 @@ def test_choose_lambda_on_proxy_images_ranks_donors_and_refuses_the_receivers_ta
     assert cli.main(["choose-lambda", "--receiver", str(tmp_path / "ft.safetensors"), "--vector", str(tmp_path / "rho0.safetensors"),
                      "--bits", "2", "--task", "glyphs"]) == 2
     assert "reads no images" in capsys.readouterr().err
+
+
+def test_rules_parse_and_tolerance():
+    from qvlib.datafree import Rule
+
+    assert Rule.parse("weights") == Rule("weights") and Rule.parse("outputs") == Rule("outputs", "noise")
+    r = Rule.parse("features@donor~0.1")
+    assert (r.criterion, r.source, r.tolerance, r.name) == ("features", "donor", 0.1, "features@donor~0.1")
+    assert Rule.parse("outputs@noise").name == "outputs"
+    for bad, msg in (("weights@donor", "takes no @source"), ("features@test", "unknown image source"),
+                     ("features~x", "must be a number"), ("psychic", "unknown data-free"), ("outputs~-1", ">= 0")):
+        with pytest.raises(ValueError, match=msg):
+            Rule.parse(bad)
+    scores = {0.5: 0.100, 1.0: 0.108, 2.0: 0.3}
+    assert choose_lambda(scores) == 0.5 and choose_lambda(scores, tolerance=0.1) == 1.0
+    assert choose_lambda(scores, tolerance=0.05) == 0.5
+
+
+def test_the_workflow_hands_rules_only_other_tasks_images(tmp_path, tiny_arch):
+    """qvlib.pipeline's data-free picks for a receiver read the donor's (or the other tasks') training
+    images and never the receiver's; the self control gets no pick from a rule on the donor's images."""
+    from helpers import mini_config
+    from qvlib.config import Config
+    from qvlib.pipeline import _datafree_picks
+
+    cfg = Config.load(mini_config(tmp_path / "c.yaml", pretrain=False, tasks=["shapes", "dots", "blur"],
+                                  datafree={"criteria": ["weights", "outputs", "features@donor", "agreement@others~0.1"],
+                                            "noise_images": 4, "proxy_images": 6}))
+    spec = cfg.quant
+    model, receiver, rho, policy = _on_grid_receiver(tiny_arch, spec)
+    tasks = cfg.task_names
+    for recv in tasks:
+        split = _Recorder(tasks, recv)
+        datafree = {"receiver": receiver, "model": model, "receiver_task": recv, "inputs": noise_images(4, 16),
+                    "train_split": split, "to_model": lambda u: u.float() / 255, "n_proxy": 6, "proxies": {}}
+        for donor_tasks in ([t for t in tasks if t != recv][:1], [t for t in tasks if t != recv], [recv]):
+            datafree["donor_tasks"] = donor_tasks
+            picks = _datafree_picks(cfg, datafree, rho)
+            assert set(picks) == {"weights", "outputs", "agreement@others~0.1"} | ({"features@donor"} if donor_tasks != [recv] else set())
+            assert all(lam in cfg.lambdas for lam in picks.values())
+        assert recv not in split.read and split.read

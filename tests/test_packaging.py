@@ -91,7 +91,10 @@ def test_schema_choices_are_the_registries():
 
     props = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
     assert props["merged_donors"]["items"]["enum"] == list(MERGE_METHODS)
-    assert props["datafree"]["properties"]["criteria"]["items"]["enum"] == list(LAMBDA_CRITERIA)
+    pattern = props["datafree"]["properties"]["criteria"]["items"]["pattern"]  # criterion[@images][~tolerance]
+    assert all(re.fullmatch(pattern, c) for c in LAMBDA_CRITERIA)
+    assert set(re.findall(r"[a-z]+", pattern.split("@")[0])) == set(LAMBDA_CRITERIA)
+    assert not re.fullmatch(pattern, "psychic") and not re.fullmatch(pattern, "weights@donor")
 
 
 def test_the_public_api_loads_lazily_and_light_commands_skip_timm():
