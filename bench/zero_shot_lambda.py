@@ -179,7 +179,8 @@ def rule_table(per_pair: pl.DataFrame) -> pl.DataFrame:
     and the AUROC of -rank score for specific gain > 0."""
     donor = per_pair.filter(pl.col("control") == Control.DONOR)
     rand = per_pair.filter(pl.col("control") == Control.RANDOM).select("seed", "receiver", "donor", "rule",
-                                                                       pl.col("gain").alias("random_gain"))
+                                                                       pl.col("gain").alias("random_gain"),
+                                                                       pl.col("rank_score").alias("random_rank"))
     both = donor.join(rand, on=["seed", "receiver", "donor", "rule"], how="inner").with_columns(
         (pl.col("gain") - pl.col("random_gain")).alias("specific"))
     rows = []
@@ -194,7 +195,8 @@ def rule_table(per_pair: pl.DataFrame) -> pl.DataFrame:
                      "of_calib": iv.mean / g["gain_calib"].mean(), "random": g["random_gain"].mean(),
                      "specific": sp.mean, "specific_low": sp.low, "specific_high": sp.high,
                      "worst_seed_vs_lambda1": per_seed["d"].min(), "median_lambda": g["lambda"].median(),
-                     "auroc": _auroc(rs[s], rs[~s])})
+                     "auroc": _auroc(rs[s], rs[~s]),
+                     "auroc_vs_random": _auroc(*(lambda v: (v[s], v[~s]))(g["random_rank"].to_numpy() - g["rank_score"].to_numpy()))})
     return pl.DataFrame(rows).sort(["kind", "gain"], descending=[False, True])
 
 
@@ -226,14 +228,15 @@ def _fmt(df: pl.DataFrame, cols: list[str]) -> list[str]:
         cells = []
         for c in cols:
             v = r[c]
-            cells.append(f"{v:+.2f}" if isinstance(v, float) and c not in ("auroc", "of_calib", "median_lambda", "top_is_merged")
+            cells.append(f"{v:+.2f}" if isinstance(v, float) and c not in ("auroc", "auroc_vs_random", "of_calib", "median_lambda", "top_is_merged",
+                                                                               "single_auroc", "single_of_calib", "merged_of_calib")
                          else f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 MAIN_COLS = ["rule", "pairs", "gain", "low", "high", "lambda1", "calib", "oracle", "of_calib", "random", "specific",
-             "specific_low", "specific_high", "worst_seed_vs_lambda1", "median_lambda", "auroc"]
+             "specific_low", "specific_high", "worst_seed_vs_lambda1", "median_lambda", "auroc", "auroc_vs_random"]
 DONOR_COLS = ["rule", "receivers", "top_ranked", "low", "high", "mean_single", "best_single_rule", "best_single_oracle",
               "merged", "top_is_merged"]
 
