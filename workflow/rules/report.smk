@@ -57,7 +57,8 @@ rule tables:
         norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
         quantizers=f"{OUT}/{{arch}}/quantizers.parquet",
-        quantizers_md=f"{OUT}/{{arch}}/quantizers.md",
+        quantizers_md=report(f"{OUT}/{{arch}}/quantizers.md", caption="../report/quantizers.rst", category="Tables",
+                             subcategory="{arch} all quantizers", labels={"arch": "{arch}", "quantizer": "all", "item": "quantizers.md"}),
     log:
         f"{LOGS}/{{arch}}/tables.log",
     conda:
@@ -80,9 +81,12 @@ rule figures:
         norms=f"{OUT}/{{arch}}/diagnostics.parquet",
         cosine=f"{OUT}/{{arch}}/cosine.parquet",
     output:
-        gain=report(f"{OUT}/{{arch}}/{{quant}}/heatmap_gain.png", category="Figures", subcategory="{quant}"),
-        cosine=report(f"{OUT}/{{arch}}/{{quant}}/heatmap_cosine.png", category="Figures", subcategory="{quant}"),
-        summary=report(f"{OUT}/{{arch}}/{{quant}}/summary.md", category="Summary", subcategory="{quant}"),
+        gain=report(f"{OUT}/{{arch}}/{{quant}}/heatmap_gain.png", caption="../report/heatmap_gain.rst",
+                    category="Figures", subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "gain heatmap"}),
+        cosine=report(f"{OUT}/{{arch}}/{{quant}}/heatmap_cosine.png", caption="../report/heatmap_cosine.rst",
+                      category="Figures", subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "cosine heatmap"}),
+        summary=report(f"{OUT}/{{arch}}/{{quant}}/summary.md", caption="../report/summary.rst",
+                       category="Tables", subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "summary.md"}),
     log:
         f"{LOGS}/{{arch}}/{{quant}}/figures.log",
     conda:
@@ -100,7 +104,8 @@ rule paper_tables:
         baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",
     output:
-        md=report(f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['md']}", category="Paper tables", subcategory="{quant}"),
+        md=report(f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['md']}", caption="../report/paper_tables.rst", category="Tables",
+                  subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "paper_tables.md"}),
         table1=f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['table1']}",
         transfer=f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['transfer']}",
     log:
