@@ -33,6 +33,7 @@ CPU always computes in fp32).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -139,6 +140,7 @@ def fitting_train_rate(arch: ArchSpec, qat: bool, precision: str, batch: int, ac
             tried.append(accum)
             accum *= 2
         finally:
+            gc.collect()  # the failed attempt's model and optimizer state, before the next one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"img_per_s": None, "peak_memory_gib": None, "grad_accum": None, "micro_batch": None, "fits": False,
@@ -220,10 +222,11 @@ def smoke_config(args, work: Path, precision: str) -> Path:
     from paper_fixtures import BACKBONE_FILE
 
     raw = yaml.safe_load(SMOKE.read_text())
-    timm_name = yaml.safe_load(PAPER.read_text())["archs"][args.smoke_arch]["timm_name"]
-    backbone = {"source": "timm", "tag": yaml.safe_load(PAPER.read_text())["archs"][args.smoke_arch]["backbone"]["tag"],
-                "file": str(work / BACKBONE_FILE.replace("vit_tiny_patch16_224", timm_name))}
-    arch = {"timm_name": timm_name, "backbone": backbone, **({"overrides": args.overrides} if args.overrides else {})}
+    arch = dict(yaml.safe_load(PAPER.read_text())["archs"][args.smoke_arch])  # with its own train keys (ViT-L: 64 x 2)
+    timm_name = arch["timm_name"]
+    arch["backbone"] = {**arch["backbone"], "file": str(work / BACKBONE_FILE.replace("vit_tiny_patch16_224", timm_name))}
+    if args.overrides:
+        arch["overrides"] = args.overrides
     raw.update(name="gpu-acceptance", data_root=str(work / "data"), archs={args.smoke_arch: arch})
     for task in raw["tasks"].values():
         task.pop("train", None)  # every task the same number of steps
