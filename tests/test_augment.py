@@ -82,3 +82,46 @@ def test_training_with_augmentation_is_deterministic_and_differs_from_without(ti
     plain = _train(tiny_arch, tmp_path / "plain.safetensors", False)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], plain["blocks.0.attn.qkv.weight"])
+
+
+def test_eval_transform_resizes_with_pil_before_the_tensor_as_the_authors_do():
+    from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(1)
+    image = Image.fromarray(torch.randint(0, 255, (500, 300, 3), dtype=torch.uint8, generator=g).numpy())
+    out = Preprocess(img_size=224, crop_pct=0.9).pil_transform()(image)
+    # PIL's own bicubic resize of the shorter side to 248 (300 x 500 -> 248 x 413), centre crop 224
+    resized = image.resize((248, 413), Image.Resampling.BICUBIC)
+    top = round((413 - 224) / 2)
+    expected = v2.functional.pil_to_tensor(resized.crop((12, top, 12 + 224, top + 224)))
+    assert out.dtype == torch.uint8 and torch.equal(out, expected)
+
+
+def test_images_stored_transposed_are_augmented_as_stored_then_turned_upright(monkeypatch):
+    """EMNIST: the authors flip the stored image and transpose after, so the upright letter is flipped
+    vertically (a horizontal flip of the upright letter would be the other order)."""
+    from torchvision.transforms import v2
+
+    from qvlib.data import augment
+    from qvlib.data.base import TransposedImages
+
+    def always_flip(preprocess):
+        return v2.Compose([v2.Lambda(augment._to_rgb_pil), v2.RandomHorizontalFlip(p=1.0), v2.PILToTensor()])
+
+    monkeypatch.setattr(augment, "train_transform", always_flip)
+    stored = pil_images(n=2, size=(20, 12))  # 20 wide, 12 high: not square, not symmetric
+    pre = Preprocess(img_size=16)
+    train_split = Subset(TransformedDataset(TransposedImages(stored), pre.pil_transform()), [1])
+    out, label = augment.augmented(train_split, pre, seed=0)[(0, 0)]
+    upright = v2.functional.pil_to_tensor(stored[1][0].transpose(Image.Transpose.TRANSPOSE))
+    assert label == 1 and out.shape == (3, 20, 12)
+    assert torch.equal(out, upright.flip(-2))  # a vertical flip of the upright image
+    assert not torch.equal(out, upright.flip(-1))
+
+
+def test_only_tasks_that_decode_image_files_are_marked_as_read_through_pil():
+    from qvlib.data.registry import reads_image_files
+
+    assert not reads_image_files("shapes") and not reads_image_files("mnist5k", {})
+    assert reads_image_files("emnist") and reads_image_files("cifar10", None)
+    assert reads_image_files("mytask", {"source": {"kind": "hf", "id": "x/y"}})

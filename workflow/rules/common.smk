@@ -11,6 +11,7 @@ from snakemake.utils import validate
 
 from qvlib.config import Config, check_finite, digest_of as digest
 from qvlib.data.cache import cache_relpath
+from qvlib.data.registry import reads_image_files
 from qvlib.pipeline import arch_pixels
 from qvlib.vocab import Mode, merged_donor
 
@@ -151,9 +152,17 @@ def arch_digest(arch):
     return digest(without_train(config["archs"][arch]), config.get("pretrain") if needs_pretrain(arch) else None)
 
 
+# Tasks read from image files are resized by PIL before they become tensors (the authors' order) since
+# this marker joined their settings hash: caches and FT runs made with the earlier tensor resize rebuild.
+# Embedded tasks (generated, or arrays shipped in a package) never decode a file and keep their hash.
+PIL_RESIZE = "pil-resize"
+
+
 def task_digest(task):
+    options = config["tasks"][task] or {}
+    marker = [PIL_RESIZE] if reads_image_files(task, options) else []
     return digest(without_train(config["tasks"][task]), config.get("task_defaults"), config.get("data_root"),
-                  config.get("data_seed"), *optional(config, "calib_position"))
+                  config.get("data_seed"), *optional(config, "calib_position"), *marker)
 
 
 def train_overrides(arch, task):
