@@ -214,7 +214,7 @@ def cosine_figure(cosine: pl.DataFrame, title: str = ""):
     mesh = ax.collections[0]
     sns.heatmap(tasks.where(diagonal), ax=ax, mask=~diagonal, cmap=ListedColormap([NEUTRAL]), annot=True, fmt=".0f",
                 cbar=False, linewidths=0.5, linecolor="white", annot_kws={"size": size, "color": "#666666"})
-    ax.set_title("between tasks' vectors (diagonal = 1, grey; scale: off-diagonal range)", fontsize=9)
+    ax.set_title("between tasks' vectors", fontsize=9)
     _label_axes(ax)
     if m:  # each receiver's leave-one-out merged donor against the receiver's own vector, apart
         side = fig.add_subplot(grid[0, 1])
@@ -224,7 +224,8 @@ def cosine_figure(cosine: pl.DataFrame, title: str = ""):
         _label_axes(side, yticks=False)
     cbar = fig.colorbar(mesh, cax=fig.add_subplot(grid[0, len(ratios) - 1]), extend="both")
     cbar.set_label(COSINE_UNITS)
-    fig.suptitle(title or "cosine similarity of quantization vectors", fontsize=10, y=1 - 0.08 / height, va="top")
+    note = "mean over seeds; the diagonal (1 by definition) grey, the colour scale spans the other cells"
+    fig.suptitle(f"{title or 'cosine similarity of quantization vectors'}\n{note}", fontsize=9, y=1 - 0.08 / height, va="top")
     return fig
 
 
