@@ -44,6 +44,13 @@ KEYS = ["seed", "receiver", "donor", "control", "control_seed"]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
+def run_config(results: Path, seeds: list[int]) -> Config:
+    """The run's config (written by its last job) with every studied seed among its replicates: the
+    workflow rewrites it per invocation, e.g. with seeds [1] while seed 0's files are already there."""
+    cfg = Config.load(results.parent / "config.yaml")
+    return Config({**cfg.raw, "seeds": sorted(set(cfg.seeds) | set(seeds))}, cfg.path)
+
+
 def _run_paths(results: Path, cfg: Config, seed: int) -> dict:
     q = results / f"seed{seed}" / cfg.quant.tag
     return {"ft": results / f"seed{seed}" / "checkpoints", "vectors": q / "vectors", "cells": q / "transfer", "baselines": q / "baselines"}
@@ -91,7 +98,7 @@ def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets:
 
 
 def score(results: Path, seeds: list[int], n_images: int) -> None:
-    cfg = Config.load(results.parent / "config.yaml")
+    cfg = run_config(results, seeds)
     out = results / f"zero_shot_scores.{n_images}.parquet"
     have = pl.read_parquet(out) if out.exists() else None
     done = set(have["seed"].unique().to_list()) if have is not None else set()
@@ -145,7 +152,7 @@ def load_cells(results: Path, cfg: Config, seeds: list[int]) -> pl.DataFrame:
 
 def evaluate(results: Path, seeds: list[int], n_images: int, rules: list[str] | None = None) -> dict:
     """Per rule: the pooled tables of the study on ``seeds``."""
-    cfg = Config.load(results.parent / "config.yaml")
+    cfg = run_config(results, seeds)
     transfer = load_cells(results, cfg, seeds)
     ref = pairs(transfer)  # lambda = 1, calib, oracle, per (pair, control), random controls averaged
     ref = ref.rename({"donor": "donor"}).select("seed", "receiver", "donor", "control", "gain_lambda1", "gain_calib", "gain_oracle")
@@ -228,7 +235,7 @@ def _fmt(df: pl.DataFrame, cols: list[str]) -> list[str]:
         cells = []
         for c in cols:
             v = r[c]
-            cells.append(f"{v:+.2f}" if isinstance(v, float) and c not in ("auroc", "auroc_vs_random", "of_calib", "median_lambda", "top_is_merged",
+            cells.append(f"{v:+.2f}" if isinstance(v, float) and c not in ("auroc", "auroc_vs_random", "of_calib", "selection", "median_lambda", "top_is_merged",
                                                                                "single_auroc", "single_of_calib", "merged_of_calib")
                          else f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
@@ -259,6 +266,7 @@ def main() -> int:
     ap.add_argument("--select", type=int, nargs="+", default=None, help="selection seeds: every rule, ranked")
     ap.add_argument("--heldout", type=int, nargs="+", default=None, help="held-out seeds: the selected rules only")
     ap.add_argument("--report", type=Path, default=None, help="write the study (markdown) here")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the report's setup (where the seeds ran)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.score:
@@ -269,7 +277,7 @@ def main() -> int:
     table = rule_table(sel["per_pair"])
     ranked = selection_score(table)
     print(f"selection seeds {args.select}:")
-    print("\n".join(_fmt(_compact(table, ranked), ["rule", "single", "single_of_calib", "merged", "merged_of_calib", "worst_seed",
+    print("\n".join(_fmt(_compact(table, ranked), ["rule", "selection", "single", "single_of_calib", "merged", "merged_of_calib", "worst_seed",
                                                    "single_specific_low", "single_auroc"])))
     for kind in ("single", "merged"):
         print(f"{kind}:")
@@ -305,7 +313,8 @@ def _compact(table: pl.DataFrame, ranked: pl.DataFrame) -> pl.DataFrame:
     s = table.filter(pl.col("kind") == "single").select("rule", pl.col("gain").alias("single"), pl.col("of_calib").alias("single_of_calib"),
                                                        pl.col("specific_low").alias("single_specific_low"), pl.col("auroc").alias("single_auroc"))
     m = table.filter(pl.col("kind") == "merged").select("rule", pl.col("gain").alias("merged"), pl.col("of_calib").alias("merged_of_calib"))
-    return ranked.select("rule", "worst_seed").join(s, on="rule").join(m, on="rule")
+    return (ranked.select("rule", pl.col("min_of_calib").alias("selection"), "worst_seed")
+            .join(s, on="rule", maintain_order="left").join(m, on="rule", maintain_order="left"))
 
 
 def _goal(table: pl.DataFrame, rule: str) -> list[str]:
@@ -372,6 +381,7 @@ def render(args, out: dict) -> str:
         "```",
         "",
         f"Machine: {machine_line()}.",
+        *([""] + list(args.note) if args.note else []),
         "",
         f"## Selection seeds {', '.join(map(str, sel))}: every rule",
         "",
@@ -379,7 +389,7 @@ def render(args, out: dict) -> str:
         "gain; the worse of the two kinds' worst seed against lambda = 1; the lower end of the single donors' specific-gain "
         "interval; AUROC of the rank score (best score / score at lambda 0) for 'specific gain > 0'.",
         "",
-        *_fmt(_compact(out["selection"], out["ranked"]), ["rule", "single", "single_of_calib", "merged", "merged_of_calib",
+        *_fmt(_compact(out["selection"], out["ranked"]), ["rule", "selection", "single", "single_of_calib", "merged", "merged_of_calib",
                                                           "worst_seed", "single_specific_low", "single_auroc"]),
         "",
         f"Selected: **`{winner}`**.",
