@@ -250,7 +250,9 @@ def _markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-README_START, README_END = _markers("readme")  # the summary's block the README copies
+README_START, README_END = _markers("readme")  # the summary's headline block: verdicts, per-seed table, machine
+VERDICT_BLOCK = "verdict"  # the summary's short block for a front page: verdict lines, seeds and machine
+SUMMARY_BLOCKS = ("readme", VERDICT_BLOCK)  # the blocks `qv readme --summary` copies where the target has them
 
 
 def cell_text(v, digits: int = 1) -> str:
@@ -476,6 +478,16 @@ def summary_markdown(arch: str, baselines: pl.DataFrame, pair_rows: pl.DataFrame
         "on each task's test split; gains are points over the receiver's PTQ accuracy; the *specific gain* of a pair is the "
         "donor's gain minus the mean gain of its own random directions under the same lambda rule.",
         "",
+        _markers(VERDICT_BLOCK)[0],
+        f"**Does a donor's direction beat random directions of its size?** {int(heads['tasks'][0])} tasks, {n_pairs} "
+        f"pairs per seed, seeds {', '.join(map(str, seeds))}, pooled; specific gain in points with its 95% bootstrap interval:",
+        "",
+        *verdict_lines(summary_specific),
+        *merged_and_datafree_verdicts(summary_specific),
+        "",
+        f"Measured on: {machine_line()}.",
+        _markers(VERDICT_BLOCK)[1],
+        "",
         README_START,
         "**Transfer beyond a random direction** (pooled over seeds):",
         "",
@@ -526,6 +538,12 @@ def readme_block(summary: str, name: str = "readme") -> str:
         raise ValueError(f"the summary has no {start_mark} ... {end_mark} block")
     start = summary.index(start_mark)
     return summary[start:summary.index(end_mark) + len(end_mark)]
+
+
+def has_block(text: str, name: str) -> bool:
+    """Does ``text`` hold both markers of block ``name``?"""
+    start_mark, end_mark = _markers(name)
+    return start_mark in text and end_mark in text
 
 
 def replace_readme_block(readme: str, block: str, name: str = "readme") -> str:
