@@ -377,6 +377,13 @@ def _images_arg(text: str):
     return Path(text)
 
 
+def _tolerance_arg(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def _choose_args(p):
     from .datafree import INPUT_MEASURES, LAMBDA_CRITERIA
 
@@ -401,6 +408,9 @@ def _choose_args(p):
                    help="input criteria: registered tasks whose training images are the proxies (e.g. the donor's "
                         "task); the receiver's own task (its checkpoint's metadata) is refused")
     p.add_argument("--n-images", type=int_in(1), default=256, help="proxy images drawn from --images DIR or --task")
+    p.add_argument("--tolerance", type=_tolerance_arg, default=0.0,
+                   help="the lambda nearest 1 among those scoring within (1 + tolerance) x the lowest (the study's "
+                        "best rule, KL on other tasks' images, uses 0.05)")
     p.add_argument("--controls", type=int_in(0, what="controls"), default=1,
                    help="norm-matched random directions scored beside each vector (how sure: a donor should leave a "
                         "smaller share of PTQ's score than its random directions); 0: none")
@@ -462,7 +472,7 @@ def _choose(args) -> int:
     def rank(vec):  # scores of the candidates, the pick, and its score as a share of PTQ's (lambda 0)
         all_scores = score_lambdas(args.criterion, receiver, vec, spec, scored, policy, **extra)
         scores = {lam: all_scores[lam] for lam in lambdas}
-        best = choose_lambda(scores)
+        best = choose_lambda(scores, args.tolerance)
         at0 = all_scores[0.0]
         share = scores[best] / at0 if math.isfinite(at0) and at0 > 0 else float("nan")
         return scores, best, share
@@ -858,19 +868,27 @@ register("paper-tables", "the paper's Tables 1-3 in its layout: baselines, trans
 
 
 def _readme_args(p):
-    p.add_argument("--summary", type=Path, default=None, help="a run's summary.md (qv figures): its headline block (default: that block is left as it is)")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="a run's summary.md (qv figures): its headline block (readme markers) and its short verdict block "
+                        "(verdict markers), each copied where the target file has its markers (default: those blocks are "
+                        "left as they are)")
     p.add_argument("--quantizers", type=Path, default=None, help="a run's quantizers.md (qv tables): its comparison block (default: that block is left as it is)")
     p.add_argument("--readme", type=Path, default=Path("README.md"), help="the file whose blocks are replaced")
 
 
 def _readme(args) -> int:
-    from .plots import QUANTIZERS_BLOCK, readme_block, replace_readme_block
+    from .plots import QUANTIZERS_BLOCK, SUMMARY_BLOCKS, has_block, readme_block, replace_readme_block
 
     check_output(args.readme, args.summary, args.quantizers)  # the README itself is rewritten in place
-    sources = [(path, name) for path, name in ((args.summary, "readme"), (args.quantizers, QUANTIZERS_BLOCK)) if path]
-    if not sources:
+    if not (args.summary or args.quantizers):
         raise SystemExit("qv readme: give --summary and/or --quantizers")
     text = args.readme.read_text()
+    sources = [(args.quantizers, QUANTIZERS_BLOCK)] if args.quantizers else []
+    if args.summary:
+        names = [name for name in SUMMARY_BLOCKS if has_block(text, name)]
+        if not names:
+            raise ValueError(f"{args.readme} has none of the summary's blocks ({', '.join(SUMMARY_BLOCKS)}) to replace")
+        sources += [(args.summary, name) for name in names]
     for path, name in sources:
         text = replace_readme_block(text, readme_block(path.read_text(), name), name)
     atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))

@@ -231,6 +231,10 @@ def test_choose_lambda_on_proxy_images_ranks_donors_and_refuses_the_receivers_ta
     text = capsys.readouterr().out
     assert text.startswith("criterion features on 6 images of") and "lower is better" in text
     assert text.count("<- chosen") == 1 and "chosen: rho0.safetensors at " in text
+    assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--task", "glyphs", "--tolerance", "1e9", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["lambda"] == 1.0  # every lambda within the tolerance: the one nearest 1
+    assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--tolerance", "-1"]) == 2
+    assert "argument --tolerance: must be a number >= 0" in capsys.readouterr().err
     # the weights criterion reads no image
     assert cli.main(["choose-lambda", "--receiver", str(tmp_path / "ft.safetensors"), "--vector", str(tmp_path / "rho0.safetensors"),
                      "--bits", "2", "--task", "glyphs"]) == 2
