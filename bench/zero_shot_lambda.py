@@ -329,7 +329,7 @@ def _goal(table: pl.DataFrame, rule: str) -> list[str]:
                      f"(goal >= 95%: {'yes' if share >= 0.95 else 'no'}); worst seed against lambda = 1: {worst:+.2f} "
                      f"(goal >= 0: {'yes' if worst >= 0 else 'no'}); specific gain {r['specific']:+.2f} "
                      f"[{r['specific_low']:+.2f}, {r['specific_high']:+.2f}] (goal: interval above 0: {'yes' if low > 0 else 'no'})")
-    lines.append(f"- goal {'met' if ok else 'not met'} on the held-out seeds.")
+    lines.append(f"- goal {'met' if ok else 'not met'} on these seeds.")
     return lines
 
 
@@ -368,8 +368,8 @@ def render(args, out: dict) -> str:
         "gains of the lambdas a rule picks are read from the run's own cells (no new evaluation); lambda = 1, calib and oracle "
         "come from `qvlib.tables.pairs` on the same cells; intervals are `qvlib.stats.bootstrap_mean` over pairs within seeds.",
         "",
-        f"**Selection on seeds {', '.join(map(str, sel))} only**; seeds {', '.join(map(str, held)) or '(none yet)'} held out "
-        "and read once, with the selected rule. The selection score of a rule is the smaller of its single-donor and "
+        f"**Selection on seeds {', '.join(map(str, sel))} only**; seeds {', '.join(map(str, held)) or '(none yet)'} "
+        "read once afterwards, with the selected rule. The selection score of a rule is the smaller of its single-donor and "
         "merged-donor shares of calib's pooled gain (ties: the better worst seed against lambda = 1).",
         "",
         "Commands (the workflow run, then the scoring and this report):",
@@ -407,14 +407,17 @@ def render(args, out: dict) -> str:
               "single donor at its oracle lambda, and the merged donor under the rule.", "",
               *_fmt(out["donors"].filter(pl.col("rule").is_in(pl.Series(keep + [r for r in rules if r.startswith(winner.split('~')[0])]).implode())), DONOR_COLS), ""]
     if "heldout" in out:
-        lines += [f"## Held-out seeds {', '.join(map(str, held))}", "",
-                  f"The selected rule `{winner}` beside the old data-free rules, lambda = 1, calib and oracle.", ""]
+        lines += [f"## Seeds {', '.join(map(str, held))}: not used for the selection", "",
+                  f"The selected rule `{winner}` beside the old data-free rules (`outputs`: KL on noise, `weights`), lambda = 1, "
+                  "calib and oracle; these seeds were read once, after the selection was fixed.", ""]
         for kind in ("single", "merged"):
             t = out["heldout"].filter(pl.col("kind") == kind)
             lines += [f"{kind} donors:", "", *_fmt(t, MAIN_COLS), ""]
         lines += ["Per seed (donor pairs, `rule` = the selected rule):", "", *_fmt(out["heldout_per_seed"], ["seed", "kind", "pairs", "rule", "lambda1", "calib", "oracle"]), "",
                   "Which donor (held out):", "", *_fmt(out["heldout_donors"], DONOR_COLS), "",
-                  "### The goal", "", *_goal(out["heldout"], winner), ""]
+                  "### The goal", "",
+                  "At least 95% of calib's pooled gain for single and merged donors, never below lambda = 1 on any seed, "
+                  "specific gain's 95% interval above 0:", "", *_goal(out["heldout"], winner), ""]
     return "\n".join(lines) + "\n"
 
 
