@@ -573,7 +573,7 @@ def quantizers_markdown(arch: str, table: pl.DataFrame) -> str:
             "quant", pl.col("rule").map_elements(rule_label, return_dtype=pl.Utf8).alias("lambda rule"),
             pl.col("ft").alias(VARIANT_LABELS[Variant.FT]), pl.col("ptq").alias(VARIANT_LABELS[Variant.PTQ]),
             pl.col("best_ptq_same_bits").alias("best PTQ"), pl.col("patched").alias("QV-patched"),
-            pl.col("random").alias("random-patched"), pl.col("qat_quantized").alias(VARIANT_LABELS[Variant.QAT_PTQ]),
+            pl.col("random").alias("random-patched"), pl.col(Variant.QAT_PTQ).alias(VARIANT_LABELS[Variant.QAT_PTQ]),
             pl.col("patched_over_best_ptq").alias("patched over best PTQ"),
             pl.col("random_over_best_ptq").alias("random over best PTQ"), "pairs", "seeds")
         lines += [markdown_table(view), ""]

@@ -240,7 +240,7 @@ def quantizers(baselines: pl.DataFrame, pair_rows: pl.DataFrame) -> pl.DataFrame
     test = test.join(best_ptq, on=["arch", "seed", "bits", "task"], maintain_order="left")
     base = test.group_by("arch", "quant", "bits", maintain_order=True).agg(
         pl.col(Variant.FT).mean().alias("ft"), pl.col(Variant.PTQ).mean().alias("ptq"),
-        pl.col(Variant.QAT_PTQ).mean().alias("qat_quantized"), pl.col("best_ptq").mean().alias("best_ptq_same_bits"),
+        pl.col(Variant.QAT_PTQ).mean(), pl.col("best_ptq").mean().alias("best_ptq_same_bits"),
         pl.col("seed").n_unique().alias("seeds"))
     pairs_ = single_donors(pair_rows).filter(pl.col("control").is_in([str(Control.DONOR), str(Control.RANDOM)]))
     pairs_ = pairs_.join(test.select(*RUN_KEYS, pl.col("task").alias("receiver"), Variant.PTQ, "best_ptq"),
