@@ -13,7 +13,7 @@ TEST_WORKERS ?= 3
 # Rules call `qv`; make the venv's commands visible to them.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean docs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,14 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The README's demo figure and verdict block from the last `make run` (or a multi-seed run): the run's
+# summary and heatmap copied to docs/, then the README's verdict block rewritten from that summary.
+DEMO := results/default/vit_demo/w2-channel
+docs: setup
+	cp $(DEMO)/summary.md docs/demo-summary.md
+	cp $(DEMO)/heatmap_gain.png docs/heatmap_gain_default.png
+	$(BIN)/qv readme --summary docs/demo-summary.md --readme README.md
 
 clean:
 	rm -rf results logs .snakemake

@@ -61,12 +61,12 @@ def test_config_readme_is_generated_from_the_schema():
 
 
 def test_project_files_point_nowhere_outside_the_repository():
-    for path in [REPO / "README.md", *(REPO / "config").glob("*"), *(REPO / "workflow").rglob("*.smk"), REPO / "Snakefile"]:
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "config").glob("*"), *(REPO / "workflow").rglob("*.smk"), REPO / "Snakefile"]:
         assert "../shared" not in path.read_text(), path
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, tiny_arch):
-    """The README's Python block, as written, on tiny checkpoints of the file names it uses."""
+def test_cli_doc_python_example_runs(tmp_path, monkeypatch, tiny_arch):
+    """docs/cli.md's Python block, as written, on tiny checkpoints of the file names it uses."""
     import torch
 
     from qvlib.models import build_vit
@@ -76,9 +76,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, tiny_arch):
     WeightVector(state).save(tmp_path / "ft.safetensors")
     WeightVector(state).save(tmp_path / "receiver_ft.safetensors")
     WeightVector({k: v + 0.01 if k.endswith("fc1.weight") else v for k, v in state.items()}).save(tmp_path / "qat.safetensors")
-    block = (REPO / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    block = (REPO / "docs" / "cli.md").read_text().split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, "docs/cli.md", "exec"), {})
     out = WeightVector.load(tmp_path / "patched_w3.safetensors")
     assert torch.equal(out["head.weight"], state["head.weight"])
     assert out["blocks.0.mlp.fc1.weight"].unique().numel() <= 8 * out["blocks.0.mlp.fc1.weight"].shape[0]  # 3-bit codes per row

@@ -3,13 +3,14 @@ config reruns (tests/test_workflow_configs.py has the runs and dry runs that nee
 
 import json
 import re
+import subprocess
 
 import polars as pl
 import pytest
 import yaml
 from PIL import Image
 
-from helpers import QUANT, mini_config, planned_jobs, snakemake
+from helpers import QUANT, REPO, env, mini_config, planned_jobs, snakemake
 from qvlib.plots import DPI, gain_figure_size
 from qvlib.vectors import WeightVector
 
@@ -118,6 +119,23 @@ def test_every_output_exists_with_the_right_shape(finished):
     table1 = pl.read_parquet(out / QUANT / "paper_table1.parquet")
     assert sorted(table1["task"]) == sorted(TASKS) and table1["qat"].is_not_null().all()
     assert set(pl.read_parquet(out / QUANT / "paper_transfer.parquet")["task"]) == set(TASKS)
+
+
+def test_the_readme_commands_run_as_written_on_a_runs_outputs(finished, tmp_path):
+    """The README's own-checkpoint commands and its polars example on a finished run's files (the
+    miniature stands in for the demo: same quantizer tag, tasks shapes and dots, blur for glyphs)."""
+    work, _ = finished
+    readme = (REPO / "README.md").read_text()
+    run = str(work / "results" / "mini" / "tiny")
+    block = readme.split("## Use it on your own checkpoints")[1].split("```bash\n")[1].split("```")[0]
+    script = block.replace("results/default/vit_demo", run).replace("glyphs", "blur")
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "lower is better" in proc.stdout
+    quantized = WeightVector.load(tmp_path / "patched_q.safetensors")
+    assert json.loads(quantized.metadata["quant"])["bits"] == 2  # taken from the vector's metadata, as the README says
+    example = readme.split("```python\n")[1].split("```")[0].replace("results/default/vit_demo", run)
+    exec(compile(example, "README.md", "exec"), {})
 
 
 def test_adding_a_task_plans_only_its_jobs(finished, tmp_path):
