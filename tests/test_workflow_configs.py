@@ -33,7 +33,7 @@ def test_paper_configs_differ_only_in_the_protocol_the_text_and_the_code_disagre
     assert code["finetune"].pop("augment") is True and "augment" not in text["finetune"]
     assert (code.pop("name"), text.pop("name")) == ("paper", "paper-text")
     assert code == text
-    assert code["seeds"] == [1, 2, 3] and code["finetune"]["precision"] == code["evaluate"]["precision"] == "fp32"
+    assert code["seeds"] == [2038] and code["finetune"]["precision"] == code["evaluate"]["precision"] == "fp32"
     assert all(t["source"]["kind"] == "hf" for t in code["tasks"].values())  # the authors' Hugging Face ids
 
 
