@@ -29,18 +29,23 @@ def test_choose_lambda_ties_prefer_one_then_smaller():
         choose_lambda({})
 
 
-def test_outputs_criterion_prefers_the_lambda_that_restores_the_receiver(tiny_arch):
+def _on_grid_model(tiny_arch, spec, policy):
+    """A tiny ViT whose quantized weights are moved onto their own grid: (model, its tensors, the quantized names)."""
     model = build_vit(tiny_arch, 5, seed=0).eval()
-    spec = QuantSpec(bits=2)
-    policy = QuantPolicy()
     names = policy.select_model(model)
-    # a receiver whose quantized weights are its own weights (already on the grid), and a vector that
-    # pushes them off it: lambda = 0 reproduces the receiver exactly, any other lambda does not
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in names:
                 p.copy_(fake_quant(p, spec))
-    receiver = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model, {n: p.detach().clone() for n, p in model.named_parameters()}, names
+
+
+def test_outputs_criterion_prefers_the_lambda_that_restores_the_receiver(tiny_arch):
+    spec = QuantSpec(bits=2)
+    policy = QuantPolicy()
+    # a receiver whose quantized weights are its own weights (already on the grid), and a vector that
+    # pushes them off it: lambda = 0 reproduces the receiver exactly, any other lambda does not
+    model, receiver, names = _on_grid_model(tiny_arch, spec, policy)
     g = torch.Generator().manual_seed(1)
     rho = {n: 0.5 * torch.randn(receiver[n].shape, generator=g) * receiver[n].abs().max() for n in names}
     inputs = noise_images(16, 16, seed=0)
@@ -65,14 +70,8 @@ def _on_grid_receiver(tiny_arch, spec):
     """A tiny ViT whose quantized weights are already on their own 2-bit grid (values -s, 0, s per
     channel), and a vector that moves some zero weights by 0.8 s: lambda 0.25 moves them 0.2 s, which
     rounds back to the receiver exactly; lambda 1 and 2 land a whole step (or more) away."""
-    model = build_vit(tiny_arch, 5, seed=0).eval()
     policy = QuantPolicy()
-    names = policy.select_model(model)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in names:
-                p.copy_(fake_quant(p, spec))
-    receiver = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, receiver, names = _on_grid_model(tiny_arch, spec, policy)
     g = torch.Generator().manual_seed(1)
     rho = {}
     for n in names:
