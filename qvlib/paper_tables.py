@@ -18,8 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
-from .tables import RUN_KEYS, single_donors
-from .vocab import VARIANT_LABELS, Control, Rule, Split, Variant, rule_columns
+from .tables import RUN_KEYS, summary_donor, summary_receiver
+from .vocab import VARIANT_LABELS, Control, DonorKind, Rule, Split, Variant, rule_columns
 
 # Table 1's columns: the baselines' model names and what each one is, in words.
 TABLE1_LABELS: dict[str, str] = {**VARIANT_LABELS, Variant.QAT: "QAT (full precision: the paper's QAT column)"}
@@ -43,20 +43,32 @@ def transfer_table(pair_rows: pl.DataFrame, rule: str) -> pl.DataFrame:
     """Tables 2 and 3: per arch, quantizer and task, ``donor_*`` over the receivers it is given to and
     ``receiver_*`` over the donors it gets (best, worst, mean gain; ``*_positive``: % of gains > 0)
     under lambda ``rule`` (a rule of :func:`qvlib.vocab.rule_columns`)."""
-    columns = rule_columns(pair_rows.columns)
-    if rule not in columns:
-        raise ValueError(f"no gains under rule {rule!r}; this run has {', '.join(columns)}")
-    gain = pl.col(columns[rule])
-    donors = single_donors(pair_rows).filter(pl.col("control") == Control.DONOR)
-    donors = donors.filter(pl.col("receiver") != pl.col("donor")).drop_nulls(columns[rule])
+    return _transfer_table(_role_summaries(pair_rows), rule)
+
+
+def _role_summaries(pair_rows: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """qvlib.tables' donor and receiver summaries (per seed, and pooled as the mean of the per-seed
+    figures) of single donors' own vectors: the statistics Tables 2 and 3 lay out."""
+    rows = {"donor": summary_donor(pair_rows), "receiver": summary_receiver(pair_rows)}
+    return {role: frame.filter((pl.col("control") == Control.DONOR) & (pl.col("kind") == DonorKind.SINGLE))
+            for role, frame in rows.items()}
+
+
+def _transfer_table(summaries: dict[str, pl.DataFrame], rule: str) -> pl.DataFrame:
+    rules = summaries["donor"]["rule"].unique(maintain_order=True).to_list()
+    if rule not in rules:
+        raise ValueError(f"no gains under rule {rule!r}; this run has {', '.join(rules)}")
     frames = []
     for role in ROLES:
-        per_seed = (donors.group_by(*RUN_KEYS, pl.col(role).alias("task"), maintain_order=True)
-                    .agg(gain.max().alias("best"), gain.min().alias("worst"), gain.mean().alias("mean"),
-                         ((gain > 0).mean() * 100).alias("positive"), pl.len().alias("pairs")))
-        frames.append(per_seed.group_by("arch", "quant", "task", maintain_order=True)
-                      .agg(*(pl.col(s).mean().alias(f"{role}_{s}") for s in STAT_LABELS),
-                           pl.col("pairs").sum().alias(f"{role}_pairs"), pl.col("seed").n_unique().alias(f"{role}_seeds")))
+        rows = summaries[role].filter(pl.col("rule") == rule)
+        seeds = (rows.filter(pl.col("seed").is_not_null()).group_by("arch", "quant", role)
+                 .agg(pl.len().alias(f"{role}_seeds")))
+        pooled = rows.filter(pl.col("seed").is_null()).join(seeds, on=["arch", "quant", role], how="left")
+        frames.append(pooled.select(
+            "arch", "quant", pl.col(role).alias("task"), pl.col("best_gain").alias(f"{role}_best"),
+            pl.col("worst_gain").alias(f"{role}_worst"), pl.col("mean_gain").alias(f"{role}_mean"),
+            (pl.col("share_positive") * 100).alias(f"{role}_positive"), pl.col("pairs").alias(f"{role}_pairs"),
+            f"{role}_seeds"))
     out = frames[0].join(frames[1], on=["arch", "quant", "task"], how="full", coalesce=True, maintain_order="left")
     return out.with_columns(pl.lit(str(rule)).alias("rule"))
 
@@ -69,7 +81,8 @@ def tuned_rules(pair_rows: pl.DataFrame) -> list[str]:
 
 def transfer_tables(pair_rows: pl.DataFrame) -> pl.DataFrame:
     """Table 2 (rule lambda=1) and Table 3 (one block per tuned rule) in one frame, column ``rule``."""
-    return pl.concat([transfer_table(pair_rows, r) for r in [str(Rule.LAMBDA1), *tuned_rules(pair_rows)]])
+    summaries = _role_summaries(pair_rows)
+    return pl.concat([_transfer_table(summaries, r) for r in [str(Rule.LAMBDA1), *tuned_rules(pair_rows)]])
 
 
 RULE_TEXT = {
