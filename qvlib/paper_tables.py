@@ -151,10 +151,10 @@ def write_paper_tables(name: str, baselines: pl.DataFrame, pair_rows: pl.DataFra
     from .vectors import atomic_write
 
     t1, t23 = table1(baselines), transfer_tables(pair_rows)
-    order = {task: i for i, task in enumerate(t1["task"].unique(maintain_order=True))}  # Table 1's rows
-    t23 = (t23.with_columns(pl.col("task").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_row"))
-           .sort("arch", "quant", pl.col("rule").replace_strict({r: i for i, r in enumerate(t23["rule"].unique(maintain_order=True))}),
-                 "_row", "task", maintain_order=True).drop("_row"))
+    # within each rule's block (blocks stay in their order), the tasks in Table 1's order, others after
+    order = {task: i for i, task in enumerate(t1["task"].unique(maintain_order=True))}
+    row = pl.col("task").replace_strict(order, default=len(order), return_dtype=pl.Int64)
+    t23 = t23.sort(pl.col("rule").rle_id(), row, "task", maintain_order=True)
     text = paper_markdown(name, t1, t23)
     write_parquet(t1, Path(out_table1))
     write_parquet(t23, Path(out_transfer))
