@@ -572,9 +572,10 @@ register("unpack", "a packed checkpoint back to its fake-quantized float32 weigh
 
 
 # ---------------------------------------------------------------- workflow steps
-def add_job_args(p, task: bool = False) -> None:
+def add_job_args(p, task: bool = False, arch: bool = True) -> None:
     p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="run configuration (YAML)")
-    p.add_argument("--arch", required=True, help="an arch name from the config")
+    p.add_argument("--arch", required=arch, default=None,
+                   help="an arch name from the config" + ("" if arch else " (not needed with a store job's file, which states the preprocessing)"))
     if task:
         p.add_argument("--task", required=True, help="a task name from the config")
     p.add_argument("--seed", type=int, default=None, help="replicate seed, one of the config's seeds (default: the first)")
@@ -651,7 +652,7 @@ register("finetune", "fine-tune the block linear weights on one task, plainly (f
 
 
 def _cache_args(p):
-    add_job_args(p, task=True)
+    add_job_args(p, task=True, arch=False)
     p.add_argument("--test", type=Path, required=True, help="cache file to write for the test split")
     p.add_argument("--calib", type=Path, required=True, help="cache file to write for the calib split")
 

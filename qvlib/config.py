@@ -7,8 +7,6 @@ the same errors.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from .data.registry import REGISTRY, LoadOptions, known_tasks
 from .data.synthetic import GENERATORS
 from .models import ArchSpec
 from .quant import VIT_BLOCK_LINEARS, QuantPolicy, QuantSpec
+from .store import JOB, ReadGuard, digest_of, guarded
 from .train import TrainConfig
 from .vocab import LambdaTies, SweepMethod
 
@@ -44,6 +43,9 @@ class Config:
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping")
+        if JOB in raw:  # a store job's file (qvlib.store): only the sections that job reads
+            check_finite(raw, str(path))
+            return cls(guarded(raw), path)
         for key in ("name", "archs", "tasks", "finetune"):
             if key not in raw:
                 raise ValueError(f"{path}: missing required key {key!r}")
@@ -67,6 +69,26 @@ class Config:
     @property
     def name(self) -> str:
         return self.raw["name"]
+
+    @property
+    def job_kind(self) -> str | None:
+        """The kind of store job whose file this is (qvlib.store), or None for a whole config."""
+        return self.raw.kind if isinstance(self.raw, ReadGuard) else None
+
+    def fingerprint(self) -> str:
+        """Hash of every setting this config holds: for a store job's file, exactly what the job reads."""
+        return digest_of(dict(self.raw))
+
+    def preprocess(self, arch: str | None) -> Preprocess:
+        """The input preprocessing of ``arch``; a cache job's file states it (its ``preprocess`` section:
+        the pixels it stores, shared by every arch that reads them) and names no arch."""
+        if self.job_kind == "cache":
+            return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.raw["preprocess"].items()})
+        if arch is None:
+            raise ValueError("name the arch whose preprocessing to use (--arch)")
+        from .pipeline import arch_preprocess
+
+        return arch_preprocess(self.arch(arch))
 
     @property
     def seeds(self) -> list[int]:
@@ -338,9 +360,3 @@ def check_finite(raw: Mapping[str, Any], source: str) -> None:
     where = non_finite(raw)
     if where is not None:
         raise ValueError(f"{source}: {where} is not a finite number: every number in the config must be finite")
-
-
-def digest_of(*parts: Any) -> str:
-    """Short stable hash of JSON-able parts: checkpoint metadata, and the Snakemake params whose change
-    reruns exactly the jobs that read them."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -67,9 +67,16 @@ def finetune(cfg: Config, arch_name: str, task_name: str, mode: str, output: Pat
 
 
 def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
-    return {"arch": arch, "task": task, "mode": mode, "seed": cfg.seed, "quant": cfg.quant.to_json(),
-            "config": cfg.name, "config_hash": cfg.digest("archs", "finetune", "pretrain", "quant", "data_seed"),
-            "policy": cfg.policy.pattern, "scope": cfg.policy.scope}
+    """What a trained file records of its making: ``config_hash`` hashes the settings its job read (a store
+    job's file: exactly those). Only QAT records a quantizer: FT and pretraining read none."""
+    meta = {"arch": arch, "task": task, "mode": mode, "seed": cfg.seed, "config_hash": cfg.fingerprint()}
+    if mode != Mode.PRETRAIN:  # pretraining trains every parameter, whatever the policy
+        meta.update(policy=cfg.policy.pattern, scope=cfg.policy.scope)
+    if mode == Mode.QAT:
+        meta["quant"] = cfg.quant.to_json()
+    if cfg.job_kind is None:
+        meta["config"] = cfg.name
+    return meta
 
 
 # ---------------------------------------------------------------- evaluation
@@ -85,7 +92,7 @@ def cache_path(cfg: Config, arch_name: str, out: Path, task: str, split: str) ->
 
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
     """Write the preprocessed ``test`` and ``calib`` splits (``outputs``: split -> path)."""
-    pre = arch_preprocess(cfg.arch(arch_name))
+    pre = cfg.preprocess(arch_name)
     task = load_task(task_name, cfg.load_options(task_name, pre))
     for split, path in outputs.items():
         write_split_cache(task, split, pre, path)

@@ -48,6 +48,10 @@ class Preprocess:
         on the device: archs with the same ``pixels()`` share one cache per task, e.g. ``224px-bicubic-crop0.9``."""
         return f"{self.img_size}px-{self.interpolation}-crop{self.crop_pct:g}"
 
+    def pixel_settings(self) -> dict:
+        """The fields that ``pixels()`` names: a cache job's ``preprocess`` section (qvlib.store)."""
+        return {"img_size": self.img_size, "interpolation": self.interpolation, "crop_pct": self.crop_pct}
+
     def resize_size(self) -> int:
         """The shorter side before the centre crop, as timm computes it: floor(img_size / crop_pct)
         (224 at crop 0.9 -> 248)."""

@@ -9,11 +9,10 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from qvlib.config import Config, check_finite, digest_of as digest
-from qvlib.data.cache import cache_relpath
-from qvlib.data.registry import reads_image_files
-from qvlib.pipeline import arch_pixels
-from qvlib.vocab import Mode, merged_donor
+from qvlib.config import Config, check_finite
+from qvlib.pipeline import arch_preprocess
+from qvlib.store import DEFAULT_STORE, JOB_FILE, KEY_PATTERN, LAYOUT, LOG_FILE, MERGED_PREFIX, OUTPUTS, Plan
+from qvlib.vocab import merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
     config["seeds"] = [int(s) if isinstance(s, str) and s.lstrip("-").isdigit() else s for s in config["seeds"]]
@@ -31,32 +30,26 @@ except ValueError as err:
     sys.exit(f"invalid config: {err}")  # one line, no traceback
 
 NAME = config["name"]
-OUT = f"results/{NAME}"
+OUT = f"results/{NAME}"  # this config's own tables, figures and summary
 LOGS = f"logs/{NAME}"
 ARCHS = list(config["archs"])
 TASKS = list(config["tasks"])
 SEEDS = list(config["seeds"])
-# Per replicate: everything trained or evaluated at one seed. Caches hold data only and are shared.
-RUN = f"{OUT}/{{arch}}/seed{{seed}}"
-RUN_LOGS = f"{LOGS}/{{arch}}/seed{{seed}}"
-# Per quantizer of a replicate (named by its tag, e.g. w3-channel): QAT, vectors, baselines, cells.
-# FT does not read the quantizer and stays in RUN, shared by every quantizer.
-QRUN = f"{RUN}/{{quant}}"
-QRUN_LOGS = f"{RUN_LOGS}/{{quant}}"
+# Every expensive output (backbones, FT, QAT, vectors, merges, caches, baselines, cells, diagnostics)
+# lives in the shared store, at a folder keyed by what its job reads (qvlib.store): configs that agree
+# on a job share it, whatever their names.
+STORE = str(config.get("store", DEFAULT_STORE)).rstrip("/")
 # The cluster job group of a receiver's row of transfer cells (ignored when running locally); the Slurm
 # profile's group-components names this same template.
 ROW_GROUP = "row-{arch}-seed{seed}-{quant}-{receiver}"
 
 
-# The validated config (defaults filled in) as the one file every `qv` call reads (--config).
+# The validated config (defaults filled in), kept beside the config's report as the record of the run.
 CONFIG = f"{OUT}/config.yaml"
 
 
-def write_effective_config():
-    """Write CONFIG, only when it changes. Called when jobs are about to run (onstart), so that a dry run
-    writes nothing; jobs spawned on other nodes read the file the main process wrote."""
-    path = Path(CONFIG)
-    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
+def write_if_changed(path, text):
+    path = Path(path)
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -64,8 +57,16 @@ def write_effective_config():
         tmp.replace(path)
 
 
+def write_run_record():
+    """Write CONFIG and the config's store manifest (results/<name>/store.json: every job's kind, labels,
+    key and folder), only when they change. Called when jobs are about to run (onstart), so that a dry
+    run writes nothing."""
+    write_if_changed(CONFIG, yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True))
+    write_if_changed(f"{OUT}/store.json", json.dumps(PLAN.manifest(), indent=1) + "\n")
+
+
 onstart:
-    write_effective_config()
+    write_run_record()
 
 
 RUN_CONFIG = Config(config, Path(CONFIG))
@@ -80,33 +81,58 @@ LAMBDA_TIES = str(RUN_CONFIG.lambda_ties)
 QV = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir).resolve()))}${{PYTHONPATH:+:$PYTHONPATH}} python -m qvlib.cli"
 
 # Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
-# interpolation and crop agree share one cache per task: results/<name>/cache/<pixels>/<task>.<split>.
-PIXELS = {arch: arch_pixels(RUN_CONFIG, arch) for arch in ARCHS}
+# interpolation and crop agree share one cache per task.
+PIXELS = {arch: arch_preprocess(RUN_CONFIG.arch(arch)) for arch in ARCHS}
+PLAN = Plan(config, {tag: json.loads(spec.to_json()) for tag, spec in QUANTS.items()},
+            {arch: (pre.pixels(), pre.pixel_settings()) for arch, pre in PIXELS.items()}, root=STORE)
+JOBS = list(PLAN.jobs())
+MERGED = PLAN.methods
+DONORS = PLAN.donors
 
 
-def cache_file(arch, task, split):
-    return f"{OUT}/{cache_relpath(PIXELS[arch], task, split)}"
+def job_of(wildcards):
+    return PLAN.by_key[wildcards.key]
 
 
-def pixels_arch(pixels):
-    """The first arch whose preprocessing a cache folder holds: it writes that cache for all of them."""
-    return next(arch for arch in ARCHS if PIXELS[arch] == pixels)
+def store_output(kind, output):
+    """A rule's output pattern: the kind's folder (qvlib.store.LAYOUT) with the job's key, and the file
+    (``job``: the job file it runs from)."""
+    name = JOB_FILE if output == "job" else OUTPUTS[kind][output]
+    return f"{STORE}/{LAYOUT[kind]}/{{key}}/{name}"
 
 
-# Leave-one-out merged donors (one per merge method): file label merged-<method>, table label merged:<method>.
-MERGED = list(config.get("merged_donors", []))
-MERGED_FILE_PREFIX = "merged-"
-DONORS = TASKS + [f"{MERGED_FILE_PREFIX}{m}" for m in MERGED]
+def store_log(kind):
+    return f"{STORE}/{LAYOUT[kind]}/{{key}}/{LOG_FILE}"
+
+
+def store_outputs(kind):
+    return {name: store_output(kind, name) for name in OUTPUTS[kind]}
+
+
+def job_inputs(wildcards):
+    """The files a job reads: its inputs in the plan (qvlib.store), by name."""
+    return job_of(wildcards).input_files()
+
+
+def job_file(wildcards):
+    """The job's file (what it reads of the config, its labels and inputs) as one shell-quoted JSON word."""
+    return shlex.quote(json.dumps(job_of(wildcards).document(), sort_keys=True))
+
+
+def inputs_named(wildcards, prefix):
+    return [path for name, path in job_inputs(wildcards).items() if name.startswith(prefix)]
+
 
 wildcard_constraints:
-    arch="|".join(ARCHS),
-    task="|".join(TASKS),
-    receiver="|".join(TASKS),
-    donor="|".join(DONORS),
-    method="|".join(MERGED) or "no-merge-method",
-    pixels="|".join(re.escape(p) for p in PIXELS.values()),
+    arch="|".join(re.escape(a) for a in ARCHS),
+    task="|".join(re.escape(t) for t in TASKS),
+    receiver="|".join(re.escape(t) for t in TASKS),
+    donor="|".join(re.escape(d) for d in DONORS),
+    method="|".join(re.escape(m) for m in MERGED) or "no-merge-method",
+    pixels="|".join(re.escape(p) for p, _ in PLAN.pixels.values()),
     quant="|".join(re.escape(q) for q in QUANTS),
     seed=r"-?\d+",
+    key=KEY_PATTERN,
 
 
 def res(step, key, default):
@@ -126,95 +152,16 @@ def resources_of(step):
     )
 
 
-def needs_pretrain(arch):
-    return config["archs"][arch].get("backbone", {}).get("source") == "pretrain"
-
-
-def quant_json(wildcards):
-    """The quantizer of a job's {quant} wildcard, as recorded in files (absmax scale left out)."""
-    return QUANTS[wildcards.quant].to_json()
-
-
-def backbone_input(wildcards):
-    return [f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/backbone.safetensors"] if needs_pretrain(wildcards.arch) else []
-
-
-def backbone_flag(wildcards, input):
-    return f"--backbone {input.backbone}" if input.backbone else ""
-
-
-def without_train(section):
-    """A task's or arch's settings without its train keys (those key the fine-tuning jobs alone)."""
-    return section if not section or "train" not in section else {k: v for k, v in section.items() if k != "train"}
-
-
-def arch_digest(arch):
-    return digest(without_train(config["archs"][arch]), config.get("pretrain") if needs_pretrain(arch) else None)
-
-
-# Tasks read from image files are resized by PIL before they become tensors (the authors' order) since
-# this marker joined their settings hash: caches and FT runs made with the earlier tensor resize rebuild.
-# Embedded tasks (generated, or arrays shipped in a package) never decode a file and keep their hash.
-PIL_RESIZE = "pil-resize"
-
-
-def task_digest(task):
-    options = config["tasks"][task] or {}
-    marker = [PIL_RESIZE] if reads_image_files(task, options) else []
-    return digest(without_train(config["tasks"][task]), config.get("task_defaults"), config.get("data_root"),
-                  config.get("data_seed"), *optional(config, "calib_position"), *marker)
-
-
-def train_overrides(arch, task):
-    """The arch's and the task's own train keys over `finetune` (nothing where neither has any, so runs
-    without them keep their settings hash)."""
-    sections = [config["archs"][arch].get("train") or {}, (config["tasks"][task] or {}).get("train") or {}]
-    return sections if any(sections) else []
-
-
-def train_digest(wildcards, *extra):
-    """What decides an FT (QAT: ``extra`` = its quantizer) run: the arch, the task, finetune < the arch's
-    train < the task's train, and the policy (runs without arch or task train keys keep their old hash)."""
-    return digest(arch_digest(wildcards.arch), task_digest(wildcards.task), config["finetune"], config.get("policy"),
-                  *extra, *train_overrides(wildcards.arch, wildcards.task))
-
-
 def final_outputs():
-    """Every per-task and per-cell result as well as the reports: a deleted intermediate file is then
-    a missing target, so rerunning recomputes exactly it and what is derived from it."""
-    files = []
+    """Every store job's files and the config's reports: a deleted store file is then a missing target, so
+    rerunning recomputes exactly it and what is derived from it."""
+    files = [path for job in JOBS for path in job.files]
     for arch in ARCHS:
         files += [f"{OUT}/{arch}/{name}" for name in REPORT_FILES]
         files += [f"{OUT}/{arch}/{quant}/{name}" for quant in QUANTS for name in [*FIGURE_FILES, *PAPER_FILES.values()]]
-        for seed in SEEDS:
-            run = f"{OUT}/{arch}/seed{seed}"
-            files += [f"{run}/checkpoints/{task}.{Mode.FT}.safetensors" for task in TASKS]
-            for quant in QUANTS:
-                qrun = f"{run}/{quant}"
-                files += [f"{qrun}/checkpoints/{task}.{Mode.QAT}.safetensors" for task in TASKS]
-                files += [f"{qrun}/vectors/{task}.safetensors" for task in TASKS]
-                files += [f"{qrun}/baselines/{task}.parquet" for task in TASKS]
-                files += [f"{qrun}/vectors/loo/{r}.{m}.safetensors" for r in TASKS for m in MERGED]
-                files += [f"{qrun}/transfer/{r}/{d}.parquet" for r in TASKS for d in DONORS]
     return files
 
 
-def donor_vector(wildcards):
-    """A cell's donor vector: a task's own, or the receiver's leave-one-out merge (merged-<method>)."""
-    if wildcards.donor.startswith(MERGED_FILE_PREFIX):
-        method = wildcards.donor.removeprefix(MERGED_FILE_PREFIX)
-        return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/{wildcards.quant}/vectors/loo/{wildcards.receiver}.{method}.safetensors"
-    return f"{OUT}/{wildcards.arch}/seed{wildcards.seed}/{wildcards.quant}/vectors/{wildcards.donor}.safetensors"
-
-
-def donor_label(wildcards):
-    """The donor's name in the tables: the task, or merged:<method>."""
-    if wildcards.donor.startswith(MERGED_FILE_PREFIX):
-        return merged_donor(wildcards.donor.removeprefix(MERGED_FILE_PREFIX))
-    return wildcards.donor
-
-
-def optional(cfg, key):
-    """``[cfg[key]]`` where the config sets it, else nothing: a section added after results existed
-    joins a job's settings hash without changing the hash of runs that leave it out."""
-    return [cfg[key]] if key in cfg else []
+def jobs_of(kind, arch, output):
+    """The files ``output`` of every job of ``kind`` on ``arch``, in the plan's order (every seed, quantizer, task)."""
+    return [job.file(output) for job in JOBS if job.kind == kind and job.labels.get("arch") == arch]

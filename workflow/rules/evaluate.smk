@@ -1,68 +1,62 @@
 rule cache_splits:
-    """Each task's test and calib splits, preprocessed once for every seed, evaluation and arch that
+    """A task's test and calib splits, preprocessed once for every seed, evaluation and arch that
     reads them (archs with the same pixels key share the files)."""
     output:
-        test=f"{OUT}/{cache_relpath('{pixels}', '{task}', 'test')}",
-        calib=f"{OUT}/{cache_relpath('{pixels}', '{task}', 'calib')}",
+        **store_outputs("cache"),
+        job=store_output("cache", "job"),
     log:
-        f"{LOGS}/cache/{{pixels}}/{{task}}.log",
+        store_log("cache"),
     params:
-        data_hash=lambda wc: digest(wc.pixels, task_digest(wc.task)),
-        arch=lambda wc: pixels_arch(wc.pixels),
+        job=job_file,
     threads: threads_of("cache")
     resources:
         **resources_of("cache"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} cache-splits --config {CONFIG} --arch {params.arch} --task {wildcards.task} --threads {threads} "
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} cache-splits --config {output.job} --task {wildcards.task} --threads {threads} "
         "--test {output.test} --calib {output.calib} 2> {log}"
 
 
 rule baselines:
     """FT, PTQ(FT), QAT quantized and QAT of one task at one seed (the paper's Tables 1 and 4)."""
     input:
-        ft=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
-        qat=f"{QRUN}/checkpoints/{{task}}.qat.safetensors",
-        test=lambda wc: cache_file(wc.arch, wc.task, "test"),
-        calib=lambda wc: cache_file(wc.arch, wc.task, "calib"),
+        unpack(job_inputs),
     output:
-        f"{QRUN}/baselines/{{task}}.parquet",
+        **store_outputs("baselines"),
+        job=store_output("baselines", "job"),
     log:
-        f"{QRUN_LOGS}/baselines/{{task}}.log",
+        store_log("baselines"),
     params:
-        eval_hash=lambda wc: digest(quant_json(wc), config.get("evaluate"), config.get("policy")),
+        job=job_file,
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} evaluate-baselines --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
-        "--task {wildcards.task} "
-        "--threads {threads} --ft {input.ft} --qat {input.qat} --test-cache {input.test} --calib-cache {input.calib} "
-        "-o {output} 2> {log}"
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} evaluate-baselines --config {output.job} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
+        "--task {wildcards.task} --threads {threads} --ft {input.ft} --qat {input.qat} --test-cache {input.test} "
+        "--calib-cache {input.calib} -o {output.table} 2> {log}"
 
 
 rule transfer_cell:
     """One (receiver, donor) cell over the lambda sweep, with its random-direction controls and the
     lambdas the data-free criteria pick; the receiver's own vector (donor == receiver) is the 'self'
-    control, donor merged-<method> the receiver's leave-one-out merged donor. One file per cell and
+    control, donor merged-<method> the receiver's leave-one-out merged donor. One job per cell and
     seed, so adding a task or a seed adds cells instead of recomputing the grid."""
     input:
-        ft=f"{RUN}/checkpoints/{{receiver}}.ft.safetensors",
-        vector=donor_vector,
-        test=lambda wc: cache_file(wc.arch, wc.receiver, "test"),
-        calib=lambda wc: cache_file(wc.arch, wc.receiver, "calib"),
+        unpack(job_inputs),
     output:
-        f"{QRUN}/transfer/{{receiver}}/{{donor}}.parquet",
+        **store_outputs("cell"),
+        job=store_output("cell", "job"),
     log:
-        f"{QRUN_LOGS}/transfer/{{receiver}}/{{donor}}.log",
+        store_log("cell"),
     params:
-        eval_hash=lambda wc: digest(quant_json(wc), config.get("lambdas"), config.get("oracle_search"),
-                                    config.get("evaluate"), config.get("random_controls"), config.get("policy"),
-                                    config.get("datafree"), *optional(config, "lambda_search")),
-        label=donor_label,
+        job=job_file,
+        label=lambda wc: merged_donor(wc.donor.removeprefix(MERGED_PREFIX)) if wc.donor.startswith(MERGED_PREFIX) else wc.donor,
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
@@ -73,6 +67,7 @@ rule transfer_cell:
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} evaluate-transfer --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} evaluate-transfer --config {output.job} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
         "--receiver {wildcards.receiver} --donor {params.label}={input.vector} --ft {input.ft} "
-        "--test-cache {input.test} --calib-cache {input.calib} --threads {threads} -o {output} 2> {log}"
+        "--test-cache {input.test} --calib-cache {input.calib} --threads {threads} -o {output.table} 2> {log}"

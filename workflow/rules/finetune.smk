@@ -1,23 +1,24 @@
 rule finetune:
     """Plain fine-tuning (FT) of one task's block linear weights from the shared backbone, at one
-    replicate seed. FT never reads the quantizer: it is shared by every quantizer of the run."""
+    replicate seed. FT never reads the quantizer: it is shared by every quantizer (and every config)."""
     input:
-        backbone=backbone_input,
+        unpack(job_inputs),
     output:
-        ckpt=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
-        metrics=f"{RUN}/checkpoints/{{task}}.ft.metrics.json",
+        **store_outputs("ft"),
+        job=store_output("ft", "job"),
     log:
-        f"{RUN_LOGS}/finetune/{{task}}.ft.log",
+        store_log("ft"),
     params:
-        backbone=backbone_flag,
-        settings_hash=train_digest,
+        job=job_file,
+        backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} finetune --config {output.job} --arch {wildcards.arch} --seed {wildcards.seed} --task {wildcards.task} "
         "--mode ft {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"
 
 
@@ -25,20 +26,21 @@ rule qat:
     """Quantization-aware fine-tuning of one task with one quantizer (its tag in {quant}); the same
     settings as FT otherwise. Adding a quantizer runs these jobs and what follows them, never FT."""
     input:
-        backbone=backbone_input,
+        unpack(job_inputs),
     output:
-        ckpt=f"{QRUN}/checkpoints/{{task}}.qat.safetensors",
-        metrics=f"{QRUN}/checkpoints/{{task}}.qat.metrics.json",
+        **store_outputs("qat"),
+        job=store_output("qat", "job"),
     log:
-        f"{QRUN_LOGS}/finetune/{{task}}.qat.log",
+        store_log("qat"),
     params:
-        backbone=backbone_flag,
-        settings_hash=lambda wc: train_digest(wc, quant_json(wc)),
+        job=job_file,
+        backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} finetune --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} finetune --config {output.job} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
         "--task {wildcards.task} --mode qat {params.backbone} --threads {threads} -o {output.ckpt} --no-progress 2> {log}"

@@ -2,16 +2,18 @@ rule pretrain:
     """The demo backbone (archs with backbone source 'pretrain'): the shared starting point of every
     task of one replicate seed."""
     output:
-        f"{RUN}/backbone.safetensors",
+        **store_outputs("backbone"),
+        job=store_output("backbone", "job"),
     log:
-        f"{RUN_LOGS}/pretrain.log",
+        store_log("backbone"),
     params:
-        arch_hash=lambda wc: arch_digest(wc.arch),
+        job=job_file,
     threads: threads_of("pretrain")
     resources:
         **resources_of("pretrain"),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} pretrain --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --threads {threads} "
-        "-o {output} --no-progress 2> {log}"
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} pretrain --config {output.job} --arch {wildcards.arch} --seed {wildcards.seed} --threads {threads} "
+        "-o {output.ckpt} --no-progress 2> {log}"

@@ -20,33 +20,35 @@ PAPER_FILES = {"md": "paper_tables.md", "table1": "paper_table1.parquet", "trans
 rule diagnostics:
     """Relative norms of each FT update and QV (total and per layer type) and the QV cosine matrix, per seed."""
     input:
-        backbone=backbone_input,
-        ft=expand(f"{RUN}/checkpoints/{{task}}.ft.safetensors", task=TASKS, allow_missing=True),
-        vectors=expand(f"{QRUN}/vectors/{{task}}.safetensors", task=TASKS, allow_missing=True),
-        merged=expand(f"{QRUN}/vectors/loo/{{receiver}}.{{method}}.safetensors", receiver=TASKS, method=MERGED, allow_missing=True),
+        unpack(job_inputs),
     output:
-        norms=f"{QRUN}/diagnostics.parquet",
-        cosine=f"{QRUN}/cosine.parquet",
+        **store_outputs("diagnostics"),
+        job=store_output("diagnostics", "job"),
     log:
-        f"{QRUN_LOGS}/diagnostics.log",
+        store_log("diagnostics"),
     params:
-        backbone=backbone_flag,
+        job=job_file,
+        backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
+        ft=lambda wc, input: " ".join(inputs_named(wc, "ft:")),
+        vectors=lambda wc, input: " ".join(inputs_named(wc, "vector:")),
+        merged=lambda wc, input: " ".join(inputs_named(wc, "merged:")),
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} diagnostics --config {CONFIG} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} {params.backbone} "
-        "--ft {input.ft} --vectors {input.vectors} --merged {input.merged} --out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} diagnostics --config {output.job} --arch {wildcards.arch} --seed {wildcards.seed} --quant {wildcards.quant} "
+        "{params.backbone} --ft {params.ft} --vectors {params.vectors} --merged {params.merged} "
+        "--out-norms {output.norms} --out-cosine {output.cosine} 2> {log}"
 
 
 rule tables:
     """Every seed's baselines and cells with gains, specific gains over the random controls with
     bootstrap intervals, donor/receiver summaries (Tables 2, 3, 5-7) and the diagnostics."""
     input:
-        baselines=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/baselines/{{task}}.parquet", seed=SEEDS, quant=QUANTS, task=TASKS),
-        cells=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/transfer/{{receiver}}/{{donor}}.parquet", seed=SEEDS, quant=QUANTS,
-                     receiver=TASKS, donor=DONORS),
-        norms=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/diagnostics.parquet", seed=SEEDS, quant=QUANTS),
-        cosine=expand(f"{OUT}/{{{{arch}}}}/seed{{seed}}/{{quant}}/cosine.parquet", seed=SEEDS, quant=QUANTS),
+        baselines=lambda wc: jobs_of("baselines", wc.arch, "table"),
+        cells=lambda wc: jobs_of("cell", wc.arch, "table"),
+        norms=lambda wc: jobs_of("diagnostics", wc.arch, "norms"),
+        cosine=lambda wc: jobs_of("diagnostics", wc.arch, "cosine"),
     output:
         baselines=f"{OUT}/{{arch}}/baselines.parquet",
         transfer=f"{OUT}/{{arch}}/transfer.parquet",

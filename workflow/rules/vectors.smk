@@ -1,13 +1,14 @@
 rule extract_vector:
     """rho_D = theta_QAT(D) - theta_FT(D)."""
     input:
-        qat=f"{QRUN}/checkpoints/{{task}}.qat.safetensors",
-        ft=f"{RUN}/checkpoints/{{task}}.ft.safetensors",
+        unpack(job_inputs),
     output:
-        f"{QRUN}/vectors/{{task}}.safetensors",
+        **store_outputs("vector"),
+        job=store_output("vector", "job"),
     log:
-        f"{QRUN_LOGS}/vectors/{{task}}.log",
+        store_log("vector"),
     params:
+        job=job_file,
         policy=POLICY_ARGS,
     resources:
         mem_mb=2000,
@@ -15,7 +16,8 @@ rule extract_vector:
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} extract --qat {input.qat} --ft {input.ft} {params.policy} -o {output} > {log} 2>&1"
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} extract --qat {input.qat} --ft {input.ft} {params.policy} -o {output.vector} > {log} 2>&1"
 
 
 rule merge_leave_one_out:
@@ -23,15 +25,20 @@ rule merge_leave_one_out:
     include the receiver's own vector (nor its QAT model); adding a task rebuilds these merges and
     their cells, nothing else."""
     input:
-        lambda wc: [f"{OUT}/{wc.arch}/seed{wc.seed}/{wc.quant}/vectors/{t}.safetensors" for t in TASKS if t != wc.receiver],
+        unpack(job_inputs),
     output:
-        f"{QRUN}/vectors/loo/{{receiver}}.{{method}}.safetensors",
+        **store_outputs("merged"),
+        job=store_output("merged", "job"),
     log:
-        f"{QRUN_LOGS}/vectors/loo/{{receiver}}.{{method}}.log",
+        store_log("merged"),
+    params:
+        job=job_file,
+        vectors=lambda wc, input: " ".join(inputs_named(wc, "vector:")),
     resources:
         mem_mb=2000,
         runtime=10,
     conda:
         "../envs/qvlib.yaml"
     shell:
-        "{QV} merge {input} --method {wildcards.method} --receiver {wildcards.receiver} -o {output} > {log} 2>&1"
+        "printf '%s\\n' {params.job} > {output.job} && "
+        "{QV} merge {params.vectors} --method {wildcards.method} --receiver {wildcards.receiver} -o {output.vector} > {log} 2>&1"
