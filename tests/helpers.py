@@ -1,5 +1,7 @@
-"""Shared test helpers: a miniature config and running `qv` / snakemake from the venv."""
+"""Shared test helpers: a miniature config, running `qv` / snakemake from the venv and finding a
+config's files in the shared store."""
 
+import json
 import os
 import re
 import subprocess
@@ -7,6 +9,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from qvlib.store import OUTPUTS
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -69,3 +73,22 @@ def planned_jobs(proc) -> dict[str, int]:
             break
         counts[m.group(1)] = int(m.group(2))
     return counts
+
+
+def store_entries(workdir: Path, name: str = "mini", kind: str | None = None, **labels) -> list[dict]:
+    """The rows of ``<workdir>/results/<name>/store.json`` (written when the config's jobs start) of
+    ``kind`` (any kind if None) whose labels equal ``labels`` (compared as strings: seed=0 or "0")."""
+    rows = json.loads((Path(workdir) / "results" / name / "store.json").read_text())
+    return [row for row in rows if (kind is None or row["kind"] == kind)
+            and all(k in row and str(row[k]) == str(v) for k, v in labels.items())]
+
+
+def stored(workdir: Path, name: str, kind: str, output: str | None = None, **labels) -> Path:
+    """The store folder of the one job of ``kind`` with ``labels`` in config ``name``'s store.json (or
+    its file ``output``, a name of qvlib.store.OUTPUTS[kind], e.g. ``"ckpt"``), as a path under
+    ``workdir``. Fails unless exactly one job matches."""
+    rows = store_entries(workdir, name, kind, **labels)
+    if len(rows) != 1:
+        raise AssertionError(f"{len(rows)} {kind} jobs of {name!r} have labels {labels}, not one")
+    folder = Path(workdir) / rows[0]["folder"]
+    return folder / OUTPUTS[kind][output] if output else folder
