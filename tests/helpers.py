@@ -92,3 +92,28 @@ def stored(workdir: Path, name: str, kind: str, output: str | None = None, **lab
         raise AssertionError(f"{len(rows)} {kind} jobs of {name!r} have labels {labels}, not one")
     folder = Path(workdir) / rows[0]["folder"]
     return folder / OUTPUTS[kind][output] if output else folder
+
+
+def plan_of(configfile: Path):
+    """The store plan (qvlib.store.Plan) the workflow builds from ``configfile``, as workflow/rules/common.smk
+    builds it (the schema's defaults filled in): where a job's files will be before any run has written
+    store.json. Tests that use it also check it against a run's store.json (tests/test_workflow.py)."""
+    from snakemake.utils import validate
+
+    from qvlib.config import Config
+    from qvlib.pipeline import arch_preprocess
+    from qvlib.store import DEFAULT_STORE, Plan
+
+    config = yaml.safe_load(Path(configfile).read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    run = Config(config, Path(configfile))
+    quants = {spec.tag: json.loads(spec.to_json()) for spec in run.quants}
+    pixels = {arch: (pre.pixels(), pre.pixel_settings()) for arch, pre in
+              ((arch, arch_preprocess(run.arch(arch))) for arch in config["archs"])}
+    return Plan(config, quants, pixels, root=str(config.get("store", DEFAULT_STORE)).rstrip("/"))
+
+
+def planned(workdir: Path, configfile: Path, kind: str, output: str | None = None, **labels) -> Path:
+    """Where ``configfile``'s one job of ``kind`` with ``labels`` puts its folder (or file ``output``) under
+    ``workdir``, before it runs (see plan_of)."""
+    return Path(workdir) / plan_of(configfile).where(kind, output, **labels)
