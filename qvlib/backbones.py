@@ -19,8 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import Config, digest_of
-from .train import metrics_path, write_json
-from .vectors import WeightVector, atomic_write
+from .fileio import atomic_write, write_json
+from .train import metrics_path
+from .vectors import WeightVector
 
 
 # Training settings that only decide when a run logs or saves its resumable state, not its weights.

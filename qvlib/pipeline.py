@@ -19,7 +19,7 @@ from .data.registry import load_task, pretrain_mixture, stable_seed
 from .datafree import Rule, choose_lambda, noise_images, proxy_inputs, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
 from .racing import race_splits
-from .report import write_parquet
+from .fileio import write_parquet
 from .models import backbone_state, build_vit, check_fits, task_model
 from .quant import QuantSpec, fake_quant
 from .train import pick_device, train

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from . import plots, tables
-from .vectors import atomic_write
+from .fileio import write_parquet, write_text  # write_parquet: also imported from here (paper_tables)
 from .vocab import LambdaTies
 
 
@@ -31,7 +31,7 @@ def assemble_tables(baselines: list[Path], cells: list[Path], norms: list[Path],
             write_parquet(frame, outputs[name])
     if "quantizers_md" in outputs:
         text = plots.quantizers_markdown(base["arch"][0], frames["quantizers"])
-        atomic_write(outputs["quantizers_md"], lambda tmp: Path(tmp).write_text(text))
+        write_text(outputs["quantizers_md"], text)
 
 
 def of_quant(path: Path, quant: str | None) -> pl.DataFrame:
@@ -56,9 +56,6 @@ def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: P
     plots.heatmap_cosine(of_quant(cosine, quant), out_cosine, title=f"{name}: cosine of quantization vectors")
     text = plots.summary_markdown(name, of_quant(baselines, quant), pair_rows, of_quant(summary_specific, quant),
                                   of_quant(norms, quant))
-    atomic_write(out_summary, lambda tmp: Path(tmp).write_text(text))
+    write_text(out_summary, text)
     return text
 
-
-def write_parquet(df, output: Path) -> None:
-    atomic_write(output, lambda tmp: df.write_parquet(tmp))

@@ -1,4 +1,5 @@
-"""Arithmetic over named tensors (checkpoints, task and quantization vectors) and safetensors I/O.
+"""Arithmetic over named tensors (checkpoints, task and quantization vectors) and safetensors I/O
+(written through :func:`qvlib.fileio.atomic_write`).
 
 A :class:`WeightVector` is an ordered mapping from timm parameter names to tensors. Two
 operands must hold the same names with the same shapes; anything else is a ``ValueError``
@@ -7,18 +8,17 @@ that names the first offending tensor.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import secrets
-import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .fileio import atomic_write, check_output_path  # noqa: F401 - re-exported: vectors.atomic_write is fileio's
 
 
 class WeightVector(Mapping[str, torch.Tensor]):
@@ -204,96 +204,6 @@ def sort_metadata(path: str | os.PathLike) -> None:
                              "file holds, so its metadata cannot be sorted in place (was it written by safetensors?)")
         f.seek(8)
         f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces too
-
-
-def check_output_path(path: str | os.PathLike) -> None:
-    """An output path must name a file, in a folder or where a folder can be made (a ValueError)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"cannot write {path}: {parent} is a file, not a directory")
-            return
-
-
-def _about_output(filename, tmp: str | None, path: Path) -> bool:
-    """Is an OSError about the temporary file or the folders of ``path`` (not an input ``write`` reads)?"""
-    return filename is None or str(filename) == str(tmp) or Path(filename) in (path, *path.parents)
-
-
-def _make_folders(folder: Path, made: list[Path]) -> None:
-    """Create ``folder`` and its missing parents one at a time, outermost first, appending to ``made``
-    each one this call created (a folder that already exists, or that another process creates first,
-    is not ours), so that ``made`` is right even when a later mkdir fails."""
-    for parent in (*reversed(folder.parents), folder):
-        if parent.is_dir():
-            continue
-        try:
-            os.mkdir(parent)
-        except FileExistsError:
-            continue
-        made.append(parent)
-
-
-def _remove_folders(made: list[Path]) -> None:
-    """Remove the folders ``_make_folders`` created, innermost first, each only while it is empty."""
-    for folder in reversed(made):
-        try:
-            os.rmdir(folder)
-        except OSError:  # not empty (another writer uses it) or gone: keep it and its parents
-            break
-
-
-def _create_temporary(path: Path) -> str:
-    """A new empty file beside ``path``, created by the kernel with mode 0o666 less the umask (and any
-    default ACL of the folder), with a name no other process or thread uses."""
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
-
-    The file gets the permissions of any new file (``0o666`` less the umask, as the kernel applies it
-    when the temporary file is created; the umask is never read), not ``mkstemp``'s ``0o600``, even
-    when ``write`` replaces the temporary file with one of its own. If anything fails, the temporary file and the folders this call
-    made for it (only those, only while empty) are removed and ``path`` is left untouched; an
-    ``OSError`` about the temporary file is raised about ``path``.
-    """
-    path = Path(path)
-    check_output_path(path)
-    made: list[Path] = []
-    tmp = None
-    try:
-        for attempt in range(3):  # a concurrent failing writer may remove a folder it made before our file is in it
-            _make_folders(path.parent, made)
-            try:
-                tmp = _create_temporary(path)
-                break
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the kernel gave a new file here (the umask applied)
-        write(tmp)
-        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that replaced the file (safetensors' save_file
-            os.chmod(tmp, mode)                         # writes its own 0o600 temporary and renames it over ours)
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        _remove_folders(made)
-        if isinstance(err, OSError) and err.strerror and _about_output(err.filename, tmp, path):
-            raise OSError(err.errno or errno.EIO, f"cannot write {path}: {err.strerror}") from None
-        raise
-    return path
 
 
 def quantization_vector(qat: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor], names: Iterable[str]) -> WeightVector:

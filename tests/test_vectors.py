@@ -1,11 +1,10 @@
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from qvlib.vectors import WeightVector, atomic_write, patch, quantization_vector
+from qvlib.vectors import WeightVector, patch, quantization_vector
 
 
 def vec(seed=0, **shapes):
@@ -73,22 +72,11 @@ def test_safetensors_round_trip_with_metadata(tmp_path):
     assert os.listdir(tmp_path / "sub") == ["v.safetensors"]
 
 
-def test_failed_write_leaves_nothing(tmp_path):
-    target = tmp_path / "out.safetensors"
+def test_save_writes_through_fileio_atomic_write():
+    """vectors.atomic_write and check_output_path are qvlib.fileio's (the one writer; tests/test_fileio.py)."""
+    from qvlib import fileio, vectors
 
-    def boom(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(target, boom)
-    assert list(tmp_path.iterdir()) == []
-    # an existing file survives a failed overwrite unchanged
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        atomic_write(target, boom)
-    assert target.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+    assert vectors.atomic_write is fileio.atomic_write and vectors.check_output_path is fileio.check_output_path
 
 
 def test_load_missing_file_names_path(tmp_path):
@@ -113,67 +101,6 @@ def test_quantization_vector_and_patch():
         patch(ft, [(1.0, {"w": torch.zeros(3)})])
     with pytest.raises(ValueError, match="tensor 'z' is missing from the receiver"):
         patch(ft, [(1.0, {"z": torch.zeros(3)})])
-
-
-def _fail(tmp):
-    with open(tmp, "wb") as f:
-        f.write(b"partial")
-    raise RuntimeError("disk full")
-
-
-def test_failed_write_keeps_folders_it_did_not_make(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "existing_empty").mkdir()
-    # "new" is made (the kernel needs it to resolve ".."); "existing_empty" was there before: it stays
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(Path("new/../existing_empty/x.txt"), _fail)
-    assert sorted(os.listdir(tmp_path)) == ["existing_empty"] and os.listdir(tmp_path / "existing_empty") == []
-    # folders made by a failing write go, innermost first; the ones that were there stay
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(tmp_path / "existing_empty" / "a" / "b" / "x.txt", _fail)
-    assert sorted(os.listdir(tmp_path)) == ["existing_empty"] and os.listdir(tmp_path / "existing_empty") == []
-    # a folder it made that another writer has put a file into since is kept
-    def other_writer(tmp):
-        (tmp_path / "made" / "theirs.txt").write_text("x")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(tmp_path / "made" / "x.txt", other_writer)
-    assert os.listdir(tmp_path / "made") == ["theirs.txt"]
-    # a successful write through ".." keeps what it made
-    atomic_write(Path("fresh/../existing_empty/y.txt"), lambda tmp: Path(tmp).write_text("y"))
-    assert (tmp_path / "existing_empty" / "y.txt").read_text() == "y" and (tmp_path / "fresh").is_dir()
-
-
-def test_a_folder_another_process_makes_first_is_not_removed(tmp_path, monkeypatch):
-    target = tmp_path / "race" / "x.txt"
-    real_mkdir = os.mkdir
-
-    def beaten(path, *args, **kwargs):  # another job creates the folder between our check and our mkdir
-        real_mkdir(path, *args, **kwargs)
-        raise FileExistsError(17, "File exists", str(path))
-
-    monkeypatch.setattr(os, "mkdir", beaten)
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(target, _fail)
-    assert os.listdir(tmp_path / "race") == []
-
-
-def test_temporary_file_is_created_with_the_umask_applied_by_the_kernel(tmp_path, monkeypatch):
-    import stat
-
-    calls = []
-    monkeypatch.setattr(os, "umask", lambda *a: calls.append(a) or 0o022)  # atomic_write must not touch the umask
-    seen = {}
-
-    def write(tmp):
-        seen["name"] = os.path.basename(tmp)
-        seen["mode"] = stat.S_IMODE(os.stat(tmp).st_mode)
-        Path(tmp).write_text("x")
-
-    path = atomic_write(tmp_path / "t.txt", write)
-    assert calls == [] and seen["name"].startswith(f".t.txt.{os.getpid()}.") and seen["name"].endswith(".tmp")
-    assert seen["mode"] == stat.S_IMODE(path.stat().st_mode)
 
 
 def test_sort_metadata_pads_in_place_and_refuses_a_header_it_would_lengthen(tmp_path):
