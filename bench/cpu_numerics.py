@@ -2,7 +2,9 @@
 steps under each kernel path this machine can take, compared with its own native path.
 
     .venv/bin/python bench/cpu_numerics.py                 # 300 steps on generated shapes, random init
-    .venv/bin/python bench/cpu_numerics.py --backbone results/default/vit_demo/seed0/backbone.safetensors --steps 600
+    .venv/bin/python bench/cpu_numerics.py --backbone backbones/vit_demo-seed0-e2e3d7305f22.safetensors --steps 600
+    # (the default's seed-0 backbone, which make run copies into its store folder; or a run's own:
+    #  results/store/backbone/vit_demo/seed0/<key>/backbone.safetensors, its key in results/<name>/store.json)
 
 torch picks its CPU kernels by instruction set (ATen: AVX512 / AVX2 / a generic build; oneDNN and MKL
 likewise), and kernels of different width sum in a different order. Each variant runs in a fresh

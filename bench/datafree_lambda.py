@@ -5,6 +5,7 @@
 For every (receiver, donor) pair of one seed, each criterion of qvlib.datafree picks a lambda from
 the run's own sweep, using only the receiver's FT weights and the vector (``outputs``: plus noise
 images); the test gain at that lambda is read from the run's transfer.parquet (no new evaluation).
+The FT models and vectors are read from the shared store, where the run's store.json places them.
 The same criterion is applied to the donor's first random control. Printed beside them: lambda = 1,
 the lambda chosen on the calib split, and the oracle (best lambda on test), the baseline every
 figure is a ratio of (share of the oracle gain each rule keeps).
@@ -28,6 +29,7 @@ from qvlib.provenance import machine_line  # noqa: E402
 from qvlib.tables import pairs, single_donors  # noqa: E402
 from qvlib.vectors import WeightVector, random_direction  # noqa: E402
 from qvlib.vocab import Control, Search, Split  # noqa: E402
+from run_store import RunStore  # noqa: E402
 
 
 def main() -> int:
@@ -38,15 +40,15 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = Config.load(args.results.parent / "config.yaml").with_seed(args.seed)
-    arch, run = args.results.name, args.results / f"seed{cfg.seed}"
+    arch, run = args.results.name, RunStore(args.results, cfg)
     transfer = pl.read_parquet(args.results / "transfer.parquet").filter(pl.col("seed") == cfg.seed)
     test = transfer.filter((pl.col("split") == Split.TEST) & (pl.col("search") == Search.SWEEP))
     rows = []
     for receiver in cfg.task_names:
-        engine, ckpt = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", "cpu")
+        engine, ckpt = load_engine(cfg, arch, run.ft(receiver, cfg.seed), "cpu")
         inputs = noise_images(args.images, engine.preprocess.img_size)
         for donor in [t for t in cfg.task_names if t != receiver]:
-            rho = WeightVector.load(run / cfg.quant.tag / "vectors" / f"{donor}.safetensors")
+            rho = WeightVector.load(run.vector(donor, cfg.seed, cfg.quant.tag))
             control_seed = random_control_seeds(cfg, donor)[0]
             for control, vec, seed in ((Control.DONOR, rho, None), (Control.RANDOM, random_direction(rho, control_seed), control_seed)):
                 gains = test.filter((pl.col("receiver") == receiver) & (pl.col("donor") == donor) & (pl.col("control") == control))

@@ -92,20 +92,16 @@ SETTINGS = {
                 "fixed: the only seeds that played no part in choosing its tasks",
                 {"seeds": [6, 7]}),
 }
-# Settings that change only evaluation reuse the trained models of another setting: the listed
-# outputs of results/<that setting>/ are copied (file times kept) before the run, so only what reads
-# the changed keys is recomputed. Seeds run in the order given by --seeds (the study adds them one call
-# at a time; the recorded wall time is the sum of the calls).
-# The four shared tasks' models, single-task vectors (not the leave-one-out merges, which depend on the
-# task set), baselines and the cells whose donor is one of them.
-TASKS4_RUNS = ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors/*.safetensors",
-               "seed*/*/baselines", *(f"seed*/*/transfer/*/{task}.parquet" for task in TASKS4))
-REUSES = {"test3000": ("steps300", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors")),
-          "steps1200": ("tasks6", ("seed*/backbone.*",)),
-          "controls8": ("tasks6", ("seed*/backbone.*", "seed*/checkpoints", "seed*/*/checkpoints", "seed*/*/vectors",
-                                    "seed*/*/baselines")),
-          "tasks4": ("tasks6", TASKS4_RUNS),
-          "default": ("tasks4", TASKS4_RUNS)}
+# Settings reuse what an earlier setting trained through the shared store (qvlib.store): a job that reads
+# the same settings has the same key and folder, so steps1200 finds tasks6's backbones, controls8 tasks6's
+# backbones, models, vectors and baselines, tasks4 those of the four tasks it shares with tasks6 and the
+# default those of tasks4, with nothing copied; what reads a changed key runs (the cells of a new task set
+# too: the default's data-free rule outputs@others reads every task's images). test3000 changes the test
+# split's size, which the fine-tuning jobs' keys hold although their training images do not change: the
+# jobs of the kinds listed are copied from that setting's store folders into the target's (file times
+# kept, each with its own job file) before the run. Seeds run in the order given by --seeds (the study
+# adds them one call at a time; the recorded wall time is the sum of the calls).
+REUSES = {"test3000": ("steps300", ("ft", "qat", "vector"))}
 # Sub-grids of the default's lambdas for the selection analysis: the oracle takes the best of k lambdas,
 # for the donor and for each random direction alike.
 SUB_GRIDS = ([0.25, 0.5, 0.75, 1.0, 1.5, 2.0], [0.5, 0.75, 1.0, 1.5], [0.5, 1.0, 1.5], [1.0])
@@ -145,29 +141,40 @@ def config_for(key: str, seeds: list[int] | None = None) -> tuple[Path, str]:
     return path, cfg["name"]
 
 
-def copy_trained(source: str, target: str, patterns) -> None:
-    """The outputs of results/<source>/<arch>/ that match ``patterns`` under results/<target>/, file
-    times kept (so Snakemake sees them as up to date), and the source's cached data splits (which
-    every job downstream reads: fresh copies would make them all rerun)."""
-    if (REPO / "results" / source / "cache").is_dir():
-        shutil.copytree(REPO / "results" / source / "cache", REPO / "results" / target / "cache",
-                        copy_function=shutil.copy2, dirs_exist_ok=True)
-    src, dst = REPO / "results" / source / ARCH, REPO / "results" / target / ARCH
-    for pattern in patterns:
-        for path in src.glob(pattern):
-            to = dst / path.relative_to(src)
-            if path.is_dir():
-                shutil.copytree(path, to, copy_function=shutil.copy2, dirs_exist_ok=True)
-            elif not to.exists():
-                to.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, to)
+def copy_trained(source: Path, target: Path, kinds) -> None:
+    """The store jobs of ``kinds`` of config ``source`` copied into the folders of the same jobs (same
+    labels) of config ``target`` where those differ and are missing, file times kept (so Snakemake sees
+    them as up to date), each with the target's own job file (which names the folder it was copied from).
+    Nothing is copied where the two configs share the job, or where the source has not run it."""
+    from qvlib.store import JOB, JOB_FILE, LOG_FILE
+    from run_store import effective, plan_of
+
+    def plan(path: Path):
+        return plan_of(effective(yaml.safe_load(path.read_text())))
+
+    donors = {(job.kind, *sorted(job.labels.items())): job for job in plan(source).jobs() if job.kind in kinds}
+    for job in plan(target).jobs():
+        found = donors.get((job.kind, *sorted(job.labels.items())))
+        if found is None or found.key == job.key:
+            continue
+        have, missing = [REPO / f for f in found.files], [REPO / f for f in job.files]
+        if not all(f.exists() for f in have) or all(f.exists() for f in missing):
+            continue
+        folder = REPO / job.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in [*have, REPO / found.folder / LOG_FILE]:
+            if path.exists():
+                shutil.copy2(path, folder / path.name)
+        doc = job.document()
+        doc[JOB] = {**doc[JOB], "copied_from": found.folder}
+        (folder / JOB_FILE).write_text(json.dumps(doc, sort_keys=True) + "\n")
 
 
 def run(key: str, cores: int, seeds: list[int] | None = None) -> None:
     path, name = config_for(key, seeds)
     if key in REUSES:
-        source, patterns = REUSES[key]
-        copy_trained(config_for(source)[1], name, patterns)
+        source, kinds = REUSES[key]
+        copy_trained(config_for(source)[0], path, kinds)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path), "-q"],

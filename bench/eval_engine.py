@@ -139,22 +139,23 @@ def search_report(folder: Path, device, max_pairs: int):
     evenly over the grid."""
     from qvlib.config import Config
     from qvlib.data.cache import read_split_cache
-    from qvlib.pipeline import cache_path, load_engine
+    from qvlib.pipeline import load_engine
+    from run_store import RunStore
 
     cfg = Config.load(folder.parent / "config.yaml")  # the run's effective config
     arch = folder.name
-    run = folder / f"seed{cfg.seed}"  # the first replicate
+    run = RunStore(folder, cfg)  # its models, vectors and cached splits in the store; cfg.seed: the first replicate
     tasks = cfg.task_names
     worst, passes, pairs = 0.0, [], 0
     every = [(r, d) for r in tasks for d in tasks if r != d]
     todo = every[:: max(1, len(every) // max_pairs)][:max_pairs]
     for receiver in sorted({r for r, _ in todo}):
-        engine, _ = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", str(device))
-        images, labels, _ = read_split_cache(cache_path(cfg, arch, folder.parent, receiver, "test"))
+        engine, _ = load_engine(cfg, arch, run.ft(receiver, cfg.seed), str(device))
+        images, labels, _ = read_split_cache(run.split(receiver, "test"))
         split = load_split(images, labels, engine.device)
         names = cfg.policy.select_model(engine.model)
         for donor in [d for r, d in todo if r == receiver]:
-            vec = {n: t.to(engine.device) for n, t in WeightVector.load(run / cfg.quant.tag / "vectors" / f"{donor}.safetensors").items()}
+            vec = {n: t.to(engine.device) for n, t in WeightVector.load(run.vector(donor, cfg.seed, cfg.quant.tag)).items()}
             score = lambda lam: engine.correct(engine.quantized(names, cfg.quant, vec, lam), split)
             dense = {lam: score(lam) for lam in dense_grid()}
             found = search_lambda(score)

@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qvlib.config import Config  # noqa: E402
-from qvlib.pipeline import cache_path, cached_splits, load_engine, random_control_seeds, set_threads  # noqa: E402
+from qvlib.pipeline import cached_splits, load_engine, random_control_seeds, set_threads  # noqa: E402
 from qvlib.racing import race_splits  # noqa: E402
 from qvlib.vectors import WeightVector, random_direction  # noqa: E402
 from qvlib.vocab import Split  # noqa: E402
+from run_store import RunStore  # noqa: E402
 
 PAPER_GRID = [0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50]
 
@@ -42,7 +43,7 @@ def best(full: torch.Tensor, grid: list[float]) -> int:
     return min(range(len(full)), key=lambda i: (-int(full[i]), abs(grid[i] - 1.0), grid[i]))
 
 
-def dense_answers(cfg, arch: str, args, run: Path, tasks: list[str], cache_file: Path) -> dict:
+def dense_answers(cfg, arch: str, args, run: RunStore, tasks: list[str], cache_file: Path) -> dict:
     """(receiver, donor, 'donor' | 'random') -> ({split: bool answers (lambdas, images)}, {split: labels}):
     every lambda of the grid on every image, computed once and kept in ``cache_file`` (keyed by the grid)."""
     if cache_file.exists():
@@ -51,14 +52,14 @@ def dense_answers(cfg, arch: str, args, run: Path, tasks: list[str], cache_file:
             return saved["answers"]
     answers = {}
     for receiver in tasks:
-        engine, _ = load_engine(cfg, arch, run / "checkpoints" / f"{receiver}.ft.safetensors", "cpu")
+        engine, _ = load_engine(cfg, arch, run.ft(receiver, cfg.seed), "cpu")
         names = cfg.policy.select_model(engine.model)
-        splits = cached_splits(engine, {s: cache_path(cfg, arch, args.results.parent, receiver, s) for s in (Split.TEST, Split.CALIB)})
+        splits = cached_splits(engine, {s: run.split(receiver, s) for s in (Split.TEST, Split.CALIB)})
         labels = {str(s): data.labels.cpu() for s, data in splits.items()}
         for donor in tasks:
             if donor == receiver:
                 continue
-            rho = WeightVector.load(run / cfg.quant.tag / "vectors" / f"{donor}.safetensors")
+            rho = WeightVector.load(run.vector(donor, cfg.seed, cfg.quant.tag))
             for variant, vector in (("donor", rho), ("random", random_direction(rho, random_control_seeds(cfg, donor)[0]))):
                 vec = {n: t.to(engine.device) for n, t in vector.items()}
                 right = {str(s): torch.stack([engine.correct_mask(engine.quantized(names, cfg.quant, vec, lam), data).cpu()
@@ -88,7 +89,7 @@ def main() -> int:
     set_threads(args.threads)
     arch = args.results.name
     cfg = Config.load(args.config or args.results.parent / "config.yaml").with_seed(args.seed)
-    run = args.results / f"seed{cfg.seed}"
+    run = RunStore(args.results, cfg)  # the run's models, vectors and cached splits in the store
     tasks = cfg.task_names
     cells = dense_forwards = floor_forwards = 0
     stats = {k: {"oracle": [], "calib": [], "forwards": 0, "test_forwards": 0} for k in settings}

@@ -37,6 +37,7 @@ from qvlib.stats import bootstrap_mean  # noqa: E402
 from qvlib.tables import pairs, read_all, with_gain, whole_split_sweep  # noqa: E402
 from qvlib.vectors import WeightVector, random_direction  # noqa: E402
 from qvlib.vocab import Control, Split  # noqa: E402
+from run_store import RunStore  # noqa: E402
 
 MERGED = "merged:mean"
 TOLERANCES = (0.0, 0.05, 0.1, 0.25)  # a rule takes the lambda nearest 1 among those within (1 + tol) x the lowest score
@@ -51,26 +52,28 @@ def run_config(results: Path, seeds: list[int]) -> Config:
     return Config({**cfg.raw, "seeds": sorted(set(cfg.seeds) | set(seeds))}, cfg.path)
 
 
-def _run_paths(results: Path, cfg: Config, seed: int) -> dict:
-    q = results / f"seed{seed}" / cfg.quant.tag
-    return {"ft": results / f"seed{seed}" / "checkpoints", "vectors": q / "vectors", "cells": q / "transfer", "baselines": q / "baselines"}
-
-
 def seed_finished(results: Path, cfg: Config, seed: int) -> bool:
-    p = _run_paths(results, cfg, seed)
-    tasks = cfg.task_names
-    cells = [p["cells"] / r / f"{d}.parquet" for r in tasks for d in [*tasks, "merged-mean"]]
-    return all(c.exists() for c in cells) and all((p["baselines"] / f"{t}.parquet").exists() for t in tasks)
+    """Whether every cell (each donor, the receiver itself, the merged donor) and baseline of the seed
+    is in the store."""
+    run, quant, tasks = RunStore(results, cfg), cfg.quant.tag, cfg.task_names
+    try:
+        for r in tasks:
+            run.baselines(r, seed, quant)
+            for d in [*tasks, "merged-mean"]:
+                run.cell(r, d, seed, quant)
+    except (FileNotFoundError, ValueError):  # not run yet, or not a job of the config
+        return False
+    return True
 
 
 def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets: dict) -> pl.DataFrame:
     cfg = cfg.with_seed(seed)
-    arch, p = results.name, _run_paths(results, cfg, seed)
+    arch, run, quant = results.name, RunStore(results, cfg), cfg.quant.tag
     tasks = cfg.task_names
     lambdas = [0.0, *map(float, cfg.lambdas)]
     rows = []
     for receiver in tasks:
-        engine, ckpt = load_engine(cfg, arch, p["ft"] / f"{receiver}.ft.safetensors", "cpu")
+        engine, ckpt = load_engine(cfg, arch, run.ft(receiver, seed), "cpu")
         pre = engine.preprocess
 
         def images(source: str, donor_tasks: list[str]) -> torch.Tensor:
@@ -80,8 +83,8 @@ def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets:
 
         others = images("others", [])
         noise = images("noise", [])
-        donors = [(d, p["vectors"] / f"{d}.safetensors", [d]) for d in tasks if d != receiver]
-        donors.append((MERGED, p["vectors"] / "loo" / f"{receiver}.mean.safetensors", [t for t in tasks if t != receiver]))
+        donors = [(d, run.vector(d, seed, quant), [d]) for d in tasks if d != receiver]
+        donors.append((MERGED, run.merged(receiver, "mean", seed, quant), [t for t in tasks if t != receiver]))
         for donor, path, donor_tasks in donors:
             rho = WeightVector.load(path)
             inputs = {"noise": noise, "others": others, "donor": images("donor", donor_tasks)}
@@ -107,13 +110,14 @@ def score(results: Path, seeds: list[int], n_images: int) -> None:
         print(f"{out}: seeds {sorted(done)} already scored")
         return
     train_sets = {}
+    run = RunStore(results, cfg)
     for s in todo:
         if not seed_finished(results, cfg, s):
             print(f"seed {s}: cells not finished, skipped")
             continue
         if not train_sets:
             for t in cfg.task_names:  # the tasks' own training splits (without calib), as the workflow draws them
-                probe = load_engine(cfg, results.name, _run_paths(results, cfg.with_seed(s), s)["ft"] / f"{t}.ft.safetensors", "cpu")[0]
+                probe = load_engine(cfg, results.name, run.ft(t, s), "cpu")[0]
                 train_sets[t] = load_task(t, cfg.load_options(t, probe.preprocess)).train
         t0 = time.time()
         frame = score_seed(results, cfg, s, n_images, train_sets)
@@ -142,11 +146,12 @@ def picks(scores: pl.DataFrame, sweep_lambdas: list[float]) -> pl.DataFrame:
 
 
 def load_cells(results: Path, cfg: Config, seeds: list[int]) -> pl.DataFrame:
-    cells, base = [], []
-    for s in seeds:
-        p = _run_paths(results, cfg, s)
-        cells += sorted(p["cells"].glob("*/*.parquet"))
-        base += sorted(p["baselines"].glob("*.parquet"))
+    run, quant, cells, base = RunStore(results, cfg), cfg.quant.tag, [], []
+    donors = [*cfg.task_names, *(f"merged-{m}" for m in cfg.merged_donors)]
+    for s in seeds:  # each seed's cells and baselines in the order of their old file names
+        cells += [run.cell(r, d, s, quant) for r, d in sorted(((r, d) for r in cfg.task_names for d in donors),
+                                                              key=lambda rd: (rd[0], f"{rd[1]}.parquet"))]
+        base += [run.baselines(t, s, quant) for t in sorted(cfg.task_names, key=lambda t: f"{t}.parquet")]
     return with_gain(read_all(cells), read_all(base))
 
 
