@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import Config, digest_of
@@ -49,6 +49,32 @@ def shipped_backbone(cfg: Config, arch_name: str) -> Path | None:
     """Where this config's reuse folder would hold the backbone (None: the config names no folder)."""
     folder = cfg.reuse_backbones
     return None if folder is None else folder / shipped_name(cfg, arch_name)
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """What ``qv pretrain`` does for one arch and replicate seed: copy ``reuse`` (a file the config's
+    reuse folder holds) or pretrain (``reuse`` None). ``looked_at``: where the folder would hold the
+    backbone (None: the config names no folder, or reuse was turned off)."""
+
+    reuse: Path | None
+    looked_at: Path | None
+
+    @property
+    def note(self) -> str | None:
+        """The log line that says which it is (None: there was nowhere to look)."""
+        if self.reuse is not None:
+            return f"reused {self.reuse}, pretrained earlier with these settings (--no-reuse pretrains it here)"
+        if self.looked_at is not None:
+            return f"no backbone with these settings at {self.looked_at}: pretraining (copy the result there to reuse it)"
+        return None
+
+
+def choose_backbone(cfg: Config, arch_name: str, reuse: bool = True) -> BackboneChoice:
+    """Reuse the backbone the config's reuse folder holds for these settings, or pretrain: pretrain when
+    ``reuse`` is False, when the config names no folder, or when the folder has no such file."""
+    found = shipped_backbone(cfg, arch_name) if reuse else None
+    return BackboneChoice(reuse=found if found is not None and found.exists() else None, looked_at=found)
 
 
 def reuse_backbone(found: Path, output: Path, cfg: Config, arch_name: str) -> None:

@@ -610,17 +610,17 @@ def _pretrain_args(p):
 
 
 def _pretrain(args) -> int:
-    from .backbones import reuse_backbone, shipped_backbone
+    from .backbones import choose_backbone, reuse_backbone
 
     check_output(args.output)
     cfg = load_config(args)
-    shipped = None if args.no_reuse else shipped_backbone(cfg, args.arch)
-    if shipped is not None and shipped.exists():
-        reuse_backbone(shipped, args.output, cfg, args.arch)
-        log.info("reused %s, pretrained earlier with these settings (--no-reuse pretrains it here)", shipped)
+    choice = choose_backbone(cfg, args.arch, reuse=not args.no_reuse)
+    if choice.reuse is not None:
+        reuse_backbone(choice.reuse, args.output, cfg, args.arch)
+        log.info("%s", choice.note)
         return 0
-    if shipped is not None:
-        log.info("no backbone with these settings at %s: pretraining (copy the result there to reuse it)", shipped)
+    if choice.note:
+        log.info("%s", choice.note)
     from .pipeline import pretrain, set_threads
 
     set_threads(args.threads)
@@ -716,24 +716,14 @@ def _transfer_args(p):
 
 
 def _transfer(args) -> int:
+    from .donors import transfer_cells
     from .pipeline import evaluate_cells, set_threads
 
-    donors = []
-    for item in args.donor:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--donor expects NAME=VECTOR, got {item!r}")
-        donors.append((name, Path(path)))
-    outputs = args.output * len(donors) if len(args.output) == 1 else args.output
-    if len(outputs) != len(donors):
-        raise ValueError(f"{len(donors)} --donor values but {len(outputs)} -o paths: give one per donor, or one with {{donor}}")
-    outputs = [out.replace("{donor}", name) for out, (name, _) in zip(outputs, donors)]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError("several donors would write the same file: give -o once per donor, or once with {donor} in it")
-    check_outputs(outputs, args.ft, *(path for _, path in donors), args.test_cache, args.calib_cache)
+    cells = transfer_cells(args.donor, args.output)
+    check_outputs([out for _, _, out in cells], args.ft, *(vector for _, vector, _ in cells), args.test_cache,
+                  args.calib_cache)
     set_threads(args.threads)
-    evaluate_cells(load_config(args), args.arch, args.receiver, args.ft,
-                   [(name, path, Path(out)) for (name, path), out in zip(donors, outputs)], cache_inputs(args),
+    evaluate_cells(load_config(args), args.arch, args.receiver, args.ft, cells, cache_inputs(args),
                    device=args.device, controls=not args.no_controls)
     return 0
 
