@@ -1,5 +1,5 @@
 """The method on checkpoints a user already has: describe, extract a vector, patch, quantize, and
-make the random-direction control. Every ``qv`` checkpoint command is a thin wrapper over one of
+make the random-direction control (merging several vectors is qvlib.merging's). Every ``qv`` checkpoint command is a thin wrapper over one of
 these; each takes and returns :class:`WeightVector` objects (metadata included), so nothing here
 touches the file system.
 """
@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .merging import merge
+from .merging import merged_vector  # noqa: F401 - it lives in qvlib.merging; kept importable from here
 from .packing import PACKED_FORMAT
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant_state
 from .vectors import WeightVector, patch, quantization_vector, random_direction
@@ -112,35 +112,6 @@ def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DE
     meta = {k: v for k, v in ft.metadata.items() if k in ("arch", "task", "seed", "config_hash")}
     meta.update(mode="qv", quant=qat.metadata.get("quant", ""), scope=policy.scope, source={"qat": qat_name, "ft": ft_name})
     return rho.with_metadata(meta)
-
-
-def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exclude: Iterable[str] = (),
-                  receiver: str | None = None, **params) -> WeightVector:
-    """One vector from several (``vectors``: label -> vector) with a merge method of qvlib.merging,
-    leaving out the labels in ``exclude``, each of which must be among the labels (a typo is an error,
-    not a no-op). ``receiver``: the task a leave-one-out donor is built for; its vector is left out if
-    it is among ``vectors`` and it is recorded as left out either way (a workflow passes only the
-    other tasks' vectors). The result records the method, the labels it merged and the ones it left
-    out; arch, quant and seed are kept where the vectors that record them agree, and vectors made for
-    different quantizers or archs are refused."""
-    unknown = sorted(set(exclude) - set(vectors))
-    if unknown:
-        raise ValueError(f"cannot exclude {unknown[0]!r}: no vector to merge is labelled so (labels: "
-                         f"{', '.join(sorted(vectors))}); a vector's label is its metadata task, else its file name")
-    excluded = set(exclude) | ({receiver} if receiver is not None else set())
-    kept = {label: v for label, v in vectors.items() if label not in excluded}
-    if not kept:
-        raise ValueError(f"nothing left to merge once {sorted(excluded)} are left out")
-    meta: dict[str, object] = {"mode": "qv", "merged": {"method": method, **params, "tasks": sorted(kept)}}
-    if excluded:
-        meta["left_out"] = sorted(excluded)
-    for key in ("arch", "quant", "seed"):
-        values = {v.metadata[key] for v in kept.values() if v.metadata.get(key) is not None}
-        if len(values) == 1:
-            meta[key] = values.pop()
-        elif len(values) > 1 and key != "seed":
-            raise ValueError(f"the vectors to merge disagree on {key}: {sorted(str(v) for v in values)}")
-    return merge(list(kept.values()), method, **params).with_metadata(meta)
 
 
 def patched(receiver: WeightVector, vectors: Iterable[tuple[float, WeightVector]], names: Iterable[str] = (),

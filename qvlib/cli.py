@@ -349,20 +349,14 @@ def _merge_args(p):
 
 
 def _merge(args) -> int:
-    from .checkpoints import merged_vector
+    from .merging import label_vectors, merged_tasks, merged_vector
 
     check_output(args.output, *args.vectors)
     params = {} if args.density is None else {"density": args.density}
-    vectors = {}
-    for path in args.vectors:
-        vec = load_as(path, "vector")
-        label = vec.metadata.get("task") or path.stem
-        if label in vectors:
-            raise ValueError(f"two vectors are labelled {label!r} (by their metadata task or file name): merge each once")
-        vectors[label] = vec
+    vectors = label_vectors((path, load_as(path, "vector")) for path in args.vectors)
     merged = merged_vector(vectors, args.method, exclude=args.exclude, receiver=args.receiver, **params)
     merged.save(args.output)
-    kept = json.loads(merged.metadata["merged"])["tasks"]
+    kept = merged_tasks(merged)
     print(f"wrote {args.output}: {args.method} of {len(kept)} vectors ({', '.join(kept)}), norm {merged.norm():.6g}")
     return 0
 

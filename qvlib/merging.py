@@ -4,12 +4,18 @@ Each method is a per-tensor function ``fn(stack, **params) -> tensor`` over the 
 one tensor stacked on dim 0; ``merge(vectors, method, **params)`` checks that the vectors agree in
 names and shapes and applies the method tensor by tensor. A new method is one decorated function
 here and its test. Patching with a merged vector is the paper's patch: ``theta_R + lambda * merged``.
+
+``qv merge`` labels each vector it reads (:func:`label_vectors`: its metadata task, else its file
+name) and builds the merged file with :func:`merged_vector`, which leaves out excluded labels and a
+leave-one-out donor's receiver and records what it merged (:func:`merged_tasks` reads it back).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Mapping, Sequence
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -65,3 +71,54 @@ def merge(vectors: Sequence[Mapping[str, torch.Tensor]], method: str = "mean", *
     for v in vecs[1:]:
         vecs[0].check_compatible(v)
     return WeightVector({name: fn(torch.stack([v[name] for v in vecs]), **params) for name in vecs[0]})
+
+
+def vector_label(vector: WeightVector, path: str | Path) -> str:
+    """What a vector is called among the vectors to merge: its metadata task, else its file's stem."""
+    return vector.metadata.get("task") or Path(path).stem
+
+
+def label_vectors(vectors: Iterable[tuple[str | Path, WeightVector]]) -> dict[str, WeightVector]:
+    """(path, vector) pairs -> label -> vector (:func:`vector_label`), in order; two vectors with one
+    label are an error, raised before any later pair is read (``vectors`` may load them lazily)."""
+    out: dict[str, WeightVector] = {}
+    for path, vector in vectors:
+        label = vector_label(vector, path)
+        if label in out:
+            raise ValueError(f"two vectors are labelled {label!r} (by their metadata task or file name): merge each once")
+        out[label] = vector
+    return out
+
+
+def merged_vector(vectors: Mapping[str, WeightVector], method: str = "mean", exclude: Iterable[str] = (),
+                  receiver: str | None = None, **params) -> WeightVector:
+    """One vector from several (``vectors``: label -> vector) with one of :data:`MERGE_METHODS`,
+    leaving out the labels in ``exclude``, each of which must be among the labels (a typo is an error,
+    not a no-op). ``receiver``: the task a leave-one-out donor is built for; its vector is left out if
+    it is among ``vectors`` and it is recorded as left out either way (a workflow passes only the
+    other tasks' vectors). The result records the method, the labels it merged and the ones it left
+    out; arch, quant and seed are kept where the vectors that record them agree, and vectors made for
+    different quantizers or archs are refused."""
+    unknown = sorted(set(exclude) - set(vectors))
+    if unknown:
+        raise ValueError(f"cannot exclude {unknown[0]!r}: no vector to merge is labelled so (labels: "
+                         f"{', '.join(sorted(vectors))}); a vector's label is its metadata task, else its file name")
+    excluded = set(exclude) | ({receiver} if receiver is not None else set())
+    kept = {label: v for label, v in vectors.items() if label not in excluded}
+    if not kept:
+        raise ValueError(f"nothing left to merge once {sorted(excluded)} are left out")
+    meta: dict[str, object] = {"mode": "qv", "merged": {"method": method, **params, "tasks": sorted(kept)}}
+    if excluded:
+        meta["left_out"] = sorted(excluded)
+    for key in ("arch", "quant", "seed"):
+        values = {v.metadata[key] for v in kept.values() if v.metadata.get(key) is not None}
+        if len(values) == 1:
+            meta[key] = values.pop()
+        elif len(values) > 1 and key != "seed":
+            raise ValueError(f"the vectors to merge disagree on {key}: {sorted(str(v) for v in values)}")
+    return merge(list(kept.values()), method, **params).with_metadata(meta)
+
+
+def merged_tasks(merged: WeightVector) -> list[str]:
+    """The labels a vector written by :func:`merged_vector` merged, from its metadata."""
+    return json.loads(merged.metadata["merged"])["tasks"]

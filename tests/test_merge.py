@@ -1,6 +1,7 @@
 """Merge methods against small examples computed by hand."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_a_new_method_is_one_registered_function():
 
 
 def test_leave_one_out_never_reads_the_left_out_vector():
-    from qvlib.checkpoints import merged_vector
+    from qvlib.merging import merged_vector
 
     meta = {"arch": "vit", "quant": '{"bits": 2}'}
     vectors = {t: WeightVector({"w": torch.tensor([v])}, {**meta, "task": t, "seed": "0"})
@@ -85,3 +86,39 @@ def test_leave_one_out_never_reads_the_left_out_vector():
     other = WeightVector({"w": torch.zeros(1, 2)}, {"quant": '{"bits": 3}'})
     with pytest.raises(ValueError, match="disagree on quant"):
         merged_vector({"a": vectors["a"], "x": other}, "mean")
+
+
+def test_vectors_are_labelled_by_metadata_task_else_file_stem_and_each_label_once():
+    from qvlib import checkpoints
+    from qvlib.merging import label_vectors, merged_tasks, merged_vector, vector_label
+
+    assert checkpoints.merged_vector is merged_vector  # still importable from checkpoints
+    a = WeightVector({"w": torch.ones(2)}, {"task": "shapes"})
+    b = WeightVector({"w": torch.zeros(2)})
+    assert vector_label(a, "out/other.safetensors") == "shapes"
+    assert vector_label(b, "out/dots.qv.safetensors") == "dots.qv"
+    assert vector_label(WeightVector({"w": torch.ones(2)}, {"task": ""}), Path("x/y.safetensors")) == "y"
+    labelled = label_vectors([("v/a.safetensors", a), (Path("v/dots.safetensors"), b)])
+    assert list(labelled) == ["shapes", "dots"] and labelled["shapes"] is a and labelled["dots"] is b
+    read = []
+
+    def lazily():  # a duplicate is refused before the next file is read
+        for path, vec in (("v/shapes.safetensors", b), ("v/a.safetensors", a), ("v/c.safetensors", b)):
+            read.append(path)
+            yield path, vec
+
+    with pytest.raises(ValueError) as err:
+        label_vectors(lazily())
+    assert str(err.value) == "two vectors are labelled 'shapes' (by their metadata task or file name): merge each once"
+    assert read == ["v/shapes.safetensors", "v/a.safetensors"]
+    # the receiver is left out (and recorded) whether or not its vector is among the inputs
+    merged = merged_vector(labelled, "sum", receiver="shapes")
+    assert merged_tasks(merged) == ["dots"] and json.loads(merged.metadata["left_out"]) == ["shapes"]
+    assert merged["w"].tolist() == [0.0, 0.0]
+    merged = merged_vector(labelled, "ties", receiver="digits", density=0.5)
+    assert merged_tasks(merged) == ["dots", "shapes"] and json.loads(merged.metadata["left_out"]) == ["digits"]
+    assert json.loads(merged.metadata["merged"]) == {"method": "ties", "density": 0.5, "tasks": ["dots", "shapes"]}
+    with pytest.raises(ValueError) as err:
+        merged_vector(labelled, "mean", exclude=["shape"])
+    assert str(err.value) == ("cannot exclude 'shape': no vector to merge is labelled so (labels: dots, shapes); "
+                              "a vector's label is its metadata task, else its file name")
