@@ -411,39 +411,9 @@ def _choose_args(p):
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def _choose_inputs(args, engine, receiver_meta: dict):
-    """The images an input criterion compares on, and what they are, never the receiver's task."""
-    from .datafree import folder_images, noise_images, proxy_inputs
-
-    pre = engine.preprocess
-    if args.task and args.images is not None:
-        raise ValueError("give --images or --task, not both")
-    if args.task:
-        from .data.registry import LoadOptions, load_task
-
-        cfg = load_config(args)
-        receiver_task = receiver_meta.get("task")
-        if receiver_task in args.task:
-            raise ValueError(f"--task {receiver_task} is the receiver's own task (its checkpoint's metadata): "
-                             "a data-free criterion never sees the receiver's images")
-
-        def train_split(task):
-            opts = cfg.load_options(task, pre) if task in cfg.task_names else LoadOptions(preprocess=pre, root=cfg.data_root)
-            return load_task(task, opts).train
-
-        x = proxy_inputs("donor", args.n_images, pre.img_size, receiver=receiver_task or "", donor_tasks=args.task,
-                         train_split=train_split, to_model=lambda u: pre.normalize(pre.resize_batch(u)))
-        return x, f"{len(x)} training images of {', '.join(args.task)}"
-    if isinstance(args.images, Path):
-        x = folder_images(args.images, args.n_images, pre.pil_transform())
-        return pre.normalize(x), f"{len(x)} images of {args.images}"
-    n = args.images or 256
-    return noise_images(n, pre.img_size), f"{n} noise images"
-
-
 def _choose(args) -> int:
-    from .datafree import INPUT_MEASURES, choose_lambda, score_lambdas
-    from .vectors import random_direction
+    from .datafree import INPUT_MEASURES
+    from .lambda_choice import choice_json, choice_lines, choose_donor
 
     extra, images = {}, None
     spec, policy = quant_spec(args), policy_of(args)
@@ -451,60 +421,20 @@ def _choose(args) -> int:
     if args.criterion in INPUT_MEASURES:
         if args.config is None or args.arch is None:
             raise ValueError(f"--criterion {args.criterion} needs --config and --arch to build the receiver's model")
-        from .pipeline import load_engine
+        from .pipeline import criterion_inputs
 
-        engine, receiver = load_engine(load_config(args), args.arch, args.receiver, device=None)
-        inputs, images = _choose_inputs(args, engine, dict(receiver.metadata))
-        extra = {"model": engine.model, "inputs": inputs}
+        receiver, extra, images = criterion_inputs(load_config(args), args.arch, args.receiver, images=args.images,
+                                                   tasks=args.task, n_images=args.n_images)
     else:
         if args.images is not None or args.task:
             raise ValueError(f"--criterion {args.criterion} reads no images: --images and --task need an input criterion")
         receiver = load_as(args.receiver, "checkpoint", sorted({n for v in vectors for n in v}))
-    lambdas = list(dict.fromkeys(args.lambdas))
-    scored = lambdas + ([0.0] if 0.0 not in lambdas else [])
-
-    def rank(vec):  # scores of the candidates, the pick, and its score as a share of PTQ's (lambda 0)
-        all_scores = score_lambdas(args.criterion, receiver, vec, spec, scored, policy, **extra)
-        scores = {lam: all_scores[lam] for lam in lambdas}
-        best = choose_lambda(scores, args.tolerance)
-        at0 = all_scores[0.0]
-        share = scores[best] / at0 if math.isfinite(at0) and at0 > 0 else float("nan")
-        return scores, best, share
-
-    donors = []
-    for path, vec in zip(args.vector, vectors):
-        scores, best, share = rank(vec)
-        try:
-            randoms = [rank(random_direction(vec, seed))[2] for seed in range(args.controls)]
-        except ValueError:  # a vector that no random direction can match (non-finite norms): no control
-            randoms = []
-        donors.append({"vector": str(path), "scores": scores, "lambda": best, "share_of_ptq": share,
-                       "random_share_of_ptq": sum(randoms) / len(randoms) if randoms else None})
-    chosen = min(donors, key=lambda d: (d["share_of_ptq"] if math.isfinite(d["share_of_ptq"]) else math.inf))
-
-    def clean(x):
-        return x if x is None or math.isfinite(x) else None
-
-    if args.json:  # a non-finite score (the criterion failed there) is null: the output stays valid JSON
-        print(json.dumps({"criterion": args.criterion, "lower_is_better": True, "images": images,
-                          "scores": {lam: clean(v) for lam, v in chosen["scores"].items()}, "lambda": chosen["lambda"],
-                          "vector": chosen["vector"],
-                          "donors": [{**d, "scores": {lam: clean(v) for lam, v in d["scores"].items()},
-                                      "share_of_ptq": clean(d["share_of_ptq"]), "random_share_of_ptq": clean(d["random_share_of_ptq"])}
-                                     for d in donors]}, indent=2, allow_nan=False))
+    donors, chosen = choose_donor(args.criterion, receiver, [(str(p), v) for p, v in zip(args.vector, vectors)], spec,
+                                  args.lambdas, policy, args.tolerance, args.controls, **extra)
+    if args.json:
+        print(json.dumps(choice_json(args.criterion, images, donors, chosen), indent=2, allow_nan=False))
         return 0
-    print(f"criterion {args.criterion}{' on ' + images if images else ''}: lower is better")
-    for d in donors:
-        if len(donors) > 1:
-            print(f"{Path(d['vector']).name}{'  <- chosen donor' if d is chosen else ''}")
-        for lam, score in d["scores"].items():
-            print(f"lambda {lam:>6.3f}  score {score:.6g}{'  <- chosen' if lam == d['lambda'] else ''}")
-    sure = ""
-    if chosen["random_share_of_ptq"] is not None:
-        r = chosen["random_share_of_ptq"]
-        sure = (f"; {args.controls} random direction(s) of the same norms leave {r:.0%}"
-                + (" (no better than random: do not trust this donor)" if not chosen["share_of_ptq"] < r else ""))
-    print(f"chosen: {Path(chosen['vector']).name} at {chosen['lambda']:g}, which leaves {chosen['share_of_ptq']:.0%} of PTQ's score{sure}")
+    print("\n".join(choice_lines(args.criterion, images, donors, chosen, args.controls, name=lambda v: Path(v).name)))
     return 0
 
 

@@ -7,6 +7,7 @@ itself lives in the modules it calls.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import polars as pl
 import torch
@@ -15,8 +16,8 @@ from .config import Config
 from .diagnostics import cosine_table, merged_cosine_table, norms_table
 from .data.base import Preprocess
 from .data.cache import cache_relpath, read_split_cache, write_split_cache
-from .data.registry import load_task, pretrain_mixture, stable_seed
-from .datafree import Rule, choose_lambda, noise_images, proxy_inputs, score_lambdas
+from .data.registry import LoadOptions, load_task, pretrain_mixture, stable_seed
+from .datafree import Rule, choose_lambda, folder_images, noise_images, proxy_inputs, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
 from .racing import race_splits
 from .fileio import write_parquet
@@ -112,6 +113,43 @@ def load_engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | Non
     model.load_state_dict(dict(ckpt))
     pre = Preprocess.from_model(model)
     return Engine(model, pre, pick_device(device), cfg.eval_batch_size(), cfg.eval_precision()), ckpt
+
+
+def proxy_images(cfg: Config, pre: Preprocess, receiver_task: str | None, images: Path | str | int | None = None,
+                 tasks: Sequence[str] | None = None, n_images: int = 256) -> tuple[torch.Tensor, str]:
+    """The normalised images an input criterion compares on (``qv choose-lambda``), and what they are:
+    ``n_images`` training images of ``tasks`` (registered tasks; the config's options where it names
+    them), up to ``n_images`` images of the folder ``images``, or ``images`` (default 256) noise images.
+    Never the receiver's task: naming it in ``tasks`` is an error."""
+    if tasks and images is not None:
+        raise ValueError("give --images or --task, not both")
+    if tasks:
+        if receiver_task in tasks:
+            raise ValueError(f"--task {receiver_task} is the receiver's own task (its checkpoint's metadata): "
+                             "a data-free criterion never sees the receiver's images")
+
+        def train_split(task):
+            opts = cfg.load_options(task, pre) if task in cfg.task_names else LoadOptions(preprocess=pre, root=cfg.data_root)
+            return load_task(task, opts).train
+
+        x = proxy_inputs("donor", n_images, pre.img_size, receiver=receiver_task or "", donor_tasks=tasks,
+                         train_split=train_split, to_model=lambda u: pre.normalize(pre.resize_batch(u)))
+        return x, f"{len(x)} training images of {', '.join(tasks)}"
+    if isinstance(images, (str, Path)):
+        x = folder_images(images, n_images, pre.pil_transform())
+        return pre.normalize(x), f"{len(x)} images of {images}"
+    n = images or 256
+    return noise_images(n, pre.img_size), f"{n} noise images"
+
+
+def criterion_inputs(cfg: Config, arch_name: str, receiver: Path, images: Path | str | int | None = None,
+                     tasks: Sequence[str] | None = None, n_images: int = 256) -> tuple[WeightVector, dict, str]:
+    """What an input criterion scores a receiver with: its checkpoint (:func:`load_engine`, on the
+    default device), the keyword inputs of :func:`qvlib.datafree.score_lambdas` (its ``model`` and
+    the ``inputs``, :func:`proxy_images`) and what those images are."""
+    engine, ckpt = load_engine(cfg, arch_name, receiver, device=None)
+    x, what = proxy_images(cfg, engine.preprocess, ckpt.metadata.get("task"), images, tasks, n_images)
+    return ckpt, {"model": engine.model, "inputs": x}, what
 
 
 def cached_splits(engine: Engine, caches: dict[str, Path]) -> dict:
