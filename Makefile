@@ -36,5 +36,7 @@ docs: setup
 	cp $(DEMO)/heatmap_gain.png docs/heatmap_gain_default.png
 	$(BIN)/qv readme --summary docs/demo-summary.md --readme README.md
 
+# Every config's reports, logs and Snakemake's records, and the shared store where configs keep it by
+# default (results/store; a `store` elsewhere is left alone).
 clean:
 	rm -rf results logs .snakemake
