@@ -136,6 +136,15 @@ def patched(receiver: WeightVector, vectors: Iterable[tuple[float, WeightVector]
     return out.with_metadata({"patched_with": [{"vector": n, "lambda": lam} for n, (lam, _) in zip(labels, vectors)]})
 
 
+def with_vectors_quant(ckpt: WeightVector, vectors: Iterable[WeightVector]) -> WeightVector:
+    """A patched checkpoint recording the quantizer its vectors were made for (the one ``quant`` they
+    record), where it records none itself: what ``qv quantize`` then uses by default."""
+    quants = {v.metadata.get("quant") for v in vectors} - {None, ""}
+    if not ckpt.metadata.get("quant") and len(quants) == 1:
+        return ckpt.with_metadata({"quant": quants.pop()})
+    return ckpt
+
+
 def broadcast_lambdas(lambdas: list[float] | None, n_vectors: int) -> list[float]:
     """One lambda per vector: none given means 1.0 for all, one value applies to all."""
     lambdas = list(lambdas or [1.0])

@@ -1,5 +1,9 @@
 """The ``qv`` command: every workflow rule calls one of its subcommands, and users can run them on
-their own safetensors checkpoints."""
+their own safetensors checkpoints.
+
+This module only parses arguments and calls qvlib: each command imports what it uses when it runs, and
+``main`` builds only the named command's options, so a report command (tables, figures, paper-tables,
+readme) does not import torch to parse its arguments."""
 
 from __future__ import annotations
 
@@ -7,15 +11,16 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from . import checkpoints
-from .quant import DEFAULT_POLICY, GRANULARITIES, SCALES, SCOPES, QuantPolicy, QuantSpec
-from .vectors import WeightVector, atomic_write, check_output_path
+from .fileio import check_output, check_outputs
 from .vocab import FINETUNE_MODES, LambdaTies, Split
+
+if TYPE_CHECKING:
+    from .quant import QuantPolicy, QuantSpec
+    from .vectors import WeightVector
 
 log = logging.getLogger("qvlib.cli")
 
@@ -76,35 +81,19 @@ def fraction(text: str) -> float:
     return value
 
 
-def check_output(output: Path, *inputs: Path | None) -> None:
-    """Before any work: ``-o`` must name a file that can be written and must not be one of the
-    command's inputs (writing it would replace that input)."""
-    check_output_path(output)
-    for path in inputs:
-        if path is not None and output.exists() and path.exists() and os.path.samefile(output, path):
-            raise ValueError(f"-o {output} is the input {path}: writing it would replace that file; give another output path")
-
-
-def check_outputs(outputs, *inputs: Path | None) -> None:
-    """:func:`check_output` for each of a command's outputs, which must also be different files."""
-    seen: dict[str, Path] = {}
-    for output in outputs:
-        output = Path(output)
-        check_output(output, *inputs)
-        key = os.path.realpath(output)
-        if key in seen:
-            raise ValueError(f"{seen[key]} and {output} are the same output file: give each output its own path")
-        seen[key] = output
-
-
 def load_as(path: Path, role: str, used=None) -> WeightVector:
     """A safetensors file that must be ``role`` (see checkpoints.require); ``used`` None: all its tensors."""
+    from . import checkpoints
+    from .vectors import WeightVector
+
     ckpt = WeightVector.load(path)
     checkpoints.require(ckpt, role, str(path), ckpt if used is None else used)
     return ckpt
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
+    from .quant import GRANULARITIES, SCALES
+
     p.add_argument("--bits", type=int_in(2, 8, "bits"), default=None,
                    help="bit-width, 2..8 (default: what the input's metadata records, else 3, as in the paper)")
     p.add_argument("--granularity", default=None, choices=GRANULARITIES,
@@ -126,6 +115,8 @@ def add_force_arg(p: argparse.ArgumentParser) -> None:
 
 
 def quant_spec(args: argparse.Namespace) -> QuantSpec:
+    from .quant import QuantSpec
+
     return QuantSpec(bits=args.bits, granularity=args.granularity, group_size=args.group_size, scale=args.scale)
 
 
@@ -133,8 +124,17 @@ def quant_spec(args: argparse.Namespace) -> QuantSpec:
 # Checkpoints written by the workflow record ``quant`` (the quantizer, JSON; empty for FT), ``policy`` (the
 # quantized pattern) and ``scope``; vectors record ``quant`` and ``scope``; ``qv patch`` passes its vectors'
 # ``quant`` on to the patched checkpoint. An option left out takes the recorded value, else its fallback.
-FALLBACKS: dict[str, object] = {"bits": 3, "granularity": "channel", "group_size": None, "scale": "absmax",
-                                "pattern": DEFAULT_POLICY.pattern, "scope": DEFAULT_POLICY.scope}
+FALLBACK_OPTIONS = ("bits", "granularity", "group_size", "scale", "pattern", "scope")
+
+
+def fallbacks() -> dict[str, object]:
+    """Each of :data:`FALLBACK_OPTIONS`' value when neither the command line nor the metadata gives one."""
+    from .quant import DEFAULT_POLICY
+
+    return {"bits": 3, "granularity": "channel", "group_size": None, "scale": "absmax",
+            "pattern": DEFAULT_POLICY.pattern, "scope": DEFAULT_POLICY.scope}
+
+
 # command -> (the attributes naming its input files, in order of precedence; whether a given option that
 # contradicts their metadata is an error without --force). info only reports, so its options simply win.
 METADATA_INPUTS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -159,6 +159,8 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def recorded_options(meta: dict[str, str]) -> dict[str, object]:
     """The quantizer and policy options one file's metadata records (option dest -> value)."""
+    from .quant import SCOPES, QuantSpec
+
     out: dict[str, object] = {}
     if meta.get("quant"):
         try:
@@ -180,11 +182,12 @@ def _option(dest: str) -> str:
 
 def settle_from_metadata(args: argparse.Namespace) -> None:
     """Fill the quantizer and policy options a command was not given from its inputs' metadata (else
-    :data:`FALLBACKS`); an option given that contradicts the metadata is a ValueError unless --force."""
+    :func:`fallbacks`); an option given that contradicts the metadata is a ValueError unless --force."""
     attrs, strict = METADATA_INPUTS.get(args.command, ((), False))
-    dests = [d for d in FALLBACKS if hasattr(args, d)]
+    dests = [d for d in FALLBACK_OPTIONS if hasattr(args, d)]
     if not dests:
         return
+    defaults = fallbacks()
     paths = []
     for attr in attrs:
         value = getattr(args, attr, None)
@@ -207,7 +210,7 @@ def settle_from_metadata(args: argparse.Namespace) -> None:
         if len(values) > 1:
             listed = ", ".join(f"{p} records {v!r}" for v, p in found)
             raise ValueError(f"the inputs disagree on {_option(dest)} ({listed}): give {_option(dest)} (and --force)")
-        value = values.pop() if values else FALLBACKS[dest]
+        value = values.pop() if values else defaults[dest]
         if dest == "group_size" and "granularity" in given and given["granularity"] != "group":
             value = None  # a group size recorded for group granularity does not apply to another one
         setattr(args, dest, value)
@@ -215,6 +218,8 @@ def settle_from_metadata(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- checkpoint commands
 def add_pattern_arg(p: argparse.ArgumentParser, scope: bool = True) -> None:
+    from .quant import SCOPES
+
     p.add_argument("--pattern", default=None,
                    help="regex of the tensors that are quantized (default: the input's metadata 'policy', else the "
                         "block linear weights)")
@@ -227,6 +232,8 @@ def add_pattern_arg(p: argparse.ArgumentParser, scope: bool = True) -> None:
 
 
 def policy_of(args: argparse.Namespace) -> QuantPolicy:
+    from .quant import DEFAULT_POLICY, QuantPolicy
+
     return QuantPolicy(pattern=args.pattern, scope=getattr(args, "scope", None) or DEFAULT_POLICY.scope)
 
 
@@ -241,7 +248,9 @@ def _info_args(p):
 
 
 def _info(args) -> int:
+    from . import checkpoints
     from .packing import is_packed, packed_sizes
+    from .vectors import WeightVector
 
     ckpt = WeightVector.load(args.checkpoint)
     info = {"path": str(args.checkpoint), "file_bytes": args.checkpoint.stat().st_size}
@@ -274,6 +283,9 @@ def _extract_args(p):
 
 
 def _extract(args) -> int:
+    from . import checkpoints
+    from .vectors import WeightVector
+
     check_output(args.output, args.qat, args.ft)
     policy = policy_of(args)
     rho = checkpoints.extract_vector(WeightVector.load(args.qat), WeightVector.load(args.ft), policy,
@@ -297,15 +309,15 @@ def _patch_args(p):
 
 
 def _patch(args) -> int:
+    from . import checkpoints
+    from .vectors import WeightVector
+
     check_output(args.output, args.receiver, *args.vector)
     lambdas = checkpoints.broadcast_lambdas(args.lambdas, len(args.vector))
     receiver = WeightVector.load(args.receiver)
     vectors = [WeightVector.load(v) for v in args.vector]
     out = checkpoints.patched(receiver, zip(lambdas, vectors), map(str, args.vector), str(args.receiver))
-    quants = {v.metadata.get("quant") for v in vectors} - {None, ""}
-    if not out.metadata.get("quant") and len(quants) == 1:  # the quantizer the vectors were made for: qv quantize's default
-        out = out.with_metadata({"quant": quants.pop()})
-    out.save(args.output)
+    checkpoints.with_vectors_quant(out, vectors).save(args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -321,6 +333,9 @@ def _random_args(p):
 
 
 def _random(args) -> int:
+    from . import checkpoints
+    from .vectors import WeightVector
+
     check_output(args.output, args.vector)
     out = checkpoints.random_control(WeightVector.load(args.vector), args.seed, str(args.vector))
     out.save(args.output)
@@ -455,7 +470,9 @@ def _quantize_args(p):
 
 
 def _quantize(args) -> int:
+    from . import checkpoints
     from .packing import pack_checkpoint, packed_sizes
+    from .vectors import WeightVector
 
     check_output(args.output, args.checkpoint)
     spec, policy = quant_spec(args), policy_of(args)
@@ -485,6 +502,7 @@ def _unpack_args(p):
 
 def _unpack(args) -> int:
     from .packing import unpack_checkpoint
+    from .vectors import WeightVector
 
     check_output(args.output, args.packed)
     unpack_checkpoint(WeightVector.load(args.packed), str(args.packed)).save(args.output)
@@ -792,22 +810,12 @@ def _readme_args(p):
 
 
 def _readme(args) -> int:
-    from .plots import QUANTIZERS_BLOCK, SUMMARY_BLOCKS, has_block, readme_block, replace_readme_block
+    from .report import update_readme
 
     check_output(args.readme, args.summary, args.quantizers)  # the README itself is rewritten in place
     if not (args.summary or args.quantizers):
         raise SystemExit("qv readme: give --summary and/or --quantizers")
-    text = args.readme.read_text()
-    sources = [(args.quantizers, QUANTIZERS_BLOCK)] if args.quantizers else []
-    if args.summary:
-        names = [name for name in SUMMARY_BLOCKS if has_block(text, name)]
-        if not names:
-            raise ValueError(f"{args.readme} has none of the summary's blocks ({', '.join(SUMMARY_BLOCKS)}) to replace")
-        sources += [(args.summary, name) for name in names]
-    for path, name in sources:
-        text = replace_readme_block(text, readme_block(path.read_text(), name), name)
-    atomic_write(args.readme, lambda tmp: Path(tmp).write_text(text))
-    for path, name in sources:
+    for path, name in update_readme(args.readme, summary=args.summary, quantizers=args.quantizers):
         print(f"{args.readme}: {name} block replaced from {path}")
     return 0
 
@@ -839,11 +847,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``qv`` parser; ``only``: a command whose options alone are added (the others keep their name
+    and help), so that parsing one command imports only what its options need."""
     parser = Parser(prog="qv", description="Quantization vectors for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter))
+        command = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if only is None or name == only:
+            add_args(command)
     return parser
 
 
@@ -864,8 +876,9 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # `qv COMMAND ...` builds that command's options only; anything else (`qv --help`) all of them
+        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     except SystemExit as stop:  # --help (0) or a bad argument (2, its one line already printed)
         return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

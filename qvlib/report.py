@@ -59,3 +59,21 @@ def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: P
     write_text(out_summary, text)
     return text
 
+
+
+def update_readme(readme: Path, summary: Path | None = None, quantizers: Path | None = None) -> list[tuple[Path, str]]:
+    """Replace ``readme``'s blocks (between its markers) with a run's: the quantizer comparison of
+    ``quantizers`` (qv tables' markdown), and each summary block of ``summary`` (qv figures' summary.md)
+    that ``readme`` has markers for (none of them is an error). Written atomically; returns the
+    (source file, block name) pairs replaced, in order."""
+    text = Path(readme).read_text()
+    sources = [(quantizers, plots.QUANTIZERS_BLOCK)] if quantizers else []
+    if summary:
+        names = [name for name in plots.SUMMARY_BLOCKS if plots.has_block(text, name)]
+        if not names:
+            raise ValueError(f"{readme} has none of the summary's blocks ({', '.join(plots.SUMMARY_BLOCKS)}) to replace")
+        sources += [(summary, name) for name in names]
+    for path, name in sources:
+        text = plots.replace_readme_block(text, plots.readme_block(Path(path).read_text(), name), name)
+    write_text(readme, text)
+    return sources

@@ -276,3 +276,52 @@ def test_every_option_has_help_and_shows_its_default():
     assert not missing, f"options without help: {missing}"
     assert not unshown, f"options whose default is not shown: {unshown}"
     assert "(default: 0)" in " ".join(sub.choices["random-direction"].format_help().split())
+
+
+def test_a_command_builds_only_its_own_options_and_report_commands_parse_without_torch():
+    full, only = cli.build_parser(), cli.build_parser("merge")
+    (full_sub,) = [a for a in full._actions if isinstance(a, argparse._SubParsersAction)]
+    (only_sub,) = [a for a in only._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(only_sub.choices) == list(full_sub.choices)  # every command is still named, with its help
+    assert only_sub.choices["merge"].format_help() == full_sub.choices["merge"].format_help()
+    assert [a.dest for a in only_sub.choices["tables"]._actions] == ["help"]
+    argv = ["merge", "a.safetensors", "b.safetensors", "--method", "ties", "--density", "0.5", "-o", "m.safetensors"]
+    assert only.parse_args(argv) == full.parse_args(argv)
+    for command in ("tables", "figures", "paper-tables", "readme"):
+        code = (f"import sys\nfrom qvlib import cli\nassert cli.main([{command!r}, '--help']) == 0\n"
+                "assert 'torch' not in sys.modules, 'parsing a report command imported torch'")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 0 and f"usage: qv {command}" in proc.stdout, proc.stderr
+
+
+def test_a_patched_checkpoint_records_its_vectors_quantizer_only_when_they_agree_and_it_has_none():
+    from qvlib.checkpoints import with_vectors_quant
+
+    w3, w4 = QuantSpec(bits=3).to_json(), QuantSpec(bits=4).to_json()
+    out = WeightVector({"w": torch.ones(1)}, {"task": "r"})
+    vecs = [WeightVector({"w": torch.ones(1)}, meta) for meta in ({"quant": w3}, {"quant": w3}, {}, {"quant": ""})]
+    assert with_vectors_quant(out, vecs).metadata == {"task": "r", "quant": w3}
+    assert with_vectors_quant(out, [*vecs, WeightVector({"w": torch.ones(1)}, {"quant": w4})]) is out  # they disagree
+    assert with_vectors_quant(out, vecs[2:]) is out  # none records one
+    mine = out.with_metadata({"quant": w4})
+    assert with_vectors_quant(mine, vecs) is mine  # the checkpoint's own quantizer stays
+
+
+def test_update_readme_replaces_the_blocks_it_has_markers_for(tmp_path):
+    from qvlib.report import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- readme:start -->old<!-- readme:end -->\n"
+                      "<!-- readme-quantizers:start -->old<!-- readme-quantizers:end -->\n")
+    (tmp_path / "summary.md").write_text("x <!-- readme:start -->NEW<!-- readme:end --> y")
+    (tmp_path / "quantizers.md").write_text("<!-- readme-quantizers:start -->| a |<!-- readme-quantizers:end -->\n")
+    done = update_readme(readme, summary=tmp_path / "summary.md", quantizers=tmp_path / "quantizers.md")
+    assert done == [(tmp_path / "quantizers.md", "readme-quantizers"), (tmp_path / "summary.md", "readme")]
+    text = readme.read_text()
+    assert "NEW" in text and "| a |" in text and "old" not in text and text.startswith("top\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(ValueError, match=f"{bare} has none of the summary's blocks"):
+        update_readme(bare, summary=tmp_path / "summary.md")
+    assert bare.read_text() == "no markers\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "bare.md", "quantizers.md", "summary.md"]
