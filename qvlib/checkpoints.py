@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .merging import merged_vector  # noqa: F401 - it lives in qvlib.merging; kept importable from here
-from .packing import PACKED_FORMAT
+from .packing import PACKED_FORMAT, is_packed, packed_sizes
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant_state
 from .vectors import WeightVector, patch, quantization_vector, random_direction
 from .vocab import Control, Mode
@@ -80,6 +80,15 @@ def describe(ckpt: WeightVector, policy: QuantPolicy = DEFAULT_POLICY) -> dict:
         "norm_quantized": ckpt.subset(quantized).norm() if quantized else 0.0,
         "metadata": dict(ckpt.metadata),
     }
+
+
+def summary(ckpt: WeightVector, name: str, policy: QuantPolicy = DEFAULT_POLICY) -> dict:
+    """What ``qv info`` reports of a loaded file (``name``: how errors name it): a packed checkpoint's
+    sizes (the ratio to 4 places) and metadata, else :func:`describe` under ``policy``."""
+    if is_packed(ckpt):
+        sizes = packed_sizes(ckpt, name)
+        return {**sizes, "packed_ratio": round(sizes["packed_ratio"], 4), "metadata": dict(ckpt.metadata)}
+    return describe(ckpt, policy)
 
 
 def extract_vector(qat: WeightVector, ft: WeightVector, policy: QuantPolicy = DEFAULT_POLICY,

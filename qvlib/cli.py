@@ -249,16 +249,11 @@ def _info_args(p):
 
 def _info(args) -> int:
     from . import checkpoints
-    from .packing import is_packed, packed_sizes
     from .vectors import WeightVector
 
     ckpt = WeightVector.load(args.checkpoint)
-    info = {"path": str(args.checkpoint), "file_bytes": args.checkpoint.stat().st_size}
-    if is_packed(ckpt):
-        sizes = packed_sizes(ckpt, str(args.checkpoint))
-        info.update(sizes, packed_ratio=round(sizes["packed_ratio"], 4), metadata=dict(ckpt.metadata))
-    else:
-        info.update(checkpoints.describe(ckpt, policy_of(args)))
+    info = {"path": str(args.checkpoint), "file_bytes": args.checkpoint.stat().st_size,
+            **checkpoints.summary(ckpt, str(args.checkpoint), policy_of(args))}
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -785,14 +780,11 @@ def _paper_tables_args(p):
 
 
 def _paper_tables(args) -> int:
-    from . import tables
-    from .paper_tables import write_paper_tables
-    from .report import of_quant
+    from .report import paper_tables
 
     check_outputs([args.out_md, args.out_table1, args.out_transfer], args.baselines, args.transfer)
-    pair_rows = tables.pairs(of_quant(args.transfer, args.quant), args.lambda_ties)
-    print(write_paper_tables(args.name, of_quant(args.baselines, args.quant), pair_rows, args.out_md,
-                             args.out_table1, args.out_transfer))
+    print(paper_tables(args.name, args.baselines, args.transfer, args.out_md, args.out_table1, args.out_transfer,
+                       quant=args.quant, ties=args.lambda_ties))
     return 0
 
 

@@ -61,6 +61,16 @@ def figures(arch_name: str, baselines: Path, transfer: Path, summary_specific: P
 
 
 
+def paper_tables(name: str, baselines: Path, transfer: Path, out_md: Path, out_table1: Path, out_transfer: Path,
+                 quant: str | None = None, ties: str = LambdaTies.NEAREST_ONE) -> str:
+    """The paper's Tables 1-3 of one quantizer's grid (qvlib.paper_tables) from a run's tables: the
+    markdown (returned, and written to ``out_md``) and the Parquet of Table 1 and of Tables 2-3."""
+    from .paper_tables import write_paper_tables
+
+    pair_rows = tables.pairs(of_quant(transfer, quant), ties)
+    return write_paper_tables(name, of_quant(baselines, quant), pair_rows, out_md, out_table1, out_transfer)
+
+
 def update_readme(readme: Path, summary: Path | None = None, quantizers: Path | None = None) -> list[tuple[Path, str]]:
     """Replace ``readme``'s blocks (between its markers) with a run's: the quantizer comparison of
     ``quantizers`` (qv tables' markdown), and each summary block of ``summary`` (qv figures' summary.md)

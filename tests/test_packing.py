@@ -92,3 +92,17 @@ def test_unpack_refuses_a_plain_checkpoint(tmp_path):
     WeightVector({"w": torch.zeros(2, 2)}).save(tmp_path / "plain.safetensors")
     proc = subprocess.run([QV, "unpack", tmp_path / "plain.safetensors", "-o", tmp_path / "o.safetensors"], capture_output=True, text=True)
     assert proc.returncode != 0 and "not a packed checkpoint" in proc.stderr and not (tmp_path / "o.safetensors").exists()
+
+
+def test_qv_info_summary_of_a_packed_and_a_plain_checkpoint():
+    from qvlib.checkpoints import describe, summary
+
+    w = torch.arange(64, dtype=torch.float32).reshape(4, 16) / 64
+    plain = WeightVector({"blocks.0.mlp.fc2.weight": w, "head.weight": torch.ones(2, 16)}, {"task": "t"})
+    assert summary(plain, "p.safetensors") == describe(plain) and summary(plain, "p")["quantized_tensors"] == 1
+    packed = pack_checkpoint(plain, QuantSpec(bits=3))
+    sizes = packed_sizes(packed)
+    info = summary(packed, "packed.safetensors")
+    assert list(info) == ["quantized_bytes", "quantized_float32_bytes", "packed_ratio", "metadata"]
+    assert info["quantized_bytes"] == sizes["quantized_bytes"] and info["quantized_float32_bytes"] == 4 * 64
+    assert info["packed_ratio"] == round(sizes["packed_ratio"], 4) and info["metadata"] == packed.metadata
