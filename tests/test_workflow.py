@@ -10,7 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import QUANT, REPO, env, mini_config, planned_jobs, snakemake
+from helpers import QUANT, REPO, env, mini_config, plan_of, planned_jobs, snakemake, store_entries, stored
+from qvlib.store import JOB_FILE, LOG_FILE, OUTPUTS
 from qvlib.plots import DPI, gain_figure_size
 from qvlib.vectors import WeightVector
 
@@ -37,13 +38,24 @@ def test_every_output_exists_with_the_right_shape(finished):
         assert (out / name).stat().st_size > 0, name
     for name in FIGURES:
         assert (out / QUANT / name).stat().st_size > 0, name
+    # every job of the config sits in the store with its outputs, its job file and its log, where the plan
+    # the workflow builds from the config put it (store.json is that plan's manifest)
+    entries = store_entries(work, "mini")
+    assert entries == plan_of(work / "mini.yaml").manifest()
+    for entry in entries:
+        folder = work / entry["folder"]
+        assert folder.is_relative_to(work / "results" / "store"), entry
+        for name in [*OUTPUTS[entry["kind"]].values(), JOB_FILE, LOG_FILE]:
+            assert (folder / name).exists(), (entry, name)
+        assert json.loads((folder / JOB_FILE).read_text())["job"]["key"] == entry["key"] == folder.name
     for task in TASKS:
-        for mode in ("ft", "qat"):
-            run = "seed0" if mode == "ft" else f"seed0/{QUANT}"  # FT is shared by every quantizer
-            assert (out / run / "checkpoints" / f"{task}.{mode}.safetensors").exists()
-            assert (work / "logs" / "mini" / "tiny" / run / "finetune" / f"{task}.{mode}.log").exists()
-        assert len(list((out.parent / "cache").glob(f"*/{task}.test.safetensors"))) == 1  # shared by every seed and arch
-    assert (out / "seed0" / "backbone.safetensors").exists()
+        for kind in ("ft", "qat"):
+            labels = {} if kind == "ft" else {"quant": QUANT}  # FT is shared by every quantizer
+            assert stored(work, "mini", kind, "ckpt", task=task, seed=0, **labels).exists()
+            assert stored(work, "mini", kind, task=task, seed=0, **labels).joinpath(LOG_FILE).exists()
+        assert stored(work, "mini", "cache", "test", task=task).exists()  # one cache per task, shared by every seed and arch
+    assert stored(work, "mini", "backbone", "ckpt", arch="tiny", seed=0).exists()
+    assert not list(out.rglob("*.safetensors"))  # results/<name>/ holds the config's reports only
 
     base = pl.read_parquet(out / "baselines.parquet")
     assert len(base) == 3 * 4 * 2 and set(base["model"]) == {"ft", "ptq", "qat", "qat_ptq"}
@@ -66,7 +78,7 @@ def test_every_output_exists_with_the_right_shape(finished):
     assert len(free.join(sweep, on=keys, how="anti", nulls_equal=True)) == 0
     assert free.join(sweep, on=keys, nulls_equal=True).select((pl.col("correct") == pl.col("correct_right")).all()).item()
     for receiver in ("blur", "dots", "shapes"):  # the leave-one-out donor never holds the receiver's own vector
-        loo = WeightVector.load(work / "results" / "mini" / "tiny" / "seed0" / QUANT / "vectors" / "loo" / f"{receiver}.mean.safetensors")
+        loo = WeightVector.load(stored(work, "mini", "merged", "vector", receiver=receiver, method="mean", seed=0, quant=QUANT))
         assert json.loads(loo.metadata["merged"])["tasks"] == sorted({"blur", "dots", "shapes"} - {receiver})
     assert {"gain", "ptq_accuracy", "accuracy", "correct", "n", "lambda", "split", "quant", "seed", "control_seed"} <= set(transfer.columns)
 
@@ -156,7 +168,7 @@ def test_deleting_a_cell_reruns_only_that_cell(finished):
     work, cfg = finished
     snakemake(work, cfg)  # restore the original effective config after the dry run above
     assert planned_jobs(snakemake(work, cfg, "--dry-run")) == {}
-    cell = work / "results" / "mini" / "tiny" / "seed0" / QUANT / "transfer" / "dots" / "blur.parquet"
+    cell = stored(work, "mini", "cell", "table", receiver="dots", donor="blur", seed=0, quant=QUANT)
     before = pl.read_parquet(cell)
     cell.unlink()
     jobs = planned_jobs(snakemake(work, cfg, "--dry-run"))
@@ -190,8 +202,9 @@ def test_changing_the_quantizer_reruns_qat_never_ft(finished, tmp_path):
     jobs = planned_jobs(proc)
     assert jobs == {"qat": 3, "extract_vector": 3, "baselines": 3, "merge_leave_one_out": 3, "transfer_cell": 12,
                     "diagnostics": 1, "tables": 1, "figures": 1, "paper_tables": 1, "all": 1, "total": 29}
-    assert re.search(r"output: \S+\.qat\.safetensors", proc.stdout)
-    assert not re.search(r"output: \S+\.ft\.safetensors", proc.stdout)
+    outputs = [path for line in re.findall(r"^\s*output: (.+)$", proc.stdout, re.M) for path in line.split(", ")]
+    assert any(path.endswith("/" + OUTPUTS["qat"]["ckpt"]) for path in outputs)
+    assert not any(path.endswith("/" + OUTPUTS["ft"]["ckpt"]) or "/ft/" in path for path in outputs)
 
 
 def test_adding_a_quantizer_runs_only_its_jobs_and_compares_them(finished, tmp_path):
