@@ -2,7 +2,7 @@
 their own safetensors checkpoints.
 
 This module only parses arguments and calls qvlib: each command imports what it uses when it runs, and
-``main`` builds only the named command's options, so a report command (tables, figures, paper-tables,
+``main`` builds only the named command's options, so ``qv --help`` or a report command (tables, figures, paper-tables,
 readme) does not import torch to parse its arguments."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .fileio import check_output, check_outputs
 from .vocab import FINETUNE_MODES, LambdaTies, Split
@@ -839,14 +839,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The ``qv`` parser; ``only``: a command whose options alone are added (the others keep their name
-    and help), so that parsing one command imports only what its options need."""
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``qv`` parser. ``commands``: the commands whose options are added (None: all); the others
+    keep their name and help, so that parsing one command imports only what its options need."""
+    wanted = None if commands is None else set(commands)
     parser = Parser(prog="qv", description="Quantization vectors for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-        if only is None or name == only:
+        if wanted is None or name in wanted:
             add_args(command)
     return parser
 
@@ -869,8 +870,11 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:  # `qv COMMAND ...` builds that command's options only; anything else (`qv --help`) all of them
-        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    # The only options before the command are --help and mistakes, so the first command name is the one
+    # parsed: only its options are built (none for `qv --help`, which lists the commands).
+    named = next((a for a in argv if isinstance(a, str) and a in COMMANDS), None)
+    try:
+        args = build_parser([named] if named else []).parse_args(argv)
     except SystemExit as stop:  # --help (0) or a bad argument (2, its one line already printed)
         return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

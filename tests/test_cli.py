@@ -279,7 +279,7 @@ def test_every_option_has_help_and_shows_its_default():
 
 
 def test_a_command_builds_only_its_own_options_and_report_commands_parse_without_torch():
-    full, only = cli.build_parser(), cli.build_parser("merge")
+    full, only = cli.build_parser(), cli.build_parser(["merge"])
     (full_sub,) = [a for a in full._actions if isinstance(a, argparse._SubParsersAction)]
     (only_sub,) = [a for a in only._actions if isinstance(a, argparse._SubParsersAction)]
     assert list(only_sub.choices) == list(full_sub.choices)  # every command is still named, with its help
@@ -287,11 +287,13 @@ def test_a_command_builds_only_its_own_options_and_report_commands_parse_without
     assert [a.dest for a in only_sub.choices["tables"]._actions] == ["help"]
     argv = ["merge", "a.safetensors", "b.safetensors", "--method", "ties", "--density", "0.5", "-o", "m.safetensors"]
     assert only.parse_args(argv) == full.parse_args(argv)
-    for command in ("tables", "figures", "paper-tables", "readme"):
+    assert all(not c._actions[1:] for c in cli.build_parser([])._actions[-1].choices.values())
+    for command in ("tables", "figures", "paper-tables", "readme", "--help"):
         code = (f"import sys\nfrom qvlib import cli\nassert cli.main([{command!r}, '--help']) == 0\n"
                 "assert 'torch' not in sys.modules, 'parsing a report command imported torch'")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert proc.returncode == 0 and f"usage: qv {command}" in proc.stdout, proc.stderr
+        usage = "usage: qv [-h] COMMAND" if command == "--help" else f"usage: qv {command}"
+        assert proc.returncode == 0 and usage in proc.stdout, proc.stderr
 
 
 def test_a_patched_checkpoint_records_its_vectors_quantizer_only_when_they_agree_and_it_has_none():
