@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import yaml
 
-from helpers import QUANT, REPO, mini_config, planned_jobs, snakemake
+from helpers import QUANT, REPO, mini_config, planned_jobs, snakemake, stored
 from qvlib.vectors import WeightVector
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_archs_share_caches_only_where_their_pixels_agree(tmp_path):
     jobs = planned_jobs(proc)
     tasks = len(cfg["tasks"])
     assert jobs["cache_splits"] == 2 * tasks and jobs["baselines"] == 3 * tasks
-    folders = set(re.findall(r"results/mini/cache/([^/\s]+)/", proc.stdout))
+    folders = set(re.findall(r"results/store/cache/([^/\s]+)/", proc.stdout))
     assert len(folders) == 2, folders
 
 
@@ -64,7 +64,7 @@ def test_schema_errors_stop_before_any_job(tmp_path, change, message):
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert message in text and "validat" in text.lower()
-    assert not (tmp_path / "results" / "mini" / "tiny").exists()
+    assert not (tmp_path / "results" / "mini" / "tiny").exists() and not (tmp_path / "results" / "store").exists()
 
 
 def test_config_on_the_command_line_changes_the_embedded_default(tmp_path):
@@ -105,19 +105,19 @@ def test_scope_all_end_to_end_vectors_hold_every_non_head_tensor(tmp_path):
     cfg = mini_config(tmp_path / "all.yaml", name="all", tasks=("shapes", "dots"), pretrain=False,
                       policy={"scope": "all"}, merged_donors=[], datafree={"criteria": ["outputs"], "noise_images": 8})
     snakemake(tmp_path, cfg)
-    run = tmp_path / "results" / "all" / "tiny" / "seed0"
-    ft = WeightVector.load(run / "checkpoints" / "shapes.ft.safetensors")
-    rho = WeightVector.load(run / QUANT / "vectors" / "dots.safetensors")
+    at = dict(seed=0, quant=QUANT)
+    ft = WeightVector.load(stored(tmp_path, "all", "ft", "ckpt", task="shapes", seed=0))
+    rho = WeightVector.load(stored(tmp_path, "all", "vector", "vector", task="dots", **at))
     assert set(rho) == {k for k in ft if not k.startswith("head.")} and rho.metadata["scope"] == "all"
     assert float(rho["norm.weight"].abs().sum()) > 0 and float(rho["pos_embed"].abs().sum()) > 0
-    qat = WeightVector.load(run / QUANT / "checkpoints" / "shapes.qat.safetensors")
+    qat = WeightVector.load(stored(tmp_path, "all", "qat", "ckpt", task="shapes", **at))
     assert not __import__("torch").equal(qat["head.weight"], ft["head.weight"])  # the head trains too
-    cell = pl.read_parquet(run / QUANT / "transfer" / "shapes" / "dots.parquet")
-    images, labels, _ = read_split_cache(next((tmp_path / "results" / "all" / "cache").glob("*/shapes.test.safetensors")))
+    cell = pl.read_parquet(stored(tmp_path, "all", "cell", "table", receiver="shapes", donor="dots", **at))
+    images, labels, _ = read_split_cache(stored(tmp_path, "all", "cache", "test", task="shapes"))
     donor = cell.filter((pl.col("control") == "none") & (pl.col("search") == "sweep") & (pl.col("split") == "test"))
     for lam in (1.0, 2.0):  # every carried tensor patched, only the block linears quantized, the FT head kept
         got = donor.filter(pl.col("lambda") == lam)["correct"].item()
         assert got == reference_correct(dict(ft), images, labels, QuantSpec(bits=2), rho, lam)
-    base = pl.read_parquet(run / QUANT / "baselines" / "shapes.parquet")
+    base = pl.read_parquet(stored(tmp_path, "all", "baselines", "table", task="shapes", **at))
     qat_fp = base.filter((pl.col("model") == "qat") & (pl.col("split") == "test"))["correct"].item()
     assert qat_fp == reference_correct(dict(qat), images, labels, None)  # the QAT model with its own head
