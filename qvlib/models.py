@@ -12,10 +12,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from .quant import DEFAULT_POLICY, HEAD_PREFIX, QuantPolicy
+from .sections import ARCH_OVERRIDES  # noqa: F401  (keys a user may override on top of a timm name)
 from .vectors import WeightVector
-
-# Keys a user may override on top of a timm architecture name.
-ARCH_OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,32 @@ block (an output channel, a group of input columns, or the whole tensor) is
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .registry import Registry
 
-Granularity = Literal["channel", "group", "tensor"]
-GRANULARITIES: tuple[str, ...] = ("channel", "group", "tensor")
+# The torch-free pieces live in qvlib.sections (the workflow's DAG reads them without torch); they are
+# re-exported here, where every module has always imported them from.
+from .sections import (  # noqa: F401
+    DEFAULT_POLICY,
+    GRANULARITIES,
+    HEAD_PREFIX,
+    SCOPES,
+    VIT_BLOCK_LINEARS,
+    Granularity,
+    QuantPolicy,
+    QuantSpec,
+    Scope,
+)
 
 # How a block's scale is chosen: name -> fn(blocks (B, E) float32, spec) -> scales (B, 1). A new
 # data-free quantizer is one function here (with @register_scale) and its test; QuantSpec(scale=name)
 # and the config's `quant: {scale: name}` then reach it everywhere (training STE, PTQ, patching).
+# QuantSpec knows the builtin names without this module (qvlib.sections.BUILTIN_SCALES) and any other
+# registered here once it is loaded.
 ScaleFn = Callable[[torch.Tensor, "QuantSpec"], torch.Tensor]
 SCALES: Registry[ScaleFn] = Registry("scale")
 register_scale = SCALES.register
@@ -80,67 +91,6 @@ def hqq_scale(blocks: torch.Tensor, spec: "QuantSpec") -> torch.Tensor:
     return scale.float().reshape(-1, 1)
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    """How weights are quantized: bit-width and the blocks that share one scale."""
-
-    bits: int = 3
-    granularity: Granularity = "channel"
-    group_size: int | None = None
-    scale: str = "absmax"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
-            )
-        if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(
-                    f"granularity 'group' needs a positive integer group_size, got {self.group_size!r}"
-                )
-        elif self.group_size is not None:
-            raise ValueError(f"group_size is only valid with granularity 'group', not {self.granularity!r}")
-        if self.scale not in SCALES:
-            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    @property
-    def tag(self) -> str:
-        """Short name used in file names and tables, e.g. ``w3-channel``, ``w4-group128``; a scale other
-        than the paper's absmax is appended (``w2-channel-mse``)."""
-        blocks = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"w{self.bits}-{blocks}" + ("" if self.scale == "absmax" else f"-{self.scale}")
-
-    def to_json(self) -> str:
-        """JSON of the spec; the default absmax scale is left out, so files written before scales
-        existed compare equal."""
-        data = asdict(self)
-        if data["scale"] == "absmax":
-            del data["scale"]
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_mapping(cls, data: Mapping) -> "QuantSpec":
-        unknown = set(data) - {"bits", "granularity", "group_size", "scale"}
-        if unknown:
-            raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> "QuantSpec":
-        return cls.from_mapping(json.loads(text))
-
-
 def _blocks(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """View ``w`` as (blocks, elements per block); every block gets one scale."""
     if spec.granularity == "tensor":
@@ -187,87 +137,6 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Fake quantization whose gradient is the identity (straight-through estimator)."""
     return w + (fake_quant(w, spec) - w).detach()
-
-
-# Linear weights inside the transformer blocks of a timm ViT: attn.qkv, attn.proj, mlp.fc1, mlp.fc2.
-VIT_BLOCK_LINEARS = r"^blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))\.weight$"
-
-
-# What fine-tuning trains and a quantization vector carries (config ``policy: {scope}``):
-#   linear: only the quantized tensors (the paper's text: block linear weights, a fixed random head);
-#   all:    every parameter, the head included (the authors' code); vectors carry every tensor but the head.
-Scope = Literal["linear", "all"]
-SCOPES: tuple[str, ...] = ("linear", "all")
-HEAD_PREFIX = "head."
-
-
-@dataclass(frozen=True)
-class QuantPolicy:
-    """Which tensors are quantized (a regex over parameter names, 2-D tensors only), and with
-    ``scope`` which are trained and carried by a quantization vector. Built once from the config
-    (``Config.policy``) and passed down; ``DEFAULT_POLICY`` is the paper text's.
-
-    scope ``linear``: trained = carried = quantized. scope ``all``: every parameter trains (the
-    head too); a vector carries every floating tensor except the head's; only the pattern's tensors
-    are fake-quantized, in QAT and after patching, and the rest of a vector is added unquantized.
-    """
-
-    pattern: str = VIT_BLOCK_LINEARS
-    scope: Scope = "linear"
-
-    def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-        if not isinstance(self.pattern, str) or not self.pattern:
-            raise ValueError(f"the quantization pattern must be a non-empty regular expression, got {self.pattern!r}")
-        try:
-            re.compile(self.pattern)
-        except re.error as err:
-            raise ValueError(f"the quantization pattern {self.pattern!r} is not a valid regular expression: {err}") from None
-
-    def matches(self, name: str, tensor: torch.Tensor | None = None) -> bool:
-        """Is this tensor quantized?"""
-        if tensor is not None and tensor.dim() != 2:
-            return False
-        return re.search(self.pattern, name) is not None
-
-    def carries(self, name: str, tensor: torch.Tensor | None = None) -> bool:
-        """Is this tensor part of a quantization vector (and so patched)?"""
-        if self.scope == "linear":
-            return self.matches(name, tensor)
-        return not name.startswith(HEAD_PREFIX) and (tensor is None or tensor.is_floating_point())
-
-    def trains(self, name: str, tensor: torch.Tensor | None = None) -> bool:
-        """Does fine-tuning (FT and QAT) update this parameter?"""
-        return self.scope == "all" or self.matches(name, tensor)
-
-    @staticmethod
-    def _items(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
-        return named.items() if isinstance(named, Mapping) else named
-
-    def select(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Names of the quantized tensors, in order, from a state dict or ``model.named_parameters()``."""
-        return [name for name, t in self._items(named) if self.matches(name, t)]
-
-    def select_carried(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Names of the tensors a vector holds, in order."""
-        return [name for name, t in self._items(named) if self.carries(name, t)]
-
-    def select_model(self, model: torch.nn.Module) -> list[str]:
-        """The model's quantized parameters; an error when there are none."""
-        names = self.select(model.named_parameters())
-        if not names:
-            raise ValueError(f"no parameter of {type(model).__name__} matches the quantization pattern {self.pattern!r}")
-        return names
-
-    def trained_model(self, model: torch.nn.Module) -> list[str]:
-        """The model's parameters that fine-tuning updates (at least the quantized ones)."""
-        self.select_model(model)
-        return [name for name, p in model.named_parameters() if self.trains(name, p)]
-
-
-# The paper's policy: every module that quantizes, trains or patches takes this as its default.
-DEFAULT_POLICY = QuantPolicy()
 
 
 def layer_type(name: str) -> str:

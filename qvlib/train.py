@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -22,81 +22,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data.base import ArrayDataset, Preprocess
 from .data.augment import AugmentedDataset, augmented
 from .quant import QuantSpec, fake_quant_ste
+# TrainConfig is torch-free (the workflow's DAG checks every job's settings without torch): it lives in
+# qvlib.sections and is re-exported here.
+from .sections import LAST_BATCH, LR_SCHEDULES, TrainConfig, micro_batches_per_epoch  # noqa: F401
 from .vectors import WeightVector, atomic_write
-from .precision import autocast_for, check_precision
-from .vocab import Mode, Precision
+from .precision import autocast_for
+from .vocab import Mode
 
 log = logging.getLogger("qvlib.train")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation hyperparameters. Give ``steps`` or ``epochs`` (one of them)."""
-
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 50
-    num_workers: int = 0
-    precision: str = Precision.BF16
-    augment: bool = False  # timm's training augmentation of the original images (qvlib.data.augment)
-    # What happens to the images an epoch's last full micro-batch leaves over: "drop" them (qvlib's
-    # default) or "keep" them as a smaller last micro-batch, as a DataLoader without drop_last does (the
-    # authors' code: ceil(N / batch) micro-batches per epoch). Only matters with ``epochs``.
-    last_batch: str = "drop"
-    # When the learning-rate schedule advances: "aligned" (qvlib's default) runs optimizer step k at the
-    # schedule's value for k; "lagged" advances it after each optimizer step, as the authors' code does,
-    # so step 0 runs at the optimizer's peak lr and step k >= 1 at the schedule's value for k - 1.
-    lr_schedule: str = "aligned"
-
-    def __post_init__(self) -> None:
-        check_precision(self.precision)
-        if self.last_batch not in LAST_BATCH:
-            raise ValueError(f"last_batch must be one of {', '.join(LAST_BATCH)}, got {self.last_batch!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
-        for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training keys: {sorted(unknown)}")
-        return cls(**dict(data))
-
-    def total_steps(self, n_examples: int) -> int:
-        """Optimizer steps of the run: ``steps``, or ``epochs`` passes of micro-batches over
-        ``n_examples`` (``last_batch`` says whether an epoch's partial micro-batch counts)."""
-        if self.steps is not None:
-            return self.steps
-        if self.last_batch == "keep":  # the authors' count: epochs * ceil(N / batch) // accumulation
-            micro = micro_batches_per_epoch(n_examples, self.batch_size, keep_last=True)
-            return max(1, math.floor(self.epochs * micro) // self.grad_accum)
-        per_epoch = max(1, n_examples // (self.batch_size * self.grad_accum))
-        return max(1, math.ceil(self.epochs * per_epoch))
-
-
-LAST_BATCH = ("drop", "keep")
-LR_SCHEDULES = ("aligned", "lagged")
-
-
-def micro_batches_per_epoch(n: int, batch_size: int, keep_last: bool = False) -> int:
-    """Micro-batches in one pass over ``n`` examples: full ones only, or with a smaller last one."""
-    size = min(batch_size, n)
-    return max(1, math.ceil(n / size) if keep_last else n // size)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int, keep_last: bool = False) -> torch.Tensor:

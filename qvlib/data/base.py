@@ -4,90 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2
+
+# The torch-free pieces live in qvlib.sections (the workflow's DAG reads them without torch).
+from ..sections import CALIB_POSITIONS, Preprocess  # noqa: F401
 
 CALIB_FRACTION = 0.1
 CALIB_MAX = 5000
 CALIB_SEED = 0
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Model-side preprocessing: resize + centre crop to ``img_size`` (uint8), then normalise on the device.
-
-    Built from timm's data config of the architecture (:meth:`from_model`), so it follows the model.
-    """
-
-    img_size: int
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    interpolation: str = "bicubic"
-    crop_pct: float = 1.0
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "Preprocess":
-        import timm
-
-        cfg = timm.data.resolve_data_config({}, model=model)
-        img_size = model.patch_embed.img_size[0]  # the model's own size, not its pretrained config's
-        return cls(img_size=int(img_size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                   interpolation=cfg.get("interpolation", "bicubic"), crop_pct=float(cfg.get("crop_pct", 1.0)))
-
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    def pixels(self) -> str:
-        """What decides the cached uint8 images (size, interpolation, crop), not the normalisation done
-        on the device: archs with the same ``pixels()`` share one cache per task, e.g. ``224px-bicubic-crop0.9``."""
-        return f"{self.img_size}px-{self.interpolation}-crop{self.crop_pct:g}"
-
-    def pixel_settings(self) -> dict:
-        """The fields that ``pixels()`` names: a cache job's ``preprocess`` section (qvlib.store)."""
-        return {"img_size": self.img_size, "interpolation": self.interpolation, "crop_pct": self.crop_pct}
-
-    def resize_size(self) -> int:
-        """The shorter side before the centre crop, as timm computes it: floor(img_size / crop_pct)
-        (224 at crop 0.9 -> 248)."""
-        return math.floor(self.img_size / self.crop_pct)
-
-    def pil_transform(self) -> Callable:
-        """PIL image -> uint8 tensor (3, img_size, img_size): grey becomes 3 channels. The image is
-        resized by PIL and cropped before it becomes a tensor, as timm's eval transform does on the
-        authors' PIL images (torchvision's tensor resize differs from PIL's in 0.2-0.6% of the pixels
-        by 1-2 grey levels: bench/resample_paths.py)."""
-        interp = v2.InterpolationMode(self.interpolation)
-        return v2.Compose([
-            v2.Lambda(lambda im: im.convert("RGB")),
-            v2.Resize(self.resize_size(), interpolation=interp),
-            v2.CenterCrop(self.img_size),
-            v2.PILToTensor(),
-        ])
-
-    def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> uint8 (N, 3, img_size, img_size); synthetic arrays are not cropped."""
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if images.shape[1] != 3:
-            raise ValueError(f"expected 1 or 3 channels, got {images.shape[1]}")
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            images = v2.functional.resize(images, [self.img_size, self.img_size],
-                                          interpolation=v2.InterpolationMode(self.interpolation), antialias=True)
-        return images.contiguous()
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 batch on any device -> float batch ready for the model."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255
-        return (images.float() - mean) / std
 
 
 class ArrayDataset(Dataset):
@@ -161,9 +90,6 @@ class TaskData:
         blob = json.dumps({"task": self.name, "split": split, "n": len(self.split(split)),
                            "preprocess": preprocess.key(), "provenance": self.provenance}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-CALIB_POSITIONS = ("head", "tail")
 
 
 def calib_indices(n_train: int, seed: int = CALIB_SEED, fraction: float = CALIB_FRACTION,

@@ -8,7 +8,7 @@ import inspect
 import io
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -17,28 +17,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from . import synthetic
+from ..sections import LoadOptions  # noqa: F401  (torch-free: qvlib.config builds it)
 from .base import ArrayDataset, Preprocess, TaskData, TransformedDataset, TransposedImages, with_calib
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """Everything a loader needs besides the task name.
-
-    ``source`` overrides the task's default source, e.g. ``{"kind": "hf", "id": "tanganke/eurosat"}``
-    or ``{"kind": "idx_gz", "path": "/usr/share/datasets/fashion-mnist"}``; ``max_train`` and
-    ``max_test`` subsample (seeded) for quick runs; ``n_train``/``n_test`` size generated tasks.
-    """
-
-    preprocess: Preprocess
-    root: Path = Path("data")
-    download: bool = False
-    seed: int = 0
-    n_train: int = 3000
-    n_test: int = 1000
-    max_train: int | None = None
-    max_test: int | None = None
-    source: Mapping[str, Any] = field(default_factory=dict)
-    calib_position: str = "head"  # where calib is cut from the seeded permutation of train (qvlib.data.base.calib_indices)
 
 
 Loader = Callable[[str, LoadOptions], tuple[Dataset, Dataset, list[str], dict]]
