@@ -1,28 +1,55 @@
 """The run configuration (the same YAML file Snakemake reads) turned into qvlib objects.
 
 The workflow validates the file against ``workflow/schemas/config.schema.yaml`` before any job
-starts; here each section is checked again by the object it becomes, so ``qv`` run by hand gives
-the same errors.
+starts; here each section is checked again by the object it becomes (qvlib.sections: one frozen
+dataclass per section, torch-free), so ``qv`` run by hand gives the same errors. Every accessor
+parses only the top-level keys it reads, when it is called: a store job's file (qvlib.store) holds
+only the sections its job reads, behind a ReadGuard that refuses the others.
+
+Nothing here imports torch or timm at import time: the workflow builds its DAG from this module.
+What only a timm build knows (an arch's pixels and its weights' widths) is :func:`arch_facts`,
+which builds the arch on the meta device once and can keep the answer in a cache folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from .data.base import Preprocess
-from .data.registry import REGISTRY, LoadOptions, known_tasks
-from .data.synthetic import GENERATORS
-from .models import ArchSpec
-from .quant import VIT_BLOCK_LINEARS, QuantPolicy, QuantSpec
+from .sections import (
+    ArchSection,
+    ControlsSection,
+    DatafreeSection,
+    DataSection,
+    EvaluateSection,
+    LambdaSection,
+    LoadOptions,
+    Preprocess,
+    PretrainSection,
+    QuantPolicy,
+    QuantSection,
+    QuantSpec,
+    TaskSection,
+    TrainConfig,
+    TrainOverrides,
+    TrainSettings,
+    merge_train,  # noqa: F401  (re-exported: it has always been qvlib.config.merge_train)
+)
 from .store import JOB, ReadGuard, digest_of, guarded
-from .train import TrainConfig
-from .vocab import LambdaTies, SweepMethod
+from .vocab import LambdaTies
+
+# Where the workflow keeps what it learnt from timm about each arch (arch_facts), relative to the folder
+# snakemake runs in: a dry run may write there (never under results/).
+DAG_CACHE = Path(".snakemake") / "qvlib"
+# Bumped when what arch_facts records, or how qvlib computes it, changes: every cached answer is redone.
+ARCH_FACTS_VERSION = 1
 
 
 @dataclass
@@ -90,6 +117,49 @@ class Config:
 
         return arch_preprocess(self.arch(arch))
 
+    # -- the sections, each parsed (and checked) by its dataclass when asked for, from only its own keys
+    def quant_section(self) -> QuantSection:
+        return QuantSection.from_config(self.raw.get("quant"))
+
+    def policy_section(self) -> QuantPolicy:
+        return QuantPolicy.from_config(self.raw.get("policy"))
+
+    def arch_section(self, name: str) -> ArchSection:
+        if name not in self.raw["archs"]:
+            raise ValueError(f"unknown arch {name!r}; this config has: {', '.join(self.arch_names)}")
+        return ArchSection.from_config(name, self.raw["archs"][name])
+
+    def task_section(self, name: str) -> TaskSection:
+        """Task ``name``'s options over ``task_defaults`` (reads both), and its own train keys."""
+        return TaskSection.from_config(name, self.task(name), self.data_section("task_defaults").task_defaults)
+
+    def data_section(self, *keys: str) -> DataSection:
+        """The data settings ``keys`` (default: all of them; the rest keep their defaults)."""
+        return DataSection.from_config(self.raw, keys or None)
+
+    def finetune_section(self) -> TrainSettings:
+        return TrainSettings.from_config(self.raw["finetune"], "finetune")
+
+    def pretrain_section(self) -> PretrainSection:
+        if "pretrain" not in self.raw:
+            raise ValueError(f"{self.path}: no 'pretrain' section, but an arch has backbone source 'pretrain'")
+        return PretrainSection.from_config(self.raw["pretrain"])
+
+    def evaluate_section(self) -> EvaluateSection:
+        return EvaluateSection.from_config(self.raw.get("evaluate"))
+
+    def lambda_section(self, *keys: str) -> LambdaSection:
+        """The lambda settings ``keys`` (default: all of them; the rest keep their defaults)."""
+        return LambdaSection.from_config(self.raw, keys or None)
+
+    def datafree_section(self) -> DatafreeSection:
+        return DatafreeSection.from_config(self.raw.get("datafree"))
+
+    def controls_section(self, *keys: str) -> ControlsSection:
+        """The control settings ``keys`` (default: all of them; the rest keep their defaults)."""
+        return ControlsSection.from_config(self.raw, keys or None)
+
+    # -- the settings, as the pipeline reads them
     @property
     def seeds(self) -> list[int]:
         """Replicate seeds: each runs the whole chain (backbone pretraining, heads, data order, controls)."""
@@ -102,31 +172,36 @@ class Config:
     @property
     def data_seed(self) -> int:
         """Seed of generated data and subsampling: the same for every replicate, so all see one dataset."""
-        return int(self.raw.get("data_seed", 0))
+        return self.data_section("data_seed").data_seed
 
     @property
     def random_controls(self) -> int:
         """Norm-matched random directions evaluated beside each donor (their gains are averaged)."""
-        return int(self.raw.get("random_controls", 1))
+        return self.controls_section("random_controls").random_controls
 
     @property
     def merged_donors(self) -> list[str]:
         """Merge methods (qvlib.merging) whose leave-one-out merged donor joins every receiver's row."""
-        return [str(m) for m in self.raw.get("merged_donors", [])]
+        return list(self.controls_section("merged_donors").merged_donors)
 
     @property
     def datafree_criteria(self) -> list[str]:
         """Data-free lambda criteria (qvlib.datafree) recorded beside the sweep of every cell."""
-        return [str(c) for c in self.raw.get("datafree", {}).get("criteria", [])]
+        return list(self.datafree_section().criteria)
 
     @property
     def datafree_images(self) -> int:
         """How many noise images the ``outputs`` criterion compares the models on."""
-        return int(self.raw.get("datafree", {}).get("noise_images", 64))
+        return self.datafree_section().noise_images
+
+    @property
+    def datafree_proxy_images(self) -> int:
+        """How many training images of other tasks the @donor and @others rules compare the models on."""
+        return self.datafree_section().proxy_images
 
     @property
     def data_root(self) -> Path:
-        return Path(self.raw.get("data_root", "data")).expanduser()
+        return self.data_section("data_root").root
 
     @property
     def reuse_backbones(self) -> Path | None:
@@ -138,51 +213,42 @@ class Config:
     def quants(self) -> list[QuantSpec]:
         """Every quantizer of the run (``quant``: one mapping or a list of them); FT is shared, QAT,
         vectors, baselines and cells are per quantizer, named by its tag."""
-        raw = self.raw.get("quant", {})
-        specs = [QuantSpec.from_mapping(q) for q in (raw if isinstance(raw, list) else [raw])]
-        if not specs:
-            raise ValueError(f"{self.path}: quant is an empty list")
-        tags = [s.tag for s in specs]
-        if len(set(tags)) != len(tags):
-            raise ValueError(f"{self.path}: quantizers must differ, got tags {tags}")
-        return specs
+        return list(self.quant_section().specs)
 
     @property
     def quant_tags(self) -> list[str]:
-        return [s.tag for s in self.quants]
+        return self.quant_section().tags
 
     @property
     def quant(self) -> QuantSpec:
         """The quantizer of this job (``with_quant``), else the first."""
-        specs = self.quants
-        return specs[0] if self.quant_tag is None else next(s for s in specs if s.tag == self.quant_tag)
+        return self.quant_section().spec(self.quant_tag)
 
     @property
     def policy(self) -> QuantPolicy:
         """Which tensors are quantized (``policy: {pattern: regex}``), and which are trained and held by
         vectors (``policy: {scope: linear | all}``)."""
-        section = self.raw.get("policy", {})
-        return QuantPolicy(pattern=section.get("pattern", VIT_BLOCK_LINEARS), scope=section.get("scope", "linear"))
+        return self.policy_section()
 
     @property
     def lambdas(self) -> list[float]:
-        return [float(x) for x in self.raw.get("lambdas", [1.0])]
+        return list(self.lambda_section("lambdas").lambdas)
 
     @property
     def lambda_ties(self) -> LambdaTies:
         """Which of several best lambdas a pick keeps (qvlib.tables.pairs): nearest 1, or the smallest."""
-        return LambdaTies(self.raw.get("lambda_ties", LambdaTies.NEAREST_ONE))
+        return self.lambda_section("lambda_ties").lambda_ties
 
     @property
     def lambda_search(self) -> dict:
         """How each cell scores the sweep: ``method`` (dense | racing) and the race's ``keep``,
-        ``margin``, ``tolerance`` and ``start`` (see qvlib.racing.race_lambda)."""
-        raw = dict(self.raw.get("lambda_search") or {})
-        method = SweepMethod(raw.pop("method", SweepMethod.DENSE))
-        unknown = set(raw) - {"keep", "margin", "tolerance", "start"}
-        if unknown:
-            raise ValueError(f"unknown lambda_search keys: {', '.join(sorted(unknown))}")
-        return {"method": method, **raw}
+        ``margin``, ``tolerance`` and ``start`` the config sets (see qvlib.racing.race_lambda)."""
+        return self.lambda_section("lambda_search").lambda_search.options()
+
+    @property
+    def oracle_search(self) -> bool:
+        """Whether each cell also runs the adaptive (golden-section) lambda search on test (on when left out)."""
+        return self.lambda_section("oracle_search").oracle_search
 
     @property
     def task_names(self) -> list[str]:
@@ -192,91 +258,90 @@ class Config:
     def arch_names(self) -> list[str]:
         return list(self.raw["archs"])
 
-    def arch(self, name: str, backbone_path: str | Path | None = None) -> ArchSpec:
-        """The arch; a backbone of source 'pretrain' (trained by ``qv pretrain``) is read from ``backbone_path``."""
-        if name not in self.raw["archs"]:
-            raise ValueError(f"unknown arch {name!r}; this config has: {', '.join(self.arch_names)}")
-        cfg = dict(self.raw["archs"][name])
-        backbone = dict(cfg.get("backbone", {"source": "random"}))
-        if backbone.get("source") == "pretrain" and backbone_path is not None:
-            backbone = {"source": "file", "path": str(backbone_path)}
-        elif backbone.get("source") == "file" and backbone_path is not None:
-            backbone["path"] = str(backbone_path)
-        cfg["backbone"] = backbone
-        return ArchSpec.from_config(name, cfg)
+    def arch(self, name: str, backbone_path: str | Path | None = None):
+        """The arch (qvlib.models.ArchSpec, which imports timm); a backbone of source 'pretrain' (trained
+        by ``qv pretrain``) is read from ``backbone_path``."""
+        return self.arch_section(name).spec(backbone_path)
+
+    def arch_facts(self, name: str, cache: str | Path | None = None) -> "ArchFacts":
+        """What a timm build of arch ``name`` says (its pixels and weight widths): see :func:`arch_facts`."""
+        return arch_facts(self.arch_section(name), cache)
 
     def task(self, name: str) -> Mapping[str, Any]:
+        """Task ``name``'s own mapping as written (null: {}), checked by its TaskSection."""
         if name not in self.raw["tasks"]:
             raise ValueError(f"unknown task {name!r}; this config has: {', '.join(self.task_names)}")
-        return self.raw["tasks"][name] or {}
+        own = self.raw["tasks"][name] or {}
+        TaskSection.from_config(name, own)
+        return own
 
     def load_options(self, task: str, preprocess: Preprocess) -> LoadOptions:
-        opts = {**self.raw.get("task_defaults", {}), **self.task(task)}
-        opts.pop("train", None)
-        known = set(LoadOptions.__dataclass_fields__) - {"preprocess", "root", "seed", "calib_position"}
-        unknown = set(opts) - known
-        if unknown:
-            raise ValueError(f"task {task!r}: unknown option(s) {sorted(unknown)}; allowed: {sorted(known)} and train")
-        return LoadOptions(preprocess=preprocess, root=self.data_root, seed=self.data_seed,
-                           download=bool(self.raw.get("download", False)),
-                           calib_position=self.raw.get("calib_position", "head"), **opts)
+        data = self.data_section()
+        section = TaskSection.from_config(task, self.task(task), data.task_defaults)
+        return LoadOptions(preprocess=preprocess, root=data.root, seed=data.data_seed, download=data.download,
+                           calib_position=data.calib_position, **section.options())
 
     def arch_train(self, arch: str) -> Mapping[str, Any]:
         """The arch's own ``train`` keys (over ``finetune``, under a task's), as written: no defaults."""
-        if arch not in self.raw["archs"]:
-            raise ValueError(f"unknown arch {arch!r}; this config has: {', '.join(self.arch_names)}")
-        return self.raw["archs"][arch].get("train") or {}
+        return dict(self.arch_section(arch).train.values)
 
     def finetune_train(self, task: str, arch: str | None = None) -> TrainConfig:
         """FT and QAT settings of ``task`` on ``arch``: ``finetune`` < ``archs.<arch>.train`` <
         ``tasks.<task>.train``, each narrower section's keys winning (TrainConfig's defaults for what none
         sets). ``arch`` may be left out only while no arch has train settings of its own."""
         if arch is None:
-            own = [name for name in self.arch_names if self.raw["archs"][name].get("train")]
+            own = [name for name in self.arch_names if self.arch_section(name).train.values]
             if own:
                 raise ValueError(f"arch {own[0]!r} has train settings of its own: say which arch the task "
                                  f"{task!r} trains on (Config.finetune_train(task, arch))")
             arch_keys: Mapping[str, Any] = {}
         else:
             arch_keys = self.arch_train(arch)
-        merged = merge_train(self.raw["finetune"], arch_keys, self.task(task).get("train") or {})
-        return TrainConfig.from_mapping({**merged, "seed": self.seed})
+        task_keys = TrainOverrides.from_config(self.task(task).get("train"), f"tasks.{task}.train").values
+        return self.finetune_section().train_config(self.seed, arch_keys, task_keys)
 
     def pretrain_train(self) -> TrainConfig:
-        if "pretrain" not in self.raw:
-            raise ValueError(f"{self.path}: no 'pretrain' section, but an arch has backbone source 'pretrain'")
-        return TrainConfig.from_mapping({**self.raw["pretrain"]["train"], "seed": self.seed})
+        return self.pretrain_section().train.train_config(self.seed)
 
     def pretrain_mixture(self) -> tuple[list[str], int]:
-        section = self.raw["pretrain"]
-        return list(section["tasks"]), int(section.get("n_per_task", 4000))
+        section = self.pretrain_section()
+        return list(section.tasks), section.n_per_task
 
     def eval_batch_size(self) -> int:
-        return int(self.raw.get("evaluate", {}).get("batch_size", 512))
+        return self.evaluate_section().batch_size
 
     def eval_precision(self) -> str:
         """bf16 (autocast on a GPU) or fp32 for every evaluation forward."""
-        return str(self.raw.get("evaluate", {}).get("precision", "bf16"))
+        return str(self.evaluate_section().precision)
 
     def digest(self, *sections: str) -> str:
         """Short hash of the named sections, for checkpoint metadata."""
         return digest_of({k: self.raw.get(k) for k in sections})
 
-    def check(self) -> None:
+    def check(self, cache: str | Path | None = None) -> None:
         """What a job would find wrong with this config, found before any job runs (the workflow calls
-        this on a dry run): unknown tasks and pretraining generators, quantizers, the policy's regex,
-        each arch (a timm VisionTransformer, whose quantized widths every group size divides) and each
-        job's training settings. The first problem raises ValueError naming its key."""
-        self._check_tasks()
-        self._check_pretrain()
-        specs = self._checked("quant", lambda: self.quants)
-        policy = self._checked("policy", lambda: self.policy)
-        try:
-            re.compile(policy.pattern)
-        except re.error as err:
-            raise ValueError(f"{self.path}: policy.pattern {policy.pattern!r} is not a valid regular expression ({err})") from None
-        for name in self.arch_names:
-            widths = self._quantized_widths(name, policy)
+        this on a dry run): every section as its dataclass checks it (unknown tasks and pretraining
+        generators, quantizers, the policy's regex, ...), each arch (a timm VisionTransformer, whose
+        quantized widths every group size divides: :func:`arch_facts`, kept in ``cache`` if given) and
+        each job's training settings. The first problem raises ValueError naming its key."""
+        for name in self.task_names:
+            self._checked(lambda: self.task_section(name).check_known())
+        self._checked(self.data_section)
+        archs = {name: self._checked(lambda: self.arch_section(name)) for name in self.arch_names}
+        needs = [name for name, section in archs.items() if section.needs_pretrain]
+        if needs and "pretrain" not in self.raw:
+            raise ValueError(f"{self.path}: archs.{needs[0]}.backbone: source pretrain needs a pretrain section")
+        if "pretrain" in self.raw:
+            self._checked(self.pretrain_section)
+        if needs:
+            self._checked(self.pretrain_train, "pretrain.train")
+        specs = self._checked(self.quant_section).specs
+        policy = self._checked(self.policy_section)
+        self._checked(self.finetune_section)
+        for build in (self.evaluate_section, self.lambda_section, self.datafree_section, self.controls_section):
+            self._checked(build)
+        for name, section in archs.items():
+            widths = self._quantized_widths(section, policy, cache)
             for spec in specs:
                 if spec.granularity == "group":
                     bad = sorted(w for w in widths.values() if w % spec.group_size)
@@ -284,62 +349,120 @@ class Config:
                         raise ValueError(f"{self.path}: quant group_size {spec.group_size} does not divide the input width {bad[0]} "
                                          f"of arch {name!r}'s quantized weights: pick a divisor of {', '.join(map(str, sorted(set(widths.values()))))}")
             for task in self.task_names:
-                self._checked(f"tasks.{task}.train (on arch {name})", lambda: self.finetune_train(task, name))
+                self._checked(lambda: self.finetune_train(task, name), f"tasks.{task}.train (on arch {name})")
 
-    def _checked(self, key: str, build):
+    def _checked(self, build, key: str | None = None):
+        """``build()``, its ValueError (or TypeError) prefixed with this config's path (and ``key``)."""
         try:
             return build()
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{self.path}: {key}: {err}") from None
+            raise ValueError(f"{self.path}: {key + ': ' if key else ''}{err}") from None
 
-    def _check_tasks(self) -> None:
-        for name in self.task_names:
-            source = (self.task(name).get("source") or {})
-            if source.get("kind") != "hf" and name not in REGISTRY:
-                raise ValueError(f"{self.path}: tasks.{name}: unknown task; known tasks: {', '.join(known_tasks())} "
-                                 "(any other name needs source: {kind: hf, id: ...})")
-
-    def _check_pretrain(self) -> None:
-        needs = [a for a in self.arch_names if (self.raw["archs"][a].get("backbone") or {}).get("source") == "pretrain"]
-        if needs and "pretrain" not in self.raw:
-            raise ValueError(f"{self.path}: archs.{needs[0]}.backbone: source pretrain needs a pretrain section")
-        for kind in (self.raw.get("pretrain") or {}).get("tasks", []):
-            if kind not in GENERATORS:
-                raise ValueError(f"{self.path}: pretrain.tasks: unknown generator {kind!r}; known: {', '.join(GENERATORS)}")
-        if needs:
-            self._checked("pretrain.train", self.pretrain_train)
-
-    def _quantized_widths(self, name: str, policy: QuantPolicy) -> dict[str, int]:
-        """Input width of each tensor of arch ``name`` that ``policy`` quantizes, from a build on the meta
-        device (no weights allocated); the arch must be a timm VisionTransformer the pattern matches."""
-        import torch
-
-        from .models import build_vit
-
-        key = f"archs.{name}"
-        spec = self._checked(key, lambda: self.arch(name))
-        with torch.device("meta"):
-            model = self._checked(f"{key}.timm_name {spec.timm_name!r}", lambda: build_vit(spec, num_classes=0))
-        widths = {n: int(p.shape[1]) for n, p in model.named_parameters() if policy.matches(n, p)}
+    def _quantized_widths(self, section: ArchSection, policy: QuantPolicy, cache: str | Path | None) -> dict[str, int]:
+        """Input width of each tensor of the arch that ``policy`` quantizes (:func:`arch_facts`); the
+        pattern must match at least one."""
+        facts = self._checked(lambda: arch_facts(section, cache))
+        widths = {n: w for n, w in facts.widths.items() if policy.matches(n)}
         if not widths:
-            raise ValueError(f"{self.path}: policy.pattern {policy.pattern!r} matches no 2-D weight of arch {name!r} "
+            raise ValueError(f"{self.path}: policy.pattern {policy.pattern!r} matches no 2-D weight of arch {section.name!r} "
                              "(timm names such as blocks.0.attn.qkv.weight)")
         return widths
 
 
-# Steps and epochs are two ways to say how long a run trains: a section that gives one replaces both.
-RUN_LENGTH = ("steps", "epochs")
+@dataclass(frozen=True)
+class ArchFacts:
+    """What only a timm build of an arch knows, and the workflow's DAG needs: its preprocessing (timm's
+    data config at the arch's own input size: the pixels key of its caches) and the input width of each
+    2-D parameter (the group sizes must divide the quantized ones)."""
+
+    preprocess: Preprocess
+    widths: Mapping[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"preprocess": asdict(self.preprocess), "widths": dict(self.widths)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ArchFacts":
+        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in data["preprocess"].items()}
+        return cls(Preprocess(**pre), {str(k): int(v) for k, v in data["widths"].items()})
 
 
-def merge_train(*sections: Mapping[str, Any]) -> dict[str, Any]:
-    """Training settings from the widest section to the narrowest (finetune, arch, task): each one's keys
-    win over the wider ones', and a section that sets ``steps`` or ``epochs`` replaces both."""
-    merged: dict[str, Any] = {}
-    for section in sections:
-        if any(k in section for k in RUN_LENGTH):
-            merged = {k: v for k, v in merged.items() if k not in RUN_LENGTH}
-        merged.update(section)
-    return merged
+_FACTS: dict[str, ArchFacts] = {}  # this process's answers, by key
+
+
+def _library_versions() -> dict[str, str]:
+    """The versions of what decides a build's answer (timm's configs and model code, torch)."""
+    out = {}
+    for dist in ("timm", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "none"
+    return out
+
+
+def arch_facts_key(section: ArchSection) -> str:
+    """What an arch's facts depend on: the timm name and overrides (not the backbone's weights, nor the
+    arch's name), the timm and torch versions, and ARCH_FACTS_VERSION."""
+    return digest_of(ARCH_FACTS_VERSION, section.build(), _library_versions())
+
+
+def arch_facts(section: ArchSection, cache: str | Path | None = None) -> ArchFacts:
+    """The arch's :class:`ArchFacts`, from a headless build on the meta device (no weights allocated).
+
+    The build imports torch and timm (seconds); with ``cache`` (a folder; the workflow's is DAG_CACHE)
+    the answer is kept in ``<cache>/archs/<key>.json``, keyed by :func:`arch_facts_key`, so a later
+    run (every dry run, every cluster job's parse) reads it without importing either. Archs that build
+    alike share one answer. A config error (no such timm model, not a VisionTransformer, overrides timm
+    refuses) raises ValueError naming the arch's key, and is never cached."""
+    key = arch_facts_key(section)
+    if key in _FACTS:
+        return _FACTS[key]
+    path = Path(cache) / "archs" / f"{key}.json" if cache is not None else None
+    facts = None
+    if path is not None and path.exists():
+        try:
+            facts = ArchFacts.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            facts = None  # unreadable: build again and rewrite it
+    if facts is None:
+        facts = _build_facts(section)
+        if path is not None:
+            _write_json(path, {**facts.to_json(), "arch": section.build(), "versions": _library_versions(),
+                               "version": ARCH_FACTS_VERSION})
+    _FACTS[key] = facts
+    return facts
+
+
+def _build_facts(section: ArchSection) -> ArchFacts:
+    import torch
+
+    from .models import build_vit
+
+    key = f"archs.{section.name}"
+    try:
+        spec = section.spec()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{key}: {err}") from None
+    try:
+        with torch.device("meta"):
+            model = build_vit(spec, num_classes=0)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{key}.timm_name {spec.timm_name!r}: {err}") from None
+    widths = {name: int(p.shape[1]) for name, p in model.named_parameters() if p.dim() == 2}
+    return ArchFacts(Preprocess.from_model(model), widths)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` atomically (a reader never sees half a file; parallel writers each write whole
+    files); a folder that cannot be written is no error, the answer is only not kept."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def non_finite(node: Any, path: str = "") -> str | None:
