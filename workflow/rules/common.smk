@@ -9,8 +9,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from qvlib.config import Config, check_finite
-from qvlib.pipeline import arch_preprocess
+from qvlib.config import DAG_CACHE, Config, check_finite
 from qvlib.store import DEFAULT_STORE, JOB_FILE, KEY_PATTERN, LAYOUT, LOG_FILE, MERGED_PREFIX, OUTPUTS, Plan
 from qvlib.vocab import merged_donor
 
@@ -25,7 +24,7 @@ validate(config, "../schemas/config.schema.yaml")
 CONFIG_SOURCE = " + ".join(map(str, workflow.overwrite_configfiles or ["config/config.yaml"]))
 try:
     check_finite(config, CONFIG_SOURCE)
-    Config(config, Path(CONFIG_SOURCE)).check()
+    Config(config, Path(CONFIG_SOURCE)).check(cache=DAG_CACHE)  # timm's answers kept under .snakemake/qvlib
 except ValueError as err:
     sys.exit(f"invalid config: {err}")  # one line, no traceback
 
@@ -82,7 +81,7 @@ QV = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir).resolve()))}${{PYTHONP
 
 # Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
 # interpolation and crop agree share one cache per task.
-PIXELS = {arch: arch_preprocess(RUN_CONFIG.arch(arch)) for arch in ARCHS}
+PIXELS = {arch: RUN_CONFIG.arch_facts(arch, cache=DAG_CACHE).preprocess for arch in ARCHS}
 PLAN = Plan(config, {tag: json.loads(spec.to_json()) for tag, spec in QUANTS.items()},
             {arch: (pre.pixels(), pre.pixel_settings()) for arch, pre in PIXELS.items()}, root=STORE)
 JOBS = list(PLAN.jobs())
