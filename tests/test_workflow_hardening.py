@@ -7,7 +7,7 @@ import shlex
 import pytest
 import yaml
 
-from helpers import QUANT, mini_config, planned_jobs, snakemake
+from helpers import QUANT, mini_config, planned, planned_jobs, snakemake
 from qvlib.quant import VIT_BLOCK_LINEARS
 
 pytestmark = pytest.mark.slow
@@ -70,8 +70,7 @@ def test_a_hostile_pattern_and_data_root_run_without_reaching_a_shell(tmp_path):
     pattern = VIT_BLOCK_LINEARS + "|" + hostile(marker)
     cfg = mini_config(tmp_path / "c.yaml", name="hostile", tasks=("shapes", "dots"), pretrain=False,
                       policy={"pattern": pattern}, data_root=str(tmp_path / "data") + hostile(marker))
-    run = tmp_path / "results" / "hostile" / "tiny" / "seed0"
-    target = run / QUANT / "vectors" / "shapes.safetensors"
+    target = planned(tmp_path, cfg, "vector", "vector", task="shapes", seed=0, quant=QUANT)
     proc = snakemake(tmp_path, cfg, target.relative_to(tmp_path), "--printshellcmds")
     assert target.exists() and not marker.exists()
     command = next(line for line in (proc.stdout + proc.stderr).splitlines() if " extract --qat " in line)
@@ -79,15 +78,23 @@ def test_a_hostile_pattern_and_data_root_run_without_reaching_a_shell(tmp_path):
     assert words[words.index("--pattern") + 1] == pattern  # the shell handed qv the pattern verbatim
     from qvlib.vectors import WeightVector
 
-    ft = WeightVector.load(run / "checkpoints" / "shapes.ft.safetensors")
+    ft_file = planned(tmp_path, cfg, "ft", "ckpt", task="shapes", seed=0)
+    ft = WeightVector.load(ft_file)
     assert ft.metadata["policy"] == pattern  # the job read it from the effective config
     assert set(WeightVector.load(target)) == {k for k in ft if re.search(VIT_BLOCK_LINEARS, k)}
     effective = yaml.safe_load((tmp_path / "results" / "hostile" / "config.yaml").read_text())
     assert effective["policy"]["pattern"] == pattern  # written when the jobs ran
 
+    cache = planned(tmp_path, cfg, "cache", task="shapes")
     raw = yaml.safe_load(cfg.read_text())
     raw["archs"]["tiny"]["train"] = {"lr": 1.0e-3}
     cfg.write_text(yaml.safe_dump(raw))
-    proc = snakemake(tmp_path, cfg, target.relative_to(tmp_path), "--dry-run")
+    # the FT and QAT jobs read the arch's train settings: their keys (and the vector's, made from them) move;
+    # the data's do not, and the old files stay where they were
+    moved = planned(tmp_path, cfg, "vector", "vector", task="shapes", seed=0, quant=QUANT)
+    assert moved != target and target.exists()
+    assert planned(tmp_path, cfg, "ft", "ckpt", task="shapes", seed=0) != ft_file
+    assert planned(tmp_path, cfg, "cache", task="shapes") == cache
+    proc = snakemake(tmp_path, cfg, moved.relative_to(tmp_path), "--dry-run")
     assert planned_jobs(proc) == {"finetune": 1, "qat": 1, "extract_vector": 1, "total": 3}, proc.stdout[-3000:]
-    assert "params" in proc.stdout + proc.stderr and not marker.exists()
+    assert "Missing output" in proc.stdout + proc.stderr and not marker.exists()
