@@ -416,20 +416,20 @@ def arch_facts(section: ArchSection, cache: str | Path | None = None) -> ArchFac
     alike share one answer. A config error (no such timm model, not a VisionTransformer, overrides timm
     refuses) raises ValueError naming the arch's key, and is never cached."""
     key = arch_facts_key(section)
-    if key in _FACTS:
-        return _FACTS[key]
     path = Path(cache) / "archs" / f"{key}.json" if cache is not None else None
-    facts = None
+    facts = _FACTS.get(key)
+    stored = False
     if path is not None and path.exists():
         try:
             facts = ArchFacts.from_json(json.loads(path.read_text()))
+            stored = True
         except (OSError, ValueError, KeyError, TypeError):
-            facts = None  # unreadable: build again and rewrite it
+            pass  # unreadable: rewritten below
     if facts is None:
         facts = _build_facts(section)
-        if path is not None:
-            _write_json(path, {**facts.to_json(), "arch": section.build(), "versions": _library_versions(),
-                               "version": ARCH_FACTS_VERSION})
+    if path is not None and not stored:
+        _write_json(path, {**facts.to_json(), "arch": section.build(), "versions": _library_versions(),
+                           "version": ARCH_FACTS_VERSION})
     _FACTS[key] = facts
     return facts
 

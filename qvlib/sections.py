@@ -269,8 +269,9 @@ class QuantSection(Section):
         items = [(f"quant[{i}]", q) for i, q in enumerate(value)] if isinstance(value, list) else [("quant", value)]
         specs = []
         for key, item in items:
+            data = _mapping(item, key)
             try:
-                specs.append(QuantSpec.from_mapping(_mapping(item, key)))
+                specs.append(QuantSpec.from_mapping(data))
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{key}: {err}") from None
         return cls(tuple(specs))
@@ -565,6 +566,12 @@ class ArchSection(Section):
         return cls(name, data["timm_name"], dict(_mapping(data.get("overrides"), f"{key}.overrides")),
                    dict(_mapping(data.get("backbone", {"source": "random"}), f"{key}.backbone")),
                    TrainOverrides.from_config(data.get("train"), f"{key}.train"))
+
+    def canonical(self) -> dict[str, Any]:
+        out = super().canonical()
+        if _number(out["overrides"].get("mlp_ratio")):  # mlp_ratio: 4 is mlp_ratio: 4.0
+            out["overrides"]["mlp_ratio"] = float(out["overrides"]["mlp_ratio"])
+        return out
 
     @property
     def needs_pretrain(self) -> bool:
