@@ -2,8 +2,11 @@
 a wider level; finetune < arch < task), NaN and infinity refused, and the checks a dry run makes."""
 
 import dataclasses
+import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -11,6 +14,7 @@ from snakemake.utils import validate
 
 from helpers import REPO, TEST_CONFIG
 from qvlib.config import Config, check_finite, merge_train, non_finite
+from qvlib.sections import Preprocess, QuantPolicy, QuantSpec
 from qvlib.train import TrainConfig
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
@@ -21,6 +25,9 @@ def validated(raw: dict, path="config.yaml") -> Config:
     """``raw`` after the schema validation (defaults filled in) that the workflow applies, as jobs read it."""
     validate(raw, SCHEMA)
     return Config(raw, REPO / path)
+
+
+TINY_OVERRIDES = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
 
 
 def mini(**changes) -> dict:
@@ -159,3 +166,117 @@ def test_check_names_training_settings_no_job_could_run():
     raw["finetune"] = {"steps": 5, "epochs": 2}
     with pytest.raises(ValueError, match=r"tasks\.shapes\.train \(on arch tiny\): give exactly one of steps or epochs"):
         validated(raw).check()
+
+
+# ------------------------------------------------------------------ what timm knows, asked once
+def test_arch_facts_are_timms_and_a_cached_answer_is_read_without_torch(tmp_path):
+    from qvlib.config import arch_facts, arch_facts_key
+    from qvlib.pipeline import arch_preprocess
+    from qvlib.sections import ArchSection
+
+    cfg = validated(mini())
+    facts = cfg.arch_facts("tiny", cache=tmp_path)
+    assert facts.preprocess == arch_preprocess(cfg.arch("tiny"))  # the pixels key the store's caches use
+    assert facts.preprocess.pixels() == "16px-bicubic-crop0.9"
+    assert {n: w for n, w in facts.widths.items() if cfg.policy.matches(n)} == {
+        f"blocks.{b}.{m}.weight": 96 if m == "mlp.fc2" else 24 for b in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    section = cfg.arch_section("tiny")
+    cached = tmp_path / "archs" / f"{arch_facts_key(section)}.json"
+    assert json.loads(cached.read_text())["arch"] == section.build()
+    # the key follows what a build reads: the timm name and overrides, not the backbone, the train keys or the name
+    other = ArchSection.from_config("other", {**mini()["archs"]["tiny"], "backbone": {"source": "random"}, "train": {"lr": 1.0}})
+    assert arch_facts_key(other) == arch_facts_key(section)
+    wider = ArchSection.from_config("tiny", {**mini()["archs"]["tiny"], "overrides": {**TINY_OVERRIDES, "embed_dim": 32}})
+    assert arch_facts_key(wider) != arch_facts_key(section)
+    # a fresh process reads the cached answer, and imports neither torch nor timm
+    out = subprocess.run([sys.executable, "-c", f"""
+import sys
+from qvlib.config import arch_facts
+from qvlib.sections import ArchSection
+facts = arch_facts(ArchSection.from_config('tiny', {mini()['archs']['tiny']!r}), cache={str(tmp_path)!r})
+print(facts.preprocess.pixels(), sorted(facts.widths.values())[-1])
+assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')]
+"""], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["16px-bicubic-crop0.9", "96"]
+    # an unreadable answer is built again; a config error is never cached
+    cached.write_text("{")
+    assert arch_facts(section, cache=tmp_path) == facts
+    assert json.loads(cached.read_text())["widths"] == facts.widths
+    deeper = ArchSection.from_config("x", {**mini()["archs"]["tiny"], "overrides": {**TINY_OVERRIDES, "depth": 3}})
+    assert arch_facts(deeper).preprocess == facts.preprocess and len(arch_facts(deeper).widths) > len(facts.widths)
+    bad = ArchSection.from_config("tiny", {"timm_name": "resnet18"})
+    with pytest.raises(ValueError, match=r"archs\.tiny\.timm_name 'resnet18': .*not a timm VisionTransformer"):
+        arch_facts(bad, cache=tmp_path)
+    assert not (tmp_path / "archs" / f"{arch_facts_key(bad)}.json").exists()
+
+
+def test_check_with_a_cache_finds_the_same_problems(tmp_path):
+    validated(mini()).check(cache=tmp_path)
+    validated(mini()).check(cache=tmp_path)  # read back
+    cfg = validated(mini(quant={"bits": 2, "granularity": "group", "group_size": 7}))
+    with pytest.raises(ValueError, match=r"group_size 7 does not divide the input width 24 of arch 'tiny'"):
+        cfg.check(cache=tmp_path)
+
+
+def test_accessors_read_their_sections():
+    raw = mini(oracle_search=False, datafree={"criteria": ["weights"], "noise_images": 8, "proxy_images": 12},
+               lambda_search={"method": "racing", "keep": 0.5}, lambda_ties="smallest", evaluate={"batch_size": 64, "precision": "fp32"},
+               random_controls=2, merged_donors=["mean"], data_seed=4, calib_position="tail")
+    cfg = validated(raw)
+    assert cfg.oracle_search is False and validated(mini()).oracle_search is True
+    assert (cfg.datafree_criteria, cfg.datafree_images, cfg.datafree_proxy_images) == (["weights"], 8, 12)
+    assert validated(mini(datafree={})).datafree_proxy_images == 256
+    assert cfg.lambda_search == {"method": "racing", "keep": 0.5} and str(cfg.lambda_ties) == "smallest"
+    assert (cfg.eval_batch_size(), cfg.eval_precision()) == (64, "fp32")
+    assert (cfg.random_controls, cfg.merged_donors, cfg.data_seed) == (2, ["mean"], 4)
+    assert cfg.lambdas == [0.0, 1.0, 2.0] and all(isinstance(x, float) for x in cfg.lambdas)
+    opts = cfg.load_options("shapes", Preprocess(16))
+    assert (opts.n_train, opts.n_test, opts.seed, opts.calib_position, opts.download) == (200, 60, 4, "tail", False)
+    assert cfg.quants == [QuantSpec(bits=2)] and cfg.quant_tags == ["w2-channel"] and cfg.with_quant("w2-channel").quant == QuantSpec(bits=2)
+    with pytest.raises(ValueError, match=r"^evaluate\.batch_size must be an integer >= 1, got 0$"):
+        Config({"evaluate": {"batch_size": 0}}, REPO / "c.yaml").eval_batch_size()
+
+
+def job_files(tmp_path) -> dict[str, Config]:
+    """One job file of each kind of the miniature's store plan (qvlib.store), loaded as jobs load them."""
+    from qvlib.store import Plan
+
+    raw = yaml.safe_load(TEST_CONFIG.read_text())  # its arch pretrains a backbone
+    raw["lambda_ties"] = "smallest"
+    validate(raw, SCHEMA)
+    cfg = Config(raw, REPO / "c.yaml")
+    pixels = {a: (pre.pixels(), pre.pixel_settings()) for a, pre in ((a, cfg.arch_facts(a).preprocess) for a in cfg.arch_names)}
+    plan = Plan(raw, {s.tag: json.loads(s.to_json()) for s in cfg.quants}, pixels)
+    out = {}
+    for job in plan.jobs():
+        if job.kind not in out:
+            path = tmp_path / f"{job.kind}.json"
+            path.write_text(json.dumps(job.document()))
+            out[job.kind] = Config.load(path)
+    return out
+
+
+def test_a_job_file_serves_exactly_the_accessors_its_job_reads(tmp_path):
+    jobs = job_files(tmp_path)
+    cell, ft, qat, backbone, cache = jobs["cell"], jobs["ft"], jobs["qat"], jobs["backbone"], jobs["cache"]
+    for job in (cell, jobs["baselines"], jobs["diagnostics"]):
+        assert (job.quant, job.policy, job.arch("tiny").name) == (QuantSpec(bits=2), QuantPolicy(), "tiny")
+    assert (cell.lambdas, cell.lambda_search, cell.oracle_search, cell.random_controls) == ([0.0, 1.0, 2.0], {"method": "dense"}, True, 2)
+    assert (cell.datafree_criteria, cell.datafree_images, cell.datafree_proxy_images) == (["weights", "outputs"], 8, 256)
+    assert (cell.eval_batch_size(), cell.eval_precision(), cell.data_seed) == (64, "bf16", 0)
+    assert cell.load_options(cell.task_names[0], Preprocess(16)).n_train == 200
+    assert ft.finetune_train("shapes", "tiny") == qat.finetune_train("shapes", "tiny") == validated(mini()).finetune_train("shapes", "tiny")
+    assert qat.quant == QuantSpec(bits=2) and ft.policy == QuantPolicy()
+    assert backbone.pretrain_train().steps == 10 and backbone.pretrain_mixture() == (["shapes", "dots"], 200)
+    assert backbone.data_seed == 0 and backbone.reuse_backbones is None
+    assert cache.preprocess(None).pixels() == "16px-bicubic-crop0.9" and cache.load_options("shapes", cache.preprocess(None)).n_test == 60
+    assert jobs["vector"].policy == QuantPolicy()
+    # what a job does not read is refused, never defaulted
+    for job, accessor in [(cell, lambda c: c.lambda_ties), (cell, lambda c: c.merged_donors), (cell, lambda c: c.finetune_train("shapes", "tiny")),
+                          (jobs["vector"], lambda c: c.lambdas), (jobs["vector"], lambda c: c.quant),
+                          (backbone, lambda c: c.data_root), (backbone, lambda c: c.load_options("shapes", Preprocess(16))),
+                          (ft, lambda c: c.random_controls), (ft, lambda c: c.eval_batch_size()),
+                          (jobs["baselines"], lambda c: c.datafree_images), (cache, lambda c: c.policy)]:
+        with pytest.raises(KeyError, match="does not read the config key"):
+            accessor(job)

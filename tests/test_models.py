@@ -56,6 +56,19 @@ def test_arch_validation():
         build_vit(ArchSpec("x", "resnet18"))
 
 
+def test_the_config_section_of_an_arch_gives_its_arch_spec(tiny_arch):
+    """qvlib.sections.ArchSection (torch-free, what the config holds) -> the ArchSpec that builds it."""
+    from qvlib.sections import ArchSection
+
+    section = ArchSection.from_config("tiny", {"timm_name": tiny_arch.timm_name, "overrides": dict(tiny_arch.overrides),
+                                               "backbone": dict(tiny_arch.backbone)})
+    assert section.spec() == tiny_arch
+    assert section.spec() == ArchSpec.from_config("tiny", {"timm_name": tiny_arch.timm_name, "overrides": tiny_arch.overrides,
+                                                           "backbone": tiny_arch.backbone})
+    with pytest.raises(ValueError, match="not a timm model name"):  # timm's question, asked by the spec
+        ArchSection.from_config("x", {"timm_name": "vit_nonexistent_model"}).spec()
+
+
 def test_fixed_head_is_deterministic_per_task_and_frozen(tiny_arch):
     m1, m2 = build_vit(tiny_arch, 4, seed=0), build_vit(tiny_arch, 4, seed=5)
     set_fixed_head(m1, "digits", 0)
