@@ -13,6 +13,7 @@ which builds the arch on the meta device once and can keep the answer in a cache
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -390,6 +391,7 @@ class ArchFacts:
 _FACTS: dict[str, ArchFacts] = {}  # this process's answers, by key
 
 
+@functools.lru_cache(maxsize=None)
 def _library_versions() -> dict[str, str]:
     """The versions of what decides a build's answer (timm's configs and model code, torch)."""
     out = {}
@@ -404,7 +406,7 @@ def _library_versions() -> dict[str, str]:
 def arch_facts_key(section: ArchSection) -> str:
     """What an arch's facts depend on: the timm name and overrides (not the backbone's weights, nor the
     arch's name), the timm and torch versions, and ARCH_FACTS_VERSION."""
-    return digest_of(ARCH_FACTS_VERSION, section.build(), _library_versions())
+    return digest_of(ARCH_FACTS_VERSION, section.build(), dict(_library_versions()))
 
 
 def arch_facts(section: ArchSection, cache: str | Path | None = None) -> ArchFacts:
@@ -428,7 +430,7 @@ def arch_facts(section: ArchSection, cache: str | Path | None = None) -> ArchFac
     if facts is None:
         facts = _build_facts(section)
     if path is not None and not stored:
-        _write_json(path, {**facts.to_json(), "arch": section.build(), "versions": _library_versions(),
+        _write_json(path, {**facts.to_json(), "arch": section.build(), "versions": dict(_library_versions()),
                            "version": ARCH_FACTS_VERSION})
     _FACTS[key] = facts
     return facts
