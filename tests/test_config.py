@@ -188,13 +188,15 @@ def test_arch_facts_are_timms_and_a_cached_answer_is_read_without_torch(tmp_path
     assert arch_facts_key(other) == arch_facts_key(section)
     wider = ArchSection.from_config("tiny", {**mini()["archs"]["tiny"], "overrides": {**TINY_OVERRIDES, "embed_dim": 32}})
     assert arch_facts_key(wider) != arch_facts_key(section)
-    # a fresh process reads the cached answer, and imports neither torch nor timm
+    # a fresh process reads the cached answer, and checks the config with it, importing neither torch nor timm
     out = subprocess.run([sys.executable, "-c", f"""
 import sys
-from qvlib.config import arch_facts
+from pathlib import Path
+from qvlib.config import Config, arch_facts
 from qvlib.sections import ArchSection
 facts = arch_facts(ArchSection.from_config('tiny', {mini()['archs']['tiny']!r}), cache={str(tmp_path)!r})
 print(facts.preprocess.pixels(), sorted(facts.widths.values())[-1])
+Config({cfg.raw!r}, Path('c.yaml')).check(cache={str(tmp_path)!r})
 assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')]
 """], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
