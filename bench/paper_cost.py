@@ -74,7 +74,7 @@ def split_sizes(tasks: list[str], given: dict[str, tuple[int, int]]) -> dict[str
 def grid_forwards(cfg: Config, sizes: dict[str, tuple[int, int]], racing_ratio: float) -> dict[str, int]:
     """Image forwards of one arch at one seed: baselines, the dense grid and the raced grid."""
     tasks, lambdas, controls = cfg.task_names, len(cfg.lambdas), cfg.random_controls
-    golden = GOLDEN_PASSES if cfg.raw.get("oracle_search", True) else 0
+    golden = GOLDEN_PASSES if cfg.oracle_search else 0
     noise = (lambdas + 1) * cfg.datafree_images if "outputs" in cfg.datafree_criteria else 0
     out = {"baselines": sum(4 * (t + c) for t, c in sizes.values()), "dense": 0, "racing": 0, "vectors": 0}
     for receiver in tasks:
@@ -111,7 +111,7 @@ def main() -> int:
 
     print(f"config {args.config.name}: {len(cfg.task_names)} tasks, {len(cfg.lambdas)} lambdas, "
           f"{cfg.random_controls} random control(s) per donor, merged donors {cfg.merged_donors or 'none'}, "
-          f"oracle search {'on' if cfg.raw.get('oracle_search', True) else 'off'}, {seeds} seed(s), "
+          f"oracle search {'on' if cfg.oracle_search else 'off'}, {seeds} seed(s), "
           f"lambda_search {method}")
     print(f"images: {sum(t for t, _ in sizes.values()):,} test + {sum(c for _, c in sizes.values()):,} calib; "
           f"{forwards['vectors']:,} vectors evaluated per arch and seed")

@@ -444,7 +444,12 @@ def _choose(args) -> int:
     if args.json:
         print(json.dumps(choice_json(args.criterion, images, donors, chosen), indent=2, allow_nan=False))
         return 0
-    print("\n".join(choice_lines(args.criterion, images, donors, chosen, args.controls, name=lambda v: Path(v).name)))
+    from .merging import vector_label
+
+    labels = {str(p): vector_label(v, p) for p, v in zip(args.vector, vectors)}
+    if len(set(labels.values())) < len(labels):  # two donors of one task (e.g. two seeds): their paths tell them apart
+        labels = {p: p for p in labels}
+    print("\n".join(choice_lines(args.criterion, images, donors, chosen, args.controls, name=labels.__getitem__)))
     return 0
 
 

@@ -148,7 +148,7 @@ def write_paper_tables(name: str, baselines: pl.DataFrame, pair_rows: pl.DataFra
                        out_transfer: Path) -> str:
     """Tables 1-3 of one arch and quantizer: ``out_table1`` and ``out_transfer`` (Parquet) and ``out_md``."""
     from .report import write_parquet
-    from .vectors import atomic_write
+    from .fileio import atomic_write
 
     t1, t23 = table1(baselines), transfer_tables(pair_rows)
     # within each rule's block (blocks stay in their order), the tasks in Table 1's order, others after

@@ -15,7 +15,7 @@ import torch
 from .config import Config
 from .diagnostics import cosine_table, merged_cosine_table, norms_table
 from .data.base import Preprocess
-from .data.cache import cache_relpath, read_split_cache, write_split_cache
+from .data.cache import read_split_cache, write_split_cache
 from .data.registry import LoadOptions, load_task, pretrain_mixture, stable_seed
 from .datafree import Rule, choose_lambda, folder_images, noise_images, proxy_inputs, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
@@ -84,11 +84,6 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
 def arch_pixels(cfg: Config, arch_name: str) -> str:
     """The pixels key (:meth:`Preprocess.pixels`) of an arch's cached splits."""
     return arch_preprocess(cfg.arch(arch_name)).pixels()
-
-
-def cache_path(cfg: Config, arch_name: str, out: Path, task: str, split: str) -> Path:
-    """Where the run under ``out`` (results/<name>) keeps ``task``'s ``split`` preprocessed for ``arch_name``."""
-    return Path(out) / cache_relpath(arch_pixels(cfg, arch_name), task, split)
 
 
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
@@ -259,7 +254,7 @@ def _cell_rows(cfg: Config, arch_name: str, engine: Engine, names: list[str], sp
         rows += [{**row, **r} for r in sweep]
         full_test = {r["lambda"]: r for r in sweep if r["split"] == Split.TEST and r["n"] == len(splits[Split.TEST])}
         rows += [{**row, **full_test[lam], "search": str(Search.DATAFREE), "criterion": c} for c, lam in picks.items()]
-        if Split.TEST in splits and control != Control.RANDOM and cfg.raw.get("oracle_search", True):
+        if Split.TEST in splits and control != Control.RANDOM and cfg.oracle_search:
             found = search_lambda(lambda lam: engine.correct(patched(lam), splits[Split.TEST]))
             c, n = found.best_correct, len(splits[Split.TEST])
             rows.append({**row, "search": str(Search.ADAPTIVE), "lambda": found.best_lambda, "split": str(Split.TEST),
@@ -308,7 +303,7 @@ def _datafree_inputs(cfg: Config, engine: Engine, names: list[str], receiver: st
     return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model, "receiver_task": receiver,
             "inputs": noise_images(cfg.datafree_images, pre.img_size, seed=stable_seed("noise-images", cfg.seed)),
             "train_split": train_split, "to_model": lambda x: pre.normalize(pre.resize_batch(x)).to(engine.device),
-            "n_proxy": int(cfg.raw.get("datafree", {}).get("proxy_images", 256)), "proxies": {}, "donor_tasks": []}
+            "n_proxy": cfg.datafree_proxy_images, "proxies": {}, "donor_tasks": []}
 
 
 def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, float]:

@@ -8,7 +8,7 @@ import polars as pl
 
 from .provenance import machine_line
 from .tables import headline, single_donors
-from .vectors import atomic_write
+from .fileio import atomic_write
 from .vocab import DATAFREE_RULE_PREFIX, MERGED_PREFIX, RULE_COLUMNS, Control, DonorKind, Rule, Split, VARIANT_LABELS, Variant
 
 CONTROL_COLUMNS = (Control.RANDOM, Control.SELF)

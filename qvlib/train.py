@@ -8,7 +8,6 @@ scheduler state, the RNG state and the loss curve.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,7 +24,8 @@ from .quant import QuantSpec, fake_quant_ste
 # TrainConfig is torch-free (the workflow's DAG checks every job's settings without torch): it lives in
 # qvlib.sections and is re-exported here.
 from .sections import LAST_BATCH, LR_SCHEDULES, TrainConfig, micro_batches_per_epoch  # noqa: F401
-from .vectors import WeightVector, atomic_write
+from .fileio import atomic_write, write_json
+from .vectors import WeightVector
 from .precision import autocast_for
 from .vocab import Mode
 
@@ -220,14 +220,6 @@ def train(
 def metrics_path(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(output.name.removesuffix(".safetensors") + ".metrics.json")
-
-
-def write_json(path: str | Path, data: object) -> Path:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-
-    return atomic_write(path, write)
 
 
 def _save_state(path: Path, step: int, model, opt, sched, trained, losses) -> None:

@@ -327,3 +327,22 @@ def test_update_readme_replaces_the_blocks_it_has_markers_for(tmp_path):
         update_readme(bare, summary=tmp_path / "summary.md")
     assert bare.read_text() == "no markers\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "README.md", "bare.md", "quantizers.md", "summary.md"]
+
+
+def test_choose_lambda_names_store_vectors_by_their_task(ckpts, tmp_path):
+    """Vectors of the workflow's store are all called vector.safetensors: the ranking names their tasks
+    (their paths where two share a task)."""
+    d, _, _ = ckpts
+    qv("extract", "--qat", d / "qat.safetensors", "--ft", d / "ft.safetensors", "-o", d / "rho.safetensors")
+    rho = WeightVector.load(d / "rho.safetensors")
+    paths = []
+    for folder, task in (("a", "shapes"), ("b", "dots"), ("c", "dots")):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "vector.safetensors")
+        rho.with_metadata({"task": task}).save(paths[-1])
+    text = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", *paths[:2], "--bits", 2, "--force",
+              "--lambdas", 0.0, 1.0).stdout
+    assert "shapes" in text and "dots" in text and "vector.safetensors" not in text
+    text = qv("choose-lambda", "--receiver", d / "ft.safetensors", "--vector", *paths[1:], "--bits", 2, "--force",
+              "--lambdas", 0.0, 1.0).stdout
+    assert str(paths[1]) in text and str(paths[2]) in text

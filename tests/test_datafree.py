@@ -229,7 +229,7 @@ def test_choose_lambda_on_proxy_images_ranks_donors_and_refuses_the_receivers_ta
     assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--images", str(tmp_path / "imgs")]) == 0
     text = capsys.readouterr().out
     assert text.startswith("criterion features on 6 images of") and "lower is better" in text
-    assert text.count("<- chosen") == 1 and "chosen: rho0.safetensors at " in text
+    assert text.count("<- chosen") == 1 and "chosen: d0 at " in text  # the vector's task, not its file name
     assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--task", "glyphs", "--tolerance", "1e9", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["lambda"] == 1.0  # every lambda within the tolerance: the one nearest 1
     assert cli.main([*base, "--vector", str(tmp_path / "rho0.safetensors"), "--tolerance", "-1"]) == 2

@@ -15,12 +15,6 @@ from ..vectors import WeightVector
 from .base import Preprocess, TaskData, materialize
 
 
-def cache_relpath(pixels: str, task: str, split: str) -> str:
-    """Where a run keeps a split's cache, under results/<name>/: one folder per pixels key
-    (:meth:`Preprocess.pixels`), shared by the archs and seeds that read it."""
-    return f"cache/{pixels}/{task}.{split}.safetensors"
-
-
 def write_split_cache(task: TaskData, split: str, preprocess: Preprocess, path: str | Path, num_workers: int = 0) -> Path:
     images, labels = materialize(task.split(split), num_workers=num_workers, progress=f"caching {task.name}/{split}")
     meta = {"task": task.name, "split": split, "n": len(labels), "num_classes": task.num_classes,
