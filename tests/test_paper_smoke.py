@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO, snakemake
+from helpers import REPO, snakemake, stored
 from paper_fixtures import BACKBONE_FILE, IN21K_CLASSES, TASKS, write_all
 from qvlib.vectors import WeightVector
 
@@ -24,7 +24,8 @@ TEXT_SMOKE = REPO / ".test" / "config" / "paper-text-smoke.yaml"
 PAPER_TEXT = REPO / "config" / "paper-text.yaml"
 QUANT = "w3-channel"
 ARCH = "vit_tiny"
-SEED = f"seed{yaml.safe_load(SMOKE.read_text())['seeds'][0]}"  # the authors' one seed
+SEED = yaml.safe_load(SMOKE.read_text())["seeds"][0]  # the authors' one seed
+NAME = yaml.safe_load(SMOKE.read_text())["name"]
 # Where the smoke config may differ from config/paper.yaml: sizes only (and where its files are).
 SIZE_KEYS = [
     r"name", r"data_root", r"seeds", r"resources(/.*)?",
@@ -84,17 +85,23 @@ def finished(tmp_path_factory):
 
 
 def _out(work: Path) -> Path:
-    return work / "results" / "paper-smoke" / ARCH
+    return work / "results" / NAME / ARCH
+
+
+def _stored(work: Path, kind: str, output: str, **labels) -> Path:
+    """A file of the smoke run's one job of ``kind`` with ``labels``, on its arch at its seed (and quantizer, but FT reads none)."""
+    if kind != "cache":  # a cache is keyed by its pixels and task alone
+        labels = {"arch": ARCH, "seed": SEED, **({} if kind == "ft" else {"quant": QUANT}), **labels}
+    return stored(work, NAME, kind, output, **labels)
 
 
 @pytest.mark.slow
 def test_checkpoints_are_the_full_size_arch_with_each_tasks_own_head(finished):
     work, _ = finished
-    run = _out(work) / SEED
     paper = yaml.safe_load(PAPER.read_text())["finetune"]
     smoke = yaml.safe_load(SMOKE.read_text())
     for task, spec in TASKS.items():
-        for path in (run / "checkpoints" / f"{task}.ft.safetensors", run / QUANT / "checkpoints" / f"{task}.qat.safetensors"):
+        for path in (_stored(work, "ft", "ckpt", task=task), _stored(work, "qat", "ckpt", task=task)):
             ckpt = WeightVector.load(path)
             assert ckpt["blocks.0.attn.qkv.weight"].shape == (576, 192) and ckpt["blocks.11.mlp.fc1.weight"].shape == (768, 192)
             assert not any(k.startswith("blocks.12.") for k in ckpt)
@@ -106,18 +113,17 @@ def test_checkpoints_are_the_full_size_arch_with_each_tasks_own_head(finished):
             # the settings the job trained with: paper.yaml's finetune section, sizes aside
             trained = json.loads(meta["train"])
             for key in set(paper) - {"epochs", "steps", "warmup_steps"}:
-                assert trained[key] == paper[key], (path.name, key, trained[key], paper[key])
-            assert trained["epochs"] == smoke["tasks"][task]["train"]["epochs"] and trained["seed"] == int(SEED[4:])
+                assert trained[key] == paper[key], (str(path), key, trained[key], paper[key])
+            assert trained["epochs"] == smoke["tasks"][task]["train"]["epochs"] and trained["seed"] == SEED
 
 
 @pytest.mark.slow
 def test_training_changed_every_tensor_and_vectors_hold_every_non_head_tensor(finished):
     work, _ = finished
-    run = _out(work) / SEED
     backbone = WeightVector.load(work / BACKBONE_FILE)
     for task in TASKS:
-        ft = WeightVector.load(run / "checkpoints" / f"{task}.ft.safetensors")
-        vector = WeightVector.load(run / QUANT / "vectors" / f"{task}.safetensors")
+        ft = WeightVector.load(_stored(work, "ft", "ckpt", task=task))
+        vector = WeightVector.load(_stored(work, "vector", "vector", task=task))
         body = sorted(k for k in ft if not k.startswith("head."))
         assert sorted(vector) == body and len(body) == 150  # 4 + 12 blocks x 12 + final norm, every one carried
         assert all(vector[k].shape == ft[k].shape for k in body)
@@ -137,7 +143,7 @@ def test_ft_learns_each_task_above_chance(finished):
         chance = 1 / len(spec.classes)
         margins[task] = ft[task]["accuracy"] / 100 - chance  # accuracy is in points
         assert ft[task]["n"] == 12
-        metrics = json.loads((_out(work) / SEED / "checkpoints" / f"{task}.ft.metrics.json").read_text())
+        metrics = json.loads(_stored(work, "ft", "metrics", task=task).read_text())
         assert metrics["loss"][-1] < metrics["loss"][0], (task, metrics["loss"])
     assert all(m > 0.1 for m in margins.values()), margins
     assert sum(margins.values()) / len(margins) > 0.3, margins
@@ -170,8 +176,9 @@ def test_every_cell_and_control_is_in_the_transfer_table_and_the_heatmap_written
         with Image.open(out / QUANT / name) as im:
             assert im.format == "PNG" and im.size[0] > 200
     assert (out / QUANT / "summary.md").read_text().startswith(f"# {ARCH} {QUANT}")
-    cache = next((work / "results" / "paper-smoke" / "cache").glob("224px-*"))
-    images = WeightVector.load(cache / "cifar10.test.safetensors")["images"]
+    cache = _stored(work, "cache", "test", task="cifar10")
+    assert cache.relative_to(work / "results" / "store" / "cache").parts[0].startswith("224px-")
+    images = WeightVector.load(cache)["images"]
     assert images.shape == (12, 3, 224, 224)
 
 
