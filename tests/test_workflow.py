@@ -135,12 +135,14 @@ def test_every_output_exists_with_the_right_shape(finished):
 
 def test_the_readme_commands_run_as_written_on_a_runs_outputs(finished, tmp_path):
     """The README's own-checkpoint commands and its polars example on a finished run's files (the
-    miniature stands in for the demo: same quantizer tag, tasks shapes and dots, blur for glyphs)."""
+    miniature stands in for the demo: same quantizer tag and seed, arch tiny for vit_demo, tasks shapes and
+    dots, blur for glyphs; its store's globs match one folder each, as after one `make run`)."""
     work, _ = finished
     readme = (REPO / "README.md").read_text()
     run = str(work / "results" / "mini" / "tiny")
     block = readme.split("## Use it on your own checkpoints")[1].split("```bash\n")[1].split("```")[0]
-    script = block.replace("results/default/vit_demo", run).replace("glyphs", "blur")
+    script = (block.replace("results/default/vit_demo", run).replace("results/store", str(work / "results" / "store"))
+              .replace("vit_demo", "tiny").replace("glyphs", "blur"))
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "lower is better" in proc.stdout
