@@ -541,6 +541,8 @@ def load_config(args: argparse.Namespace):
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or " ".join(str(err).split())
         raise ValueError(f"{args.config} is not valid YAML: {problem}{where}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{args.config} is not valid JSON: {err}") from None
     return cfg.with_seed(getattr(args, "seed", None)).with_quant(getattr(args, "quant", None))
 
 

@@ -68,7 +68,8 @@ class Config:
         if not path.exists():
             raise FileNotFoundError(f"no config file at {path}")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            # A store job's file is JSON (qvlib.store), read as such: YAML 1.1 takes JSON's 1e-05 for a string.
+            raw = (json.load(f) if path.suffix == ".json" else yaml.safe_load(f)) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping")
         if JOB in raw:  # a store job's file (qvlib.store): only the sections that job reads

@@ -239,3 +239,19 @@ def test_a_job_cannot_hold_or_read_a_section_its_kind_does_not_read(tmp_path):
 def test_image_sources_of_the_data_free_rules():
     assert image_sources(["weights", "outputs", "outputs@noise~0.1"]) == set()
     assert image_sources(["outputs@others~0.05", "features@donor"]) == {"others", "donor"}
+
+
+def test_a_job_file_keeps_small_floats_numbers(tmp_path):
+    """json.dumps writes 1e-05 without a dot, which YAML 1.1 reads as a string: job files are read as
+    JSON (config/paper.yaml fine-tunes at lr 1e-5)."""
+    raw = mini()
+    raw["finetune"]["lr"] = 1.0e-5
+    doc = plan_of(raw).finetune("tiny", "shapes", 0).document()
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(doc))
+    assert "1e-05" in path.read_text()
+    assert Config.load(path).finetune_train("shapes", "tiny").lr == 1.0e-5
+    path.write_text("{not json")
+    from qvlib import cli
+    assert cli.main(["finetune", "--config", str(path), "--arch", "tiny", "--task", "shapes", "--mode", "ft",
+                     "-o", str(tmp_path / "ft.safetensors")]) == 2
