@@ -21,6 +21,7 @@ import torch
 
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant, quantized_patch
 from .registry import Registry
+from .sections import split_rule
 
 LAMBDA_CRITERIA: Registry = Registry("data-free lambda criterion")
 
@@ -245,21 +246,8 @@ class Rule:
 
     @classmethod
     def parse(cls, text: str) -> "Rule":
-        rest, _, tol = str(text).partition("~")
-        criterion, at, source = rest.partition("@")
-        LAMBDA_CRITERIA.lookup(criterion)
-        if at and criterion not in INPUT_MEASURES:
-            raise ValueError(f"data-free rule {text!r}: criterion {criterion!r} reads no images, so it takes no @source")
-        source = source if at else "noise"
-        if source not in IMAGE_SOURCES:
-            raise ValueError(f"data-free rule {text!r}: unknown image source {source!r}; known: {', '.join(IMAGE_SOURCES)}")
-        try:
-            tolerance = float(tol) if tol else 0.0
-        except ValueError:
-            raise ValueError(f"data-free rule {text!r}: the tolerance after ~ must be a number, got {tol!r}") from None
-        if not (math.isfinite(tolerance) and tolerance >= 0):
-            raise ValueError(f"data-free rule {text!r}: the tolerance must be a finite number >= 0")
-        return cls(criterion, source, tolerance)
+        LAMBDA_CRITERIA.lookup(str(text).partition("~")[0].partition("@")[0])  # the registry's own message first
+        return cls(*split_rule(text))
 
     @property
     def needs_images(self) -> bool:

@@ -825,9 +825,9 @@ class LambdaSection(Section):
 
 
 # ------------------------------------------------------------------ datafree
-def check_rule(text: str) -> str:
-    """A data-free rule ``criterion[@source][~tolerance]`` as qvlib.datafree.Rule.parse reads it, checked
-    without torch; the text itself."""
+def split_rule(text: str) -> tuple[str, str, float]:
+    """A data-free rule ``criterion[@source][~tolerance]`` as (criterion, image source, tolerance), the
+    source ``noise`` where none is given; checked without torch (qvlib.datafree.Rule is built from it)."""
     rest, _, tol = str(text).partition("~")
     criterion, at, source = rest.partition("@")
     names = criterion_names()
@@ -843,6 +843,12 @@ def check_rule(text: str) -> str:
         raise ValueError(f"data-free rule {text!r}: the tolerance after ~ must be a number, got {tol!r}") from None
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"data-free rule {text!r}: the tolerance must be a finite number >= 0")
+    return criterion, source if at else "noise", tolerance
+
+
+def check_rule(text: str) -> str:
+    """A data-free rule checked without torch (:func:`split_rule`); the text itself."""
+    split_rule(text)
     return str(text)
 
 

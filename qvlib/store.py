@@ -170,13 +170,9 @@ def data_sections(raw: Mapping[str, Any], tasks: Sequence[str], keep_train: bool
 
 def image_sources(criteria: Sequence[str]) -> set[str]:
     """The image sources of the data-free rules (``criterion@source~tolerance``) other than noise."""
-    sources = set()
-    for text in criteria:
-        rest = str(text).partition("~")[0]
-        criterion, at, source = rest.partition("@")
-        if at and source != "noise":
-            sources.add(source)
-    return sources
+    from .sections import split_rule  # sections hashes with this module's digest_of
+
+    return {source for source in (split_rule(text)[1] for text in criteria) if source != "noise"}
 
 
 class Plan:
