@@ -1012,3 +1012,74 @@ class LoadOptions:
     max_test: int | None = None
     source: Mapping[str, Any] = field(default_factory=dict)
     calib_position: str = "head"  # where calib is cut from the seeded permutation of train (qvlib.data.base.calib_indices)
+
+
+# ------------------------------------------------------------------ store keys
+# How often a run saves a resumable checkpoint and logs: never its weights (a resumed run reaches the same
+# ones), so never a store key (qvlib.backbones' shipped-backbone digest leaves them out too).
+BOOKKEEPING: tuple[str, ...] = ("checkpoint_every", "log_every")
+# Tasks generated or shipped as arrays in a package: they read no file under data_root.
+EMBEDDED_TASK_NAMES: tuple[str, ...] = (*GENERATORS, "digits", "mnist5k")  # qvlib.data.registry.EMBEDDED_TASKS
+
+
+def _run_settings(canonical: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in canonical.items() if k not in BOOKKEEPING}
+
+
+def _reads_files(name: str, options: Mapping[str, Any] | None) -> bool:
+    return bool((options or {}).get("source")) or name not in EMBEDDED_TASK_NAMES
+
+
+def key_settings(sections: Mapping[str, Any], reads: Iterable[str]) -> dict[str, Any]:
+    """What a store job's key hashes of the config sections it reads (``reads``): each section's
+    canonical form, so a setting written out at its default, or spelled another way (1 for 1.0), keys
+    as the default does, and a default that lives in qvlib's code is in the key. Left out: how often a
+    run checkpoints and logs, ``download`` (it lets torchvision fetch files, never changes them), and
+    ``data_root`` where none of the job's tasks reads a file there."""
+    reads = set(reads)
+    out: dict[str, Any] = {}
+    if "archs" in reads and "archs" in sections:
+        out["archs"] = {}
+        for name, value in sections["archs"].items():
+            arch = ArchSection.from_config(name, value)
+            out["archs"][name] = {**arch.canonical(), "train": _run_settings(arch.train.canonical())}
+    if "tasks" in reads and "tasks" in sections:
+        out["tasks"] = {}
+        defaults = sections.get("task_defaults") if "task_defaults" in reads else None
+        for name, value in sections["tasks"].items():  # each task's options over task_defaults
+            task = TaskSection.from_config(name, value, defaults).canonical()
+            out["tasks"][name] = {**task, "train": _run_settings(task.get("train", {}))}
+    data_keys = [k for k in DataSection.KEYS if k in reads]
+    if data_keys:
+        data = DataSection.from_config(sections, data_keys).canonical()
+        data.pop("download", None)
+        data.pop("task_defaults", None)  # read only through each task's options, keyed above
+        tasks = sections.get("tasks") or {} if "tasks" in reads else {}
+        if not any(_reads_files(name, value) for name, value in tasks.items()):
+            data.pop("data_root", None)
+        out["data"] = {k: v for k, v in data.items() if k in data_keys}
+    if "pretrain" in reads and sections.get("pretrain") is not None:
+        pretrain = PretrainSection.from_config(sections["pretrain"]).canonical()
+        out["pretrain"] = {**pretrain, "train": _run_settings(pretrain["train"])}
+    if "finetune" in reads and "finetune" in sections:
+        out["finetune"] = _run_settings(TrainSettings.from_config(sections["finetune"], "finetune").canonical())
+    if "policy" in reads:
+        out["policy"] = QuantPolicy.from_config(sections.get("policy")).canonical()
+    if "quant" in reads and "quant" in sections:
+        out["quant"] = QuantSection.from_config(sections["quant"]).canonical()
+    if "evaluate" in reads:
+        out["evaluate"] = EvaluateSection.from_config(sections.get("evaluate")).canonical()
+    lambda_keys = [k for k in ("lambdas", "lambda_search", "oracle_search") if k in reads]
+    if lambda_keys:
+        lam = LambdaSection.from_config(sections, lambda_keys).canonical()
+        out["lambda"] = {k: v for k, v in lam.items() if k in lambda_keys}
+    if "random_controls" in reads:
+        out["controls"] = ControlsSection.from_config(sections, ["random_controls"]).canonical()["random_controls"]
+    if "datafree" in reads:
+        out["datafree"] = DatafreeSection.from_config(sections.get("datafree")).canonical()
+    for key in ("seeds", "preprocess"):
+        if key in reads and key in sections:
+            out[key] = _plain(sections[key])
+    if "reuse_backbones" in reads:
+        out["reuse_backbones"] = sections.get("reuse_backbones")
+    return out

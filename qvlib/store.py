@@ -3,7 +3,8 @@
 A job (pretraining a backbone, FT, QAT, extracting a vector, a leave-one-out merge, caching a task's
 splits, a task's baselines, one transfer cell, a seed's diagnostics) reads a few top-level sections
 of the run config, narrowed to its own arch, task, seed and quantizer, and the files of earlier
-jobs. Its key hashes those sections, its labels and its inputs' keys; its folder is
+jobs. Its key hashes those sections in their canonical form (qvlib.sections.key_settings: defaults
+filled in, checkpoint and log intervals left out), its labels and its inputs' keys; its folder is
 ``<store>/<kind>/<labels...>/<key>/`` and holds its outputs, ``job.json`` (what it read) and
 ``job.log``. Two configs that agree on what a job reads share the folder, whatever their names;
 a setting the job does not read cannot change its key, and the job cannot read a setting its key
@@ -99,7 +100,10 @@ class Job:
         unread = set(self.sections) - set(READS[self.kind])
         if unread:
             raise ValueError(f"a {self.kind} job does not read {sorted(unread)}: add them to qvlib.store.READS")
-        self.key = digest_of(STORE_VERSION, self.kind, self.labels, self.sections,
+        from .sections import key_settings  # sections hashes with this module's digest_of
+
+        self.settings = key_settings(self.sections, READS[self.kind])
+        self.key = digest_of(STORE_VERSION, self.kind, self.labels, self.settings,
                              {name: job.key for name, (job, _) in sorted(self.inputs.items())})
         self.folder = f"{self.root}/{LAYOUT[self.kind].format(**self.labels)}/{self.key}"
 
@@ -116,7 +120,7 @@ class Job:
     def document(self) -> dict[str, Any]:
         """The job file (``job.json``): what the job reads and is, a valid config for ``qv --config``."""
         head = {"kind": self.kind, "key": self.key, "version": STORE_VERSION, "labels": self.labels,
-                "reads": list(READS[self.kind]), "inputs": self.input_files()}
+                "reads": list(READS[self.kind]), "inputs": self.input_files(), "settings": self.settings}
         return {JOB: head, **self.sections}
 
 
@@ -244,7 +248,8 @@ class Plan:
         """The receiver's leave-one-out merge: every other task's vector (never its own)."""
         return self._add(("merged", arch, receiver, method, seed, quant), lambda: self._job(
             "merged", {"arch": arch, "receiver": receiver, "method": method, "quant": quant, "seed": seed}, {},
-            {f"vector:{t}": (self.vector(arch, t, seed, quant), "vector") for t in self.tasks if t != receiver}))
+            # in task-name order: the merge's bytes (a float sum) must not depend on the config's task order
+            {f"vector:{t}": (self.vector(arch, t, seed, quant), "vector") for t in sorted(self.tasks) if t != receiver}))
 
     def cache(self, arch: str, task: str) -> Job:
         """A task's test and calib splits at the arch's pixels: shared by every arch with the same pixels."""

@@ -100,7 +100,13 @@ ROW_AND_COLUMN = (T + 1) + 2 * (T - 1)
     ("random_controls", 1, {"cell": ALL_CELLS}),
     ("lambda_search", {"method": "racing"}, {"cell": ALL_CELLS}),
     ("datafree.noise_images", 4, {"cell": ALL_CELLS}),
-    # what only the reports read, or nothing reads
+    # what only the reports read, or nothing reads: how often runs checkpoint and log, whether torchvision
+    # may download, and where real datasets live when every task is generated
+    ("finetune.log_every", 1, {}),
+    ("finetune.checkpoint_every", 1, {}),
+    ("pretrain.train.log_every", 1, {}),
+    ("download", True, {}),
+    ("data_root", "/elsewhere", {}),
     ("lambda_ties", "smallest", {}),
     ("name", "other", {}),
     ("resources.evaluate.threads", 2, {}),
@@ -193,9 +199,11 @@ def test_job_keys_and_folders():
     assert sorted(merged.inputs) == ["vector:blur", "vector:dots"]  # never the receiver's own vector
     cell = plan.cell("tiny", "shapes", "merged-mean", 0, "w2-channel")
     assert cell.inputs["vector"][0] is merged and cell.folder.startswith("results/store/cell/tiny/shapes/merged-mean/")
-    # a job's key is the hash of its version, kind, labels, sections and inputs' keys
+    # a job's key is the hash of its version, kind, labels, its sections' canonical settings and inputs' keys
+    from qvlib.sections import key_settings
     from qvlib.store import STORE_VERSION
-    assert ft.key == digest_of(STORE_VERSION, "ft", ft.labels, ft.sections, {"backbone": plan.backbone("tiny", 0).key})
+    assert ft.settings == key_settings(ft.sections, READS["ft"]) and ft.document()["job"]["settings"] == ft.settings
+    assert ft.key == digest_of(STORE_VERSION, "ft", ft.labels, ft.settings, {"backbone": plan.backbone("tiny", 0).key})
     # caches are shared by archs with the same pixels: one job, whichever arch asks
     twin = copy.deepcopy(raw)
     twin["archs"]["wide"] = {**raw["archs"]["tiny"], "overrides": {**raw["archs"]["tiny"]["overrides"], "embed_dim": 48}}
@@ -255,3 +263,35 @@ def test_a_job_file_keeps_small_floats_numbers(tmp_path):
     from qvlib import cli
     assert cli.main(["finetune", "--config", str(path), "--arch", "tiny", "--task", "shapes", "--mode", "ft",
                      "-o", str(tmp_path / "ft.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("path,value", [
+    ("policy", {"scope": "linear"}),  # the defaults written out
+    ("calib_position", "head"),
+    ("reuse_backbones", None),
+    ("evaluate.precision", "bf16"),
+    ("lambda_search", {"method": "dense"}),
+    ("lambdas", [0, 1, 2]),  # integers for the floats
+    ("tasks.shapes", {"n_train": 200}),  # the task_defaults' value, written on the task
+])
+def test_a_setting_written_another_way_keeps_every_key(path, value):
+    assert changed(path, value) == {}
+
+
+def test_data_root_keys_the_jobs_of_tasks_read_from_files():
+    raw = mini()
+    raw["tasks"]["mnist"] = {}  # torchvision's MNIST: files under data_root
+    moved = copy.deepcopy(raw)
+    moved["data_root"] = "/elsewhere"
+    got = replanned(raw, moved)
+    assert got["cache"] == 1 and got["ft"] == 1 and got["qat"] == 1  # MNIST's own jobs; the generated tasks' keep their keys
+    assert "backbone" not in got and got["baselines"] == 1
+
+
+def test_the_merge_reads_its_vectors_in_task_name_order():
+    raw = mini()
+    flipped = copy.deepcopy(raw)
+    flipped["tasks"] = dict(reversed(list(raw["tasks"].items())))
+    a, b = plan_of(raw), plan_of(flipped)
+    ma, mb = a.merged("tiny", "shapes", "mean", 0, "w2-channel"), b.merged("tiny", "shapes", "mean", 0, "w2-channel")
+    assert ma.key == mb.key and list(ma.inputs) == list(mb.inputs) == ["vector:blur", "vector:dots"]

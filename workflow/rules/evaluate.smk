@@ -7,7 +7,7 @@ rule cache_splits:
     log:
         store_log("cache"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
     threads: threads_of("cache")
     resources:
         **resources_of("cache"),
@@ -29,7 +29,7 @@ rule baselines:
     log:
         store_log("baselines"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
     threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
@@ -55,7 +55,7 @@ rule transfer_cell:
     log:
         store_log("cell"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
         label=lambda wc: merged_donor(wc.donor.removeprefix(MERGED_PREFIX)) if wc.donor.startswith(MERGED_PREFIX) else wc.donor,
     threads: threads_of("evaluate")
     resources:

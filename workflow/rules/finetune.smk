@@ -9,7 +9,7 @@ rule finetune:
     log:
         store_log("ft"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
         backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
     threads: threads_of("finetune")
     resources:
@@ -33,7 +33,7 @@ rule qat:
     log:
         store_log("qat"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
         backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
     threads: threads_of("finetune")
     resources:

@@ -7,7 +7,7 @@ rule pretrain:
     log:
         store_log("backbone"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
     threads: threads_of("pretrain")
     resources:
         **resources_of("pretrain"),

@@ -27,7 +27,7 @@ rule diagnostics:
     log:
         store_log("diagnostics"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
         backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
         ft=lambda wc, input: " ".join(inputs_named(wc, "ft:")),
         vectors=lambda wc, input: " ".join(inputs_named(wc, "vector:")),
@@ -61,6 +61,8 @@ rule tables:
         quantizers=f"{OUT}/{{arch}}/quantizers.parquet",
         quantizers_md=report(f"{OUT}/{{arch}}/quantizers.md", caption="../report/quantizers.rst", category="Tables",
                              subcategory="{arch} all quantizers", labels={"arch": "{arch}", "quantizer": "all", "item": "quantizers.md"}),
+    params:
+        ties=LAMBDA_TIES,  # a param, so that changing lambda_ties reruns the reports
     log:
         f"{LOGS}/{{arch}}/tables.log",
     conda:
@@ -70,7 +72,7 @@ rule tables:
         "--out-baselines {output.baselines} --out-transfer {output.transfer} --out-donor {output.donor} "
         "--out-receiver {output.receiver} --out-specific {output.specific} "
         "--out-summary-specific {output.summary_specific} --out-norms {output.norms} --out-cosine {output.cosine} "
-        "--out-quantizers {output.quantizers} --out-quantizers-md {output.quantizers_md} --lambda-ties {LAMBDA_TIES} 2> {log}"
+        "--out-quantizers {output.quantizers} --out-quantizers-md {output.quantizers_md} --lambda-ties {params.ties} 2> {log}"
 
 
 rule figures:
@@ -89,6 +91,8 @@ rule figures:
                       category="Figures", subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "cosine heatmap"}),
         summary=report(f"{OUT}/{{arch}}/{{quant}}/summary.md", caption="../report/summary.rst",
                        category="Tables", subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "summary.md"}),
+    params:
+        ties=LAMBDA_TIES,  # a param, so that changing lambda_ties reruns the reports
     log:
         f"{LOGS}/{{arch}}/{{quant}}/figures.log",
     conda:
@@ -96,7 +100,7 @@ rule figures:
     shell:
         "{QV} figures --arch {wildcards.arch} --quant {wildcards.quant} --baselines {input.baselines} --transfer {input.transfer} "
         "--summary-specific {input.summary_specific} --norms {input.norms} --cosine {input.cosine} "
-        "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} --lambda-ties {LAMBDA_TIES} 2> {log}"
+        "--out-gain {output.gain} --out-cosine {output.cosine} --out-summary {output.summary} --lambda-ties {params.ties} 2> {log}"
 
 
 rule paper_tables:
@@ -110,6 +114,8 @@ rule paper_tables:
                   subcategory="{arch} {quant}", labels={"arch": "{arch}", "quantizer": "{quant}", "item": "paper_tables.md"}),
         table1=f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['table1']}",
         transfer=f"{OUT}/{{arch}}/{{quant}}/{PAPER_FILES['transfer']}",
+    params:
+        ties=LAMBDA_TIES,  # a param, so that changing lambda_ties reruns the reports
     log:
         f"{LOGS}/{{arch}}/{{quant}}/paper_tables.log",
     conda:
@@ -117,4 +123,4 @@ rule paper_tables:
     shell:
         "{QV} paper-tables --name '{wildcards.arch} {wildcards.quant}' --quant {wildcards.quant} "
         "--baselines {input.baselines} --transfer {input.transfer} --out-md {output.md} --out-table1 {output.table1} "
-        "--out-transfer {output.transfer} --lambda-ties {LAMBDA_TIES} > /dev/null 2> {log}"
+        "--out-transfer {output.transfer} --lambda-ties {params.ties} > /dev/null 2> {log}"

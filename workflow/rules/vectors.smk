@@ -8,7 +8,7 @@ rule extract_vector:
     log:
         store_log("vector"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
         policy=POLICY_ARGS,
     resources:
         mem_mb=2000,
@@ -32,7 +32,7 @@ rule merge_leave_one_out:
     log:
         store_log("merged"),
     params:
-        job=job_file,
+        job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
         vectors=lambda wc, input: " ".join(inputs_named(wc, "vector:")),
     resources:
         mem_mb=2000,
