@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qvlib.config import Config  # noqa: E402
-from qvlib.store import DEFAULT_STORE, MERGED_PREFIX, OUTPUTS, Plan  # noqa: E402
+from qvlib.store import MERGED_PREFIX, OUTPUTS, Plan  # noqa: E402
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -37,15 +37,7 @@ def effective(raw: dict) -> dict:
 
 def plan_of(raw: dict) -> Plan:
     """The store plan of an effective config, as workflow/rules/common.smk builds it."""
-    from qvlib.pipeline import arch_preprocess
-
-    cfg = Config(raw, Path("config.yaml"))
-    quants = {spec.tag: json.loads(spec.to_json()) for spec in cfg.quants}
-    pixels = {}
-    for arch in raw["archs"]:
-        pre = arch_preprocess(cfg.arch(arch))
-        pixels[arch] = (pre.pixels(), pre.pixel_settings())
-    return Plan(raw, quants, pixels, root=str(raw.get("store", DEFAULT_STORE)).rstrip("/"))
+    return Config(raw, Path("config.yaml")).store_plan()
 
 
 class RunStore:

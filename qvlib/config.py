@@ -43,7 +43,7 @@ from .sections import (
     TrainSettings,
     merge_train,  # noqa: F401  (re-exported: it has always been qvlib.config.merge_train)
 )
-from .store import JOB, ReadGuard, digest_of, guarded
+from .store import DEFAULT_STORE, JOB, Plan, ReadGuard, digest_of, guarded
 from .vocab import LambdaTies
 
 # Where the workflow keeps what it learnt from timm about each arch (arch_facts), relative to the folder
@@ -103,6 +103,11 @@ class Config:
     def job_kind(self) -> str | None:
         """The kind of store job whose file this is (qvlib.store), or None for a whole config."""
         return self.raw.kind if isinstance(self.raw, ReadGuard) else None
+
+    @property
+    def job_key(self) -> str | None:
+        """The store key of the job whose file this is (qvlib.store), or None."""
+        return self.raw.head.get("key") if isinstance(self.raw, ReadGuard) else None
 
     def fingerprint(self) -> str:
         """Hash of every setting this config holds: for a store job's file, exactly what the job reads."""
@@ -316,9 +321,15 @@ class Config:
         """bf16 (autocast on a GPU) or fp32 for every evaluation forward."""
         return str(self.evaluate_section().precision)
 
-    def digest(self, *sections: str) -> str:
-        """Short hash of the named sections, for checkpoint metadata."""
-        return digest_of({k: self.raw.get(k) for k in sections})
+    def store_plan(self, cache: str | Path | None = None) -> Plan:
+        """Every store job of this (whole, validated) config (qvlib.store.Plan), as the workflow plans it:
+        quantizers by tag in their canonical form, each arch's pixels from timm (cached under ``cache``)."""
+        quants = {spec.tag: json.loads(spec.to_json()) for spec in self.quants}
+        pixels = {}
+        for arch in self.arch_names:
+            pre = self.arch_facts(arch, cache=cache).preprocess
+            pixels[arch] = (pre.pixels(), pre.pixel_settings())
+        return Plan(self.raw, quants, pixels, root=str(self.raw.get("store") or DEFAULT_STORE).rstrip("/"))
 
     def check(self, cache: str | Path | None = None) -> None:
         """What a job would find wrong with this config, found before any job runs (the workflow calls

@@ -77,6 +77,8 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
         meta["quant"] = cfg.quant.to_json()
     if cfg.job_kind is None:
         meta["config"] = cfg.name
+    else:  # the store folder's key: the file names the job that made it
+        meta["store_key"] = cfg.job_key
     return meta
 
 

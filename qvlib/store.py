@@ -128,9 +128,10 @@ class ReadGuard(dict):
     """A job file's sections as a mapping that refuses the keys its kind does not read (a KeyError naming
     the key), so a job cannot depend on a setting its store key leaves out."""
 
-    def __init__(self, sections: Mapping[str, Any], kind: str):
+    def __init__(self, sections: Mapping[str, Any], kind: str, head: Mapping[str, Any] | None = None):
         super().__init__(sections)
         self.kind = kind
+        self.head = dict(head or {})  # the job file's own description: key, labels, inputs
         self.readable = set(READS[kind])
 
     def _check(self, key: Any) -> None:
@@ -158,7 +159,7 @@ def guarded(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     head = raw[JOB]
     if not isinstance(head, Mapping) or head.get("kind") not in READS:
         raise ValueError(f"not a job file: its {JOB!r} entry names no kind of job ({', '.join(READS)})")
-    return ReadGuard({k: v for k, v in raw.items() if k != JOB}, head["kind"])
+    return ReadGuard({k: v for k, v in raw.items() if k != JOB}, head["kind"], head)
 
 
 def _pick(raw: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:

@@ -101,16 +101,10 @@ def plan_of(configfile: Path):
     from snakemake.utils import validate
 
     from qvlib.config import Config
-    from qvlib.pipeline import arch_preprocess
-    from qvlib.store import DEFAULT_STORE, Plan
 
     config = yaml.safe_load(Path(configfile).read_text())
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
-    run = Config(config, Path(configfile))
-    quants = {spec.tag: json.loads(spec.to_json()) for spec in run.quants}
-    pixels = {arch: (pre.pixels(), pre.pixel_settings()) for arch, pre in
-              ((arch, arch_preprocess(run.arch(arch))) for arch in config["archs"])}
-    return Plan(config, quants, pixels, root=str(config.get("store", DEFAULT_STORE)).rstrip("/"))
+    return Config(config, Path(configfile)).store_plan()
 
 
 def planned(workdir: Path, configfile: Path, kind: str, output: str | None = None, **labels) -> Path:

@@ -295,3 +295,21 @@ def test_the_merge_reads_its_vectors_in_task_name_order():
     a, b = plan_of(raw), plan_of(flipped)
     ma, mb = a.merged("tiny", "shapes", "mean", 0, "w2-channel"), b.merged("tiny", "shapes", "mean", 0, "w2-channel")
     assert ma.key == mb.key and list(ma.inputs) == list(mb.inputs) == ["vector:blur", "vector:dots"]
+
+
+def test_a_job_file_names_its_key_and_the_reports_stay_out_of_the_store(tmp_path):
+    plan = plan_of(mini())
+    job = plan.cell("tiny", "shapes", "dots", 0, "w2-channel")
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job.document()))
+    cfg = Config.load(path)
+    assert cfg.job_kind == "cell" and cfg.job_key == job.key  # recorded as store_key in what the job writes
+    assert Config(mini(), TEST_CONFIG).job_key is None
+
+
+def test_a_config_named_like_the_store_is_refused(tmp_path):
+    from helpers import mini_config, snakemake
+
+    cfg = mini_config(tmp_path / "store.yaml", name="store")
+    proc = snakemake(tmp_path, cfg, "--dry-run", check=False)
+    assert proc.returncode != 0 and "inside the store" in proc.stdout + proc.stderr

@@ -1,6 +1,7 @@
 # Shared helpers: config validation, the effective config file every `qv` call reads, paths,
 # resources. Nothing here knows the method.
 import json
+import os
 import re
 import shlex
 import sys
@@ -10,7 +11,7 @@ import yaml
 from snakemake.utils import validate
 
 from qvlib.config import DAG_CACHE, Config, check_finite
-from qvlib.store import DEFAULT_STORE, JOB_FILE, KEY_PATTERN, LAYOUT, LOG_FILE, MERGED_PREFIX, OUTPUTS, Plan
+from qvlib.store import DEFAULT_STORE, JOB_FILE, KEY_PATTERN, LAYOUT, LOG_FILE, MERGED_PREFIX, OUTPUTS
 from qvlib.vocab import merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
@@ -38,6 +39,8 @@ SEEDS = list(config["seeds"])
 # lives in the shared store, at a folder keyed by what its job reads (qvlib.store): configs that agree
 # on a job share it, whatever their names.
 STORE = str(config.get("store", DEFAULT_STORE)).rstrip("/")
+if os.path.abspath(OUT) == os.path.abspath(STORE) or os.path.abspath(OUT).startswith(os.path.abspath(STORE) + os.sep):
+    sys.exit(f"invalid config: name {NAME!r} puts its reports ({OUT}) inside the store ({STORE}): choose another name")
 # The cluster job group of a receiver's row of transfer cells (ignored when running locally); the Slurm
 # profile's group-components names this same template.
 ROW_GROUP = "row-{arch}-seed{seed}-{quant}-{receiver}"
@@ -81,9 +84,7 @@ QV = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir).resolve()))}${{PYTHONP
 
 # Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
 # interpolation and crop agree share one cache per task.
-PIXELS = {arch: RUN_CONFIG.arch_facts(arch, cache=DAG_CACHE).preprocess for arch in ARCHS}
-PLAN = Plan(config, {tag: json.loads(spec.to_json()) for tag, spec in QUANTS.items()},
-            {arch: (pre.pixels(), pre.pixel_settings()) for arch, pre in PIXELS.items()}, root=STORE)
+PLAN = RUN_CONFIG.store_plan(cache=DAG_CACHE)  # timm's answers (each arch's pixels) kept under .snakemake/qvlib
 JOBS = list(PLAN.jobs())
 MERGED = PLAN.methods
 DONORS = PLAN.donors
