@@ -193,6 +193,7 @@ class Plan:
         self.seeds = [int(s) for s in raw.get("seeds", [0])]
         self.methods = [str(m) for m in raw.get("merged_donors", [])]
         self.donors = self.tasks + [f"{MERGED_PREFIX}{m}" for m in self.methods]
+        self.image_sources = image_sources((raw.get("datafree") or {}).get("criteria", []))
         self.by_key: dict[str, Job] = {}
         self._jobs: dict[tuple, Job] = {}
 
@@ -270,7 +271,7 @@ class Plan:
         """The tasks a cell reads: the receiver, a single donor, and the tasks whose training images its
         data-free rules score lambdas on (every other task for ``@others``; the merged donor's tasks for
         ``@donor``)."""
-        sources = image_sources((self.raw.get("datafree") or {}).get("criteria", []))
+        sources = self.image_sources
         merged = donor.startswith(MERGED_PREFIX)
         if "others" in sources or (merged and "donor" in sources):
             return list(self.tasks)

@@ -11,7 +11,8 @@ import yaml
 from snakemake.utils import validate
 
 from qvlib.config import DAG_CACHE, Config, check_finite
-from qvlib.store import DEFAULT_STORE, JOB_FILE, KEY_PATTERN, LAYOUT, LOG_FILE, MERGED_PREFIX, OUTPUTS
+from qvlib.fileio import write_text
+from qvlib.store import JOB_FILE, KEY_PATTERN, LAYOUT, LOG_FILE, MERGED_PREFIX, OUTPUTS
 from qvlib.vocab import merged_donor
 
 if "seeds" in config:  # `--config seeds=[0,1,2]` arrives as strings
@@ -34,13 +35,6 @@ OUT = f"results/{NAME}"  # this config's own tables, figures and summary
 LOGS = f"logs/{NAME}"
 ARCHS = list(config["archs"])
 TASKS = list(config["tasks"])
-SEEDS = list(config["seeds"])
-# Every expensive output (backbones, FT, QAT, vectors, merges, caches, baselines, cells, diagnostics)
-# lives in the shared store, at a folder keyed by what its job reads (qvlib.store): configs that agree
-# on a job share it, whatever their names.
-STORE = str(config.get("store", DEFAULT_STORE)).rstrip("/")
-if os.path.abspath(OUT) == os.path.abspath(STORE) or os.path.abspath(OUT).startswith(os.path.abspath(STORE) + os.sep):
-    sys.exit(f"invalid config: name {NAME!r} puts its reports ({OUT}) inside the store ({STORE}): choose another name")
 # The cluster job group of a receiver's row of transfer cells (ignored when running locally); the Slurm
 # profile's group-components names this same template.
 ROW_GROUP = "row-{arch}-seed{seed}-{quant}-{receiver}"
@@ -51,12 +45,8 @@ CONFIG = f"{OUT}/config.yaml"
 
 
 def write_if_changed(path, text):
-    path = Path(path)
-    if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    if not Path(path).exists() or Path(path).read_text() != text:
+        write_text(path, text)
 
 
 def write_run_record():
@@ -85,6 +75,12 @@ QV = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir).resolve()))}${{PYTHONP
 # Caches hold preprocessed pixels only (normalisation happens on the device), so archs whose input size,
 # interpolation and crop agree share one cache per task.
 PLAN = RUN_CONFIG.store_plan(cache=DAG_CACHE)  # timm's answers (each arch's pixels) kept under .snakemake/qvlib
+# Every expensive output (backbones, FT, QAT, vectors, merges, caches, baselines, cells, diagnostics)
+# lives in the shared store, at a folder keyed by what its job reads (qvlib.store): configs that agree
+# on a job share it, whatever their names.
+STORE = PLAN.root
+if os.path.abspath(OUT) == os.path.abspath(STORE) or os.path.abspath(OUT).startswith(os.path.abspath(STORE) + os.sep):
+    sys.exit(f"invalid config: name {NAME!r} puts its reports ({OUT}) inside the store ({STORE}): choose another name")
 JOBS = list(PLAN.jobs())
 MERGED = PLAN.methods
 DONORS = PLAN.donors
@@ -96,13 +92,13 @@ def job_of(wildcards):
 
 def store_output(kind, output):
     """A rule's output pattern: the kind's folder (qvlib.store.LAYOUT) with the job's key, and the file
-    (``job``: the job file it runs from)."""
-    name = JOB_FILE if output == "job" else OUTPUTS[kind][output]
+    (``job``: the job file it runs from; ``log``: its log)."""
+    name = {"job": JOB_FILE, "log": LOG_FILE}.get(output) or OUTPUTS[kind][output]
     return f"{STORE}/{LAYOUT[kind]}/{{key}}/{name}"
 
 
 def store_log(kind):
-    return f"{STORE}/{LAYOUT[kind]}/{{key}}/{LOG_FILE}"
+    return store_output(kind, "log")
 
 
 def store_outputs(kind):
