@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -120,9 +119,7 @@ class Config:
             return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.raw["preprocess"].items()})
         if arch is None:
             raise ValueError("name the arch whose preprocessing to use (--arch)")
-        from .pipeline import arch_preprocess
-
-        return arch_preprocess(self.arch(arch))
+        return self.arch_facts(arch).preprocess
 
     # -- the sections, each parsed (and checked) by its dataclass when asked for, from only its own keys
     def quant_section(self) -> QuantSection:
@@ -470,11 +467,10 @@ def _build_facts(section: ArchSection) -> ArchFacts:
 def _write_json(path: Path, data: Any) -> None:
     """Write ``data`` atomically (a reader never sees half a file; parallel writers each write whole
     files); a folder that cannot be written is no error, the answer is only not kept."""
+    from .fileio import write_json
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_json(path, data)
     except OSError:
         pass
 

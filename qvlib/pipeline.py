@@ -85,7 +85,7 @@ def _metadata(cfg: Config, arch: str, task: str, mode: str) -> dict:
 # ---------------------------------------------------------------- evaluation
 def arch_pixels(cfg: Config, arch_name: str) -> str:
     """The pixels key (:meth:`Preprocess.pixels`) of an arch's cached splits."""
-    return arch_preprocess(cfg.arch(arch_name)).pixels()
+    return cfg.arch_facts(arch_name).preprocess.pixels()
 
 
 def cache_splits(cfg: Config, arch_name: str, task_name: str, outputs: dict[str, Path]) -> None:
