@@ -115,6 +115,11 @@ def job_file(wildcards):
     return shlex.quote(json.dumps(job_of(wildcards).document(), sort_keys=True))
 
 
+def backbone_flag(wildcards, input):
+    """``--backbone FILE`` for a job whose arch starts from a pretrained demo backbone, else nothing."""
+    return f"--backbone {input.backbone}" if "backbone" in input.keys() else ""
+
+
 def inputs_named(wildcards, prefix):
     return [path for name, path in job_inputs(wildcards).items() if name.startswith(prefix)]
 

@@ -10,7 +10,7 @@ rule finetune:
         store_log("ft"),
     params:
         job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
-        backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
+        backbone=backbone_flag,
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),
@@ -34,7 +34,7 @@ rule qat:
         store_log("qat"),
     params:
         job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
-        backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
+        backbone=backbone_flag,
     threads: threads_of("finetune")
     resources:
         **resources_of("finetune"),

@@ -28,7 +28,7 @@ rule diagnostics:
         store_log("diagnostics"),
     params:
         job=lambda wc, output: job_file(wc),  # derived: the key, not the spelling, decides a rerun
-        backbone=lambda wc, input: f"--backbone {input.backbone}" if "backbone" in input.keys() else "",
+        backbone=backbone_flag,
         ft=lambda wc, input: " ".join(inputs_named(wc, "ft:")),
         vectors=lambda wc, input: " ".join(inputs_named(wc, "vector:")),
         merged=lambda wc, input: " ".join(inputs_named(wc, "merged:")),
