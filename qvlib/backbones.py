@@ -20,12 +20,14 @@ from pathlib import Path
 
 from .config import Config, digest_of
 from .fileio import atomic_write, write_json
+from .sections import BOOKKEEPING
 from .train import metrics_path
 from .vectors import WeightVector
 
 
-# Training settings that only decide when a run logs or saves its resumable state, not its weights.
-BOOKKEEPING = ("seed", "checkpoint_every", "log_every")
+# Not in the digest: the seed (named apart) and when a run logs or saves its resumable state (the store
+# keys leave the same out: qvlib.sections.BOOKKEEPING).
+LEFT_OUT = ("seed", *BOOKKEEPING)
 # Training settings added after the shipped backbones were written: left out of the key while at their
 # default (which is what those backbones were trained with), so the shipped files keep their names.
 ADDED_LATER = {"last_batch": "drop", "lr_schedule": "aligned"}
@@ -36,7 +38,7 @@ def pretrain_key(cfg: Config, arch_name: str) -> str:
     the parsed settings so that a config with its defaults filled in gives the same digest."""
     arch = {k: v for k, v in asdict(cfg.arch(arch_name)).items() if k != "name"}
     train = {k: v for k, v in asdict(cfg.pretrain_train()).items()
-             if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+             if k not in LEFT_OUT and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return digest_of(arch, cfg.pretrain_mixture(), train, cfg.data_seed)
 
 
