@@ -78,16 +78,18 @@ def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets:
 
         def images(source: str, donor_tasks: list[str]) -> torch.Tensor:
             return proxy_inputs(source, n_images, pre.img_size, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
-                                train_split=train_sets.__getitem__, to_model=lambda x: pre.normalize(pre.resize_batch(x)),
+                                train_split=train_sets.__getitem__, model=engine.model,
+                                to_model=pre.normalize if source == "synth" else lambda x: pre.normalize(pre.resize_batch(x)),
                                 seed=stable_seed("noise-images", seed) if source == "noise" else seed)
 
         others = images("others", [])
         noise = images("noise", [])
+        synth = images("synth", [])
         donors = [(d, run.vector(d, seed, quant), [d]) for d in tasks if d != receiver]
         donors.append((MERGED, run.merged(receiver, "mean", seed, quant), [t for t in tasks if t != receiver]))
         for donor, path, donor_tasks in donors:
             rho = WeightVector.load(path)
-            inputs = {"noise": noise, "others": others, "donor": images("donor", donor_tasks)}
+            inputs = {"noise": noise, "others": others, "synth": synth, "donor": images("donor", donor_tasks)}
             variants = [(str(Control.DONOR), -1, rho)] + [(str(Control.RANDOM), s, random_direction(rho, s))
                                                           for s in random_control_seeds(cfg, donor)]
             for control, cseed, vec in variants:

@@ -411,7 +411,10 @@ def _choose_args(p):
     p.add_argument("--task", nargs="+", default=None,
                    help="input criteria: registered tasks whose training images are the proxies (e.g. the donor's "
                         "task); the receiver's own task (its checkpoint's metadata) is refused")
-    p.add_argument("--n-images", type=int_in(1), default=256, help="proxy images drawn from --images DIR or --task")
+    p.add_argument("--synth", action="store_true",
+                   help="input criteria: images synthesized from the receiver alone (class-conditional inversion of "
+                        "its model): no image of any task is read")
+    p.add_argument("--n-images", type=int_in(1), default=256, help="proxy images drawn from --images DIR or --task, or synthesized")
     p.add_argument("--tolerance", type=_tolerance_arg, default=0.0,
                    help="the lambda nearest 1 among those scoring within (1 + tolerance) x the lowest (the study's "
                         "best rule, KL on other tasks' images, uses 0.05)")
@@ -434,10 +437,10 @@ def _choose(args) -> int:
         from .pipeline import criterion_inputs
 
         receiver, extra, images = criterion_inputs(load_config(args), args.arch, args.receiver, images=args.images,
-                                                   tasks=args.task, n_images=args.n_images)
+                                                   tasks=args.task, n_images=args.n_images, synth=args.synth)
     else:
-        if args.images is not None or args.task:
-            raise ValueError(f"--criterion {args.criterion} reads no images: --images and --task need an input criterion")
+        if args.images is not None or args.task or args.synth:
+            raise ValueError(f"--criterion {args.criterion} reads no images: --images, --task and --synth need an input criterion")
         receiver = load_as(args.receiver, "checkpoint", sorted({n for v in vectors for n in v}))
     donors, chosen = choose_donor(args.criterion, receiver, [(str(p), v) for p, v in zip(args.vector, vectors)], spec,
                                   args.lambdas, policy, args.tolerance, args.controls, **extra)

@@ -130,6 +130,7 @@ IMAGE_SOURCES = {
     "noise": "standard-normal images in the model's input space (no data at all)",
     "donor": "the donor's own training images (a merged donor: its tasks'), which whoever made the vector has",
     "others": "training images of every task except the receiver's",
+    "synth": "images synthesized from the receiver alone (class-conditional inversion of its model)",
 }
 
 
@@ -139,7 +140,7 @@ def proxy_tasks(source: str, receiver: str, donor_tasks: Sequence[str], all_task
     among them: a donor made from it (the self control) has no proxy images, a ValueError."""
     if source not in IMAGE_SOURCES:
         raise ValueError(f"unknown image source {source!r}; known: {', '.join(IMAGE_SOURCES)}")
-    if source == "noise":
+    if source in ("noise", "synth"):
         return []
     tasks = list(donor_tasks) if source == "donor" else [t for t in all_tasks if t != receiver]
     tasks = [t for t in dict.fromkeys(tasks) if t != receiver]
@@ -176,17 +177,56 @@ def task_images(tasks: Sequence[str], n: int, train_split: Callable[[str], torch
 
 def proxy_inputs(source: str, n: int, img_size: int, *, receiver: str, donor_tasks: Sequence[str] = (),
                  all_tasks: Sequence[str] = (), train_split: Callable[[str], torch.utils.data.Dataset] | None = None,
-                 to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> torch.Tensor:
+                 to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 model: torch.nn.Module | None = None) -> torch.Tensor:
     """The normalised images an input-based criterion sees for one (receiver, donor) under
-    ``source`` (:data:`IMAGE_SOURCES`): noise, or training images of :func:`proxy_tasks` read through
-    ``train_split`` and prepared by ``to_model`` (uint8 batch -> model input). The one door through
-    which the workflow and the bench hand images to a criterion: the receiver's task is never read."""
+    ``source`` (:data:`IMAGE_SOURCES`): noise, images synthesized from the receiver's ``model``
+    (:func:`synthesized_images`; ``to_model`` maps pixel values to its input), or training images of
+    :func:`proxy_tasks` read through ``train_split`` and prepared by ``to_model`` (uint8 batch ->
+    model input). The one door through which the workflow and the bench hand images to a criterion:
+    the receiver's task is never read."""
     if source == "noise":
         return noise_images(n, img_size, seed=seed)
+    if source == "synth":
+        if model is None or to_model is None:
+            raise ValueError("image source 'synth' needs the receiver's model and its preprocessing")
+        return synthesized_images(model, n, img_size, to_model=to_model, seed=seed)
     if train_split is None or to_model is None:
         raise ValueError(f"image source {source!r} needs the tasks' training images (train_split) and the model's preprocessing")
     tasks = proxy_tasks(source, receiver, donor_tasks, all_tasks)
     return to_model(task_images(tasks, n, train_split, receiver=receiver, seed=seed))
+
+
+def synthesized_images(model: torch.nn.Module, n: int, img_size: int, *, to_model: Callable[[torch.Tensor], torch.Tensor],
+                       steps: int = 100, lr: float = 0.1, smoothness: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """``n`` images made from the classifier alone, with no data (model inversion, class-conditional):
+    image ``i`` starts as seeded noise and is optimised for ``steps`` Adam steps towards class
+    ``i mod C`` (cross-entropy of ``model``), plus ``smoothness`` x its total variation so that it
+    stays image-like. Pixels are a sigmoid of free parameters (values in [0, 255], mapped to the
+    model's input by ``to_model``, e.g. ``Preprocess.normalize``), so they never leave the range a
+    real image has. The model's weights are not changed; returns the model inputs, detached."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of synthesized images must be a positive integer, got {n!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"the number of synthesis steps must be an integer >= 0, got {steps!r}")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 3, img_size, img_size, generator=gen).mul_(0.5).to(device).requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        frozen = {k: v.detach() for k, v in model.named_parameters()}
+        classes = torch.func.functional_call(model, frozen, (to_model(255 * torch.sigmoid(z.detach())),)).shape[1]
+        target = (torch.arange(n) % classes).to(device)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(steps):
+            pixels = torch.sigmoid(z)
+            logits = torch.func.functional_call(model, frozen, (to_model(255 * pixels),))
+            tv = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean() + (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
+            loss = torch.nn.functional.cross_entropy(logits.float(), target) + smoothness * tv
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return to_model(255 * torch.sigmoid(z)).detach()
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

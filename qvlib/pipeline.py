@@ -113,13 +113,19 @@ def load_engine(cfg: Config, arch_name: str, checkpoint: Path, device: str | Non
 
 
 def proxy_images(cfg: Config, pre: Preprocess, receiver_task: str | None, images: Path | str | int | None = None,
-                 tasks: Sequence[str] | None = None, n_images: int = 256) -> tuple[torch.Tensor, str]:
+                 tasks: Sequence[str] | None = None, n_images: int = 256,
+                 synth_from: torch.nn.Module | None = None) -> tuple[torch.Tensor, str]:
     """The normalised images an input criterion compares on (``qv choose-lambda``), and what they are:
     ``n_images`` training images of ``tasks`` (registered tasks; the config's options where it names
-    them), up to ``n_images`` images of the folder ``images``, or ``images`` (default 256) noise images.
-    Never the receiver's task: naming it in ``tasks`` is an error."""
-    if tasks and images is not None:
-        raise ValueError("give --images or --task, not both")
+    them), up to ``n_images`` images of the folder ``images``, ``n_images`` images synthesized from
+    the receiver's model ``synth_from``, or ``images`` (default 256) noise images. Never the
+    receiver's task: naming it in ``tasks`` is an error."""
+    if sum(x is not None and x != [] for x in (images, tasks, synth_from)) > 1:
+        raise ValueError("give one of --images, --task and --synth")
+    if synth_from is not None:
+        x = proxy_inputs("synth", n_images, pre.img_size, receiver=receiver_task or "", model=synth_from,
+                         to_model=pre.normalize)
+        return x, f"{len(x)} images synthesized from the receiver"
     if tasks:
         if receiver_task in tasks:
             raise ValueError(f"--task {receiver_task} is the receiver's own task (its checkpoint's metadata): "
@@ -140,12 +146,14 @@ def proxy_images(cfg: Config, pre: Preprocess, receiver_task: str | None, images
 
 
 def criterion_inputs(cfg: Config, arch_name: str, receiver: Path, images: Path | str | int | None = None,
-                     tasks: Sequence[str] | None = None, n_images: int = 256) -> tuple[WeightVector, dict, str]:
+                     tasks: Sequence[str] | None = None, n_images: int = 256, synth: bool = False) -> tuple[WeightVector, dict, str]:
     """What an input criterion scores a receiver with: its checkpoint (:func:`load_engine`, on the
     default device), the keyword inputs of :func:`qvlib.datafree.score_lambdas` (its ``model`` and
-    the ``inputs``, :func:`proxy_images`) and what those images are."""
+    the ``inputs``, :func:`proxy_images`; ``synth``: images synthesized from that model) and what
+    those images are."""
     engine, ckpt = load_engine(cfg, arch_name, receiver, device=None)
-    x, what = proxy_images(cfg, engine.preprocess, ckpt.metadata.get("task"), images, tasks, n_images)
+    x, what = proxy_images(cfg, engine.preprocess, ckpt.metadata.get("task"), images, tasks, n_images,
+                           synth_from=engine.model if synth else None)
     return ckpt, {"model": engine.model, "inputs": x}, what
 
 
@@ -305,7 +313,7 @@ def _datafree_inputs(cfg: Config, engine: Engine, names: list[str], receiver: st
     return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model, "receiver_task": receiver,
             "inputs": noise_images(cfg.datafree_images, pre.img_size, seed=stable_seed("noise-images", cfg.seed)),
             "train_split": train_split, "to_model": lambda x: pre.normalize(pre.resize_batch(x)).to(engine.device),
-            "n_proxy": cfg.datafree_proxy_images, "proxies": {}, "donor_tasks": []}
+            "n_proxy": cfg.datafree_proxy_images, "proxies": {}, "donor_tasks": [], "preprocess": pre}
 
 
 def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, float]:
@@ -320,10 +328,12 @@ def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, floa
         if rule.needs_images and rule.source != "noise":
             key = (rule.source, tuple(datafree["donor_tasks"]) if rule.source == "donor" else ())
             if key not in datafree["proxies"]:
+                pre = datafree["preprocess"]
                 try:
                     datafree["proxies"][key] = proxy_inputs(
-                        rule.source, datafree["n_proxy"], 0, receiver=datafree["receiver_task"], donor_tasks=key[1],
-                        all_tasks=cfg.task_names, train_split=datafree["train_split"], to_model=datafree["to_model"],
+                        rule.source, datafree["n_proxy"], pre.img_size, receiver=datafree["receiver_task"], donor_tasks=key[1],
+                        all_tasks=cfg.task_names, train_split=datafree["train_split"], model=datafree["model"],
+                        to_model=pre.normalize if rule.source == "synth" else datafree["to_model"],
                         seed=cfg.seed)  # the sample bench/zero_shot_lambda.py scores
                 except ValueError:  # the self control: its only tasks are the receiver's
                     datafree["proxies"][key] = None

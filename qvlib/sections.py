@@ -161,7 +161,7 @@ BUILTIN_TASKS: tuple[str, ...] = (  # qvlib.data.registry.REGISTRY
 BUILTIN_MERGE_METHODS: tuple[str, ...] = ("sum", "mean", "ties")  # qvlib.merging.MERGE_METHODS
 BUILTIN_CRITERIA: tuple[str, ...] = ("weights", "outputs", "agreement", "features")  # qvlib.datafree.LAMBDA_CRITERIA
 INPUT_MEASURES: tuple[str, ...] = ("outputs", "agreement", "features")  # the criteria that read images
-IMAGE_SOURCES: tuple[str, ...] = ("noise", "donor", "others")  # qvlib.datafree.IMAGE_SOURCES
+IMAGE_SOURCES: tuple[str, ...] = ("noise", "donor", "others", "synth")  # qvlib.datafree.IMAGE_SOURCES
 
 
 def scale_names() -> list[str]:

@@ -5,7 +5,7 @@ import torch
 
 from qvlib.data.base import ArrayDataset
 from qvlib.datafree import (choose_lambda, folder_images, input_measures, noise_images, output_divergence, proxy_inputs,
-                            proxy_tasks, score_lambdas, task_images, weight_error)
+                            proxy_tasks, score_lambdas, synthesized_images, task_images, weight_error)
 from qvlib.models import build_vit
 from qvlib.quant import QuantPolicy, QuantSpec, fake_quant
 
@@ -146,16 +146,18 @@ class _Recorder:
         return ArrayDataset(torch.full((20, 3, 16, 16), k, dtype=torch.uint8), torch.zeros(20, dtype=torch.long))
 
 
-@pytest.mark.parametrize("source", ["donor", "others", "noise"])
-def test_proxy_inputs_cannot_see_the_receivers_task(source):
+@pytest.mark.parametrize("source", ["donor", "others", "noise", "synth"])
+def test_proxy_inputs_cannot_see_the_receivers_task(source, tiny_arch):
     tasks = ["shapes", "glyphs", "dots", "mnist5k"]
     for receiver in tasks:
         for donor_tasks in ([t for t in tasks if t != receiver][:1], [t for t in tasks if t != receiver]):
             split = _Recorder(tasks, receiver)
             x = proxy_inputs(source, 12, 16, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
-                             train_split=split, to_model=lambda u: u.float(), seed=0)
+                             train_split=split, to_model=lambda u: u.float(), seed=0, model=build_vit(tiny_arch, 4, seed=0).eval())
             assert len(x) == 12 and receiver not in split.read
-            if source != "noise":
+            if source == "synth":  # made from the model alone: no task's images are read at all
+                assert split.read == []
+            elif source != "noise":
                 assert set(x.unique().long().tolist()) <= {tasks.index(t) for t in tasks if t != receiver}
                 assert set(split.read) == set(donor_tasks if source == "donor" else [t for t in tasks if t != receiver])
 
@@ -279,3 +281,43 @@ def test_the_workflow_hands_rules_only_other_tasks_images(tmp_path, tiny_arch):
             assert set(picks) == {"weights", "outputs", "agreement@others~0.1"} | ({"features@donor"} if donor_tasks != [recv] else set())
             assert all(lam in cfg.lambdas for lam in picks.values())
         assert recv not in split.read and split.read
+
+
+def _synth_inputs(model, n=8, steps=20, seed=0):
+    return synthesized_images(model, n, 16, to_model=lambda p: (p / 255 - 0.5) / 0.5, steps=steps, seed=seed)
+
+
+def test_synthesized_images_are_the_classes_the_model_was_asked_for(tiny_arch):
+    model = build_vit(tiny_arch, 4, seed=0).eval()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    x = _synth_inputs(model, n=8, steps=30)
+    assert x.shape == (8, 3, 16, 16) and not x.requires_grad
+    assert x.min() >= -1.0 and x.max() <= 1.0  # sigmoid pixels: never outside a real image's range
+    with torch.no_grad():
+        top = model(x).argmax(dim=1)
+    assert top.tolist() == [i % 4 for i in range(8)]  # image i is made for class i mod C
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the model is untouched
+    assert torch.equal(x, _synth_inputs(model, n=8, steps=30))  # seeded: the same images twice
+    assert not torch.equal(x, _synth_inputs(model, n=8, steps=30, seed=1))
+    start = _synth_inputs(model, n=8, steps=0)  # no step: the seeded starting noise, mostly other classes
+    with torch.no_grad():
+        assert (model(start).argmax(dim=1) == top).float().mean() < 1.0
+
+
+def test_synthesized_images_errors(tiny_arch):
+    model = build_vit(tiny_arch, 4, seed=0).eval()
+    with pytest.raises(ValueError, match="positive integer"):
+        _synth_inputs(model, n=0)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        _synth_inputs(model, steps=-1)
+    with pytest.raises(ValueError, match="needs the receiver's model"):
+        proxy_inputs("synth", 4, 16, receiver="shapes", to_model=lambda u: u.float())
+
+
+def test_outputs_on_synthesized_images_find_the_lambda_that_restores_the_receiver(tiny_arch):
+    spec = QuantSpec(bits=2)
+    model, receiver, rho, policy = _on_grid_receiver(tiny_arch, spec)
+    inputs = _synth_inputs(model, n=16, steps=10)
+    scores = score_lambdas("outputs", receiver, rho, spec, [0.25, 1.0, 2.0], policy, model=model, inputs=inputs)
+    assert scores[0.25] == pytest.approx(0.0, abs=1e-6) and scores[2.0] > 0
+    assert choose_lambda(scores) == 0.25

@@ -77,9 +77,17 @@ def test_the_reports_mark_the_picks_flag_a_donor_no_better_than_random_and_null_
     assert math.isnan(b["share_of_ptq"])  # the donors themselves are left as they are
 
 
-def test_proxy_images_are_noise_a_folder_or_other_tasks_never_the_receivers():
+def test_proxy_images_are_noise_a_folder_or_other_tasks_never_the_receivers(tiny_arch):
+    from qvlib.models import build_vit
     from qvlib.pipeline import proxy_images
 
+    pre = SimpleNamespace(img_size=16, normalize=lambda p: (p / 255 - 0.5) / 0.5)
+    model = build_vit(tiny_arch, 3, seed=0).eval()
+    x, what = proxy_images(None, pre, "shapes", synth_from=model, n_images=6)
+    assert x.shape == (6, 3, 16, 16) and what == "6 images synthesized from the receiver"
+    with pytest.raises(ValueError) as err:
+        proxy_images(None, pre, "shapes", tasks=["dots"], synth_from=model)
+    assert str(err.value) == "give one of --images, --task and --synth"
     pre = SimpleNamespace(img_size=8)
     x, what = proxy_images(None, pre, "shapes")
     assert x.shape == (256, 3, 8, 8) and what == "256 noise images"
@@ -87,7 +95,7 @@ def test_proxy_images_are_noise_a_folder_or_other_tasks_never_the_receivers():
     assert x.shape == (3, 3, 8, 8) and what == "3 noise images"
     with pytest.raises(ValueError) as err:
         proxy_images(None, pre, "shapes", images=3, tasks=["dots"])
-    assert str(err.value) == "give --images or --task, not both"
+    assert str(err.value) == "give one of --images, --task and --synth"
     with pytest.raises(ValueError) as err:
         proxy_images(None, pre, "shapes", tasks=["dots", "shapes"])
     assert str(err.value) == ("--task shapes is the receiver's own task (its checkpoint's metadata): "

@@ -322,7 +322,7 @@ def test_datafree_section():
 @pytest.mark.parametrize("value,match", [
     ({"criteria": ["loss"]}, r"^datafree\.criteria\[0\]: data-free rule 'loss': unknown criterion 'loss'; known: weights, outputs"),
     ({"criteria": ["weights@donor"]}, r"^datafree\.criteria\[0\]: .*criterion 'weights' reads no images, so it takes no @source$"),
-    ({"criteria": ["outputs", "outputs@self"]}, r"^datafree\.criteria\[1\]: .*unknown image source 'self'; known: noise, donor, others$"),
+    ({"criteria": ["outputs", "outputs@self"]}, r"^datafree\.criteria\[1\]: .*unknown image source 'self'; known: noise, donor, others, synth$"),
     ({"criteria": ["outputs~x"]}, r"^datafree\.criteria\[0\]: .*the tolerance after ~ must be a number, got 'x'$"),
     ({"criteria": ["outputs~inf"]}, r"^datafree\.criteria\[0\]: .*the tolerance must be a finite number >= 0$"),
     ({"criteria": "weights"}, r"^datafree\.criteria must be a list of rules, got 'weights'$"),
