@@ -2,7 +2,8 @@
 
     # 1. score: every data-free measure at every lambda of the sweep (and 0) for every cell of the
     #    finished seeds, on each image source (noise, the donor's training images, other tasks' images);
-    #    cached in <results>/zero_shot_scores.parquet, one seed at a time (a scored seed is not redone)
+    #    cached in <results>/zero_shot_scores/<images>-seed<seed>.parquet (a scored seed is not redone;
+#    seeds can be scored by processes side by side)
     nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --seeds 0 1 2 3 4 5 --score
     # 2. select on seeds 0-3, then report 4-5 held out with the selected rule only; --report writes the doc
     .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --select 0 1 2 3 --heldout 4 5 \\
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qvlib.config import Config  # noqa: E402
 from qvlib.data.registry import load_task, stable_seed  # noqa: E402
+from qvlib.fileio import write_parquet  # noqa: E402
 from qvlib.datafree import Rule, choose_lambda, input_measures, proxy_inputs, weight_error  # noqa: E402
 from qvlib.pipeline import load_engine, random_control_seeds  # noqa: E402
 from qvlib.provenance import machine_line  # noqa: E402
@@ -102,14 +104,16 @@ def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets:
     return pl.DataFrame(rows)
 
 
+def scores_file(results: Path, n_images: int, seed: int) -> Path:
+    """One seed's scores (one file per seed, so that seeds can be scored by processes side by side)."""
+    return results / "zero_shot_scores" / f"{n_images}-seed{seed}.parquet"
+
+
 def score(results: Path, seeds: list[int], n_images: int) -> None:
     cfg = run_config(results, seeds)
-    out = results / f"zero_shot_scores.{n_images}.parquet"
-    have = pl.read_parquet(out) if out.exists() else None
-    done = set(have["seed"].unique().to_list()) if have is not None else set()
-    todo = [s for s in seeds if s not in done]
+    todo = [s for s in seeds if not scores_file(results, n_images, s).exists()]
     if not todo:
-        print(f"{out}: seeds {sorted(done)} already scored")
+        print(f"seeds {seeds} already scored")
         return
     train_sets = {}
     run = RunStore(results, cfg)
@@ -123,16 +127,29 @@ def score(results: Path, seeds: list[int], n_images: int) -> None:
                 train_sets[t] = load_task(t, cfg.load_options(t, probe.preprocess)).train
         t0 = time.time()
         frame = score_seed(results, cfg, s, n_images, train_sets)
-        have = frame if have is None else pl.concat([have, frame])
-        have.write_parquet(out)
-        print(f"seed {s}: {len(frame)} scores in {time.time() - t0:.0f} s -> {out}")
+        write_parquet(frame, scores_file(results, n_images, s))
+        print(f"seed {s}: {len(frame)} scores in {time.time() - t0:.0f} s -> {scores_file(results, n_images, s)}")
 
 
 # ---------------------------------------------------------------------------------------------- rules
+MIXED_SOURCES = (("others", "synth"), ("donor", "synth"))  # the measure on both image sets together
+
+
+def mixed_scores(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
+    """An input measure on the union of two equal-sized image sources: the mean of its two scores
+    (exact for the mean KL and the disagreement share; the feature error's pooled ratio is
+    approximated by the mean of the two ratios), named ``a+b``."""
+    both = scores.filter(pl.col("source").is_in([a, b]) & (pl.col("measure") != "weights"))
+    return (both.group_by([*KEYS, "measure", "lambda"], maintain_order=True)
+            .agg(pl.col("score").mean(), pl.len().alias("n")).filter(pl.col("n") == 2).drop("n")
+            .with_columns(pl.lit(f"{a}+{b}").alias("source")).select(scores.columns))
+
+
 def picks(scores: pl.DataFrame, sweep_lambdas: list[float]) -> pl.DataFrame:
     """Per cell variant and rule (qvlib.datafree.Rule): the lambda it picks among the sweep's, and
     the rank score (best score / score at lambda 0: the share of PTQ's departure from the receiver left)."""
     rows = []
+    scores = pl.concat([scores, *(mixed_scores(scores, a, b) for a, b in MIXED_SOURCES)], how="diagonal_relaxed")
     for key, g in scores.group_by([*KEYS, "source", "measure"], maintain_order=True):
         d = dict(zip(g["lambda"].to_list(), g["score"].to_list()))
         at0 = d.get(0.0, float("nan"))
@@ -166,7 +183,7 @@ def evaluate(results: Path, seeds: list[int], n_images: int, rules: list[str] | 
     keys5 = KEYS
     test = whole_split_sweep(transfer.with_columns(pl.col("control_seed").fill_null(-1)), ["arch", "quant", *keys5])
     test = test.filter(pl.col("split") == Split.TEST).select(*keys5, "lambda", "gain")
-    scores = pl.read_parquet(results / f"zero_shot_scores.{n_images}.parquet").filter(pl.col("seed").is_in(seeds))
+    scores = pl.concat([pl.read_parquet(scores_file(results, n_images, s)) for s in seeds])
     chosen = picks(scores, [float(x) for x in cfg.lambdas])
     if rules is not None:
         chosen = chosen.filter(pl.col("rule").is_in(rules))
