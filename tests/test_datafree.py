@@ -1,5 +1,7 @@
 """Data-free lambda criteria on toy cases whose right lambda is known."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -274,7 +276,8 @@ def test_the_workflow_hands_rules_only_other_tasks_images(tmp_path, tiny_arch):
     for recv in tasks:
         split = _Recorder(tasks, recv)
         datafree = {"receiver": receiver, "model": model, "receiver_task": recv, "inputs": noise_images(4, 16),
-                    "train_split": split, "to_model": lambda u: u.float() / 255, "n_proxy": 6, "proxies": {}}
+                    "train_split": split, "to_model": lambda u: u.float() / 255, "n_proxy": 6, "proxies": {},
+                    "preprocess": SimpleNamespace(img_size=16, normalize=lambda p: p / 255)}
         for donor_tasks in ([t for t in tasks if t != recv][:1], [t for t in tasks if t != recv], [recv]):
             datafree["donor_tasks"] = donor_tasks
             picks = _datafree_picks(cfg, datafree, rho)
