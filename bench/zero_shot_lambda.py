@@ -1,9 +1,10 @@
 """Zero-shot lambda: which data-free rule picks a lambda (and a donor) as well as labelled calib does.
 
     # 1. score: every data-free measure at every lambda of the sweep (and 0) for every cell of the
-    #    finished seeds, on each image source (noise, the donor's training images, other tasks' images);
+    #    finished seeds, on each image source (noise, the donor's training images, other tasks' images, images
+    #    synthesized from the receiver);
     #    cached in <results>/zero_shot_scores/<images>-seed<seed>.parquet (a scored seed is not redone;
-#    seeds can be scored by processes side by side)
+    #    seeds can be scored by processes side by side)
     nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --seeds 0 1 2 3 4 5 --score
     # 2. select on seeds 0-3, then report 4-5 held out with the selected rule only; --report writes the doc
     .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --select 0 1 2 3 --heldout 4 5 \\
@@ -127,8 +128,8 @@ def score(results: Path, seeds: list[int], n_images: int) -> None:
                 train_sets[t] = load_task(t, cfg.load_options(t, probe.preprocess)).train
         t0 = time.time()
         frame = score_seed(results, cfg, s, n_images, train_sets)
-        write_parquet(frame, scores_file(results, n_images, s))
-        print(f"seed {s}: {len(frame)} scores in {time.time() - t0:.0f} s -> {scores_file(results, n_images, s)}")
+        out = write_parquet(frame, scores_file(results, n_images, s))
+        print(f"seed {s}: {len(frame)} scores in {time.time() - t0:.0f} s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- rules

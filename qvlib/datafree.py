@@ -214,12 +214,13 @@ def synthesized_images(model: torch.nn.Module, n: int, img_size: int, *, to_mode
     z = torch.randn(n, 3, img_size, img_size, generator=gen).mul_(0.5).to(device).requires_grad_(True)
     with torch.inference_mode(False), torch.enable_grad():
         frozen = {k: v.detach() for k, v in model.named_parameters()}
-        classes = torch.func.functional_call(model, frozen, (to_model(255 * torch.sigmoid(z.detach())),)).shape[1]
-        target = (torch.arange(n) % classes).to(device)
+        target = None  # image i's class, i mod C: C read off the first step's logits
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             pixels = torch.sigmoid(z)
             logits = torch.func.functional_call(model, frozen, (to_model(255 * pixels),))
+            if target is None:
+                target = (torch.arange(n) % logits.shape[1]).to(device)
             tv = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean() + (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
             loss = torch.nn.functional.cross_entropy(logits.float(), target) + smoothness * tv
             opt.zero_grad(set_to_none=True)
