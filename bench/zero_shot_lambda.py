@@ -6,8 +6,9 @@
     #    cached in <results>/zero_shot_scores/<images>-seed<seed>.parquet (a scored seed is not redone;
     #    seeds can be scored by processes side by side)
     nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --seeds 0 1 2 3 4 5 --score
-    # 2. select on seeds 0-3, then report 4-5 held out with the selected rule only; --report writes the doc
-    .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --select 0 1 2 3 --heldout 4 5 \\
+    # 2. select on seeds 0-3, then report fresh seeds (7, 8) held out with the selected rules only;
+    #    --report writes the doc
+    .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --select 0 1 2 3 --heldout 7 8 \\
         --report docs/zero-shot-lambda.md
 
 No image of the receiver's task is ever read: proxy images come from qvlib.datafree.task_images,
@@ -80,9 +81,8 @@ def score_seed(results: Path, cfg: Config, seed: int, n_images: int, train_sets:
         pre = engine.preprocess
 
         def images(source: str, donor_tasks: list[str]) -> torch.Tensor:
-            return proxy_inputs(source, n_images, pre.img_size, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
+            return proxy_inputs(source, n_images, pre, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
                                 train_split=train_sets.__getitem__, model=engine.model,
-                                to_model=pre.normalize if source == "synth" else lambda x: pre.normalize(pre.resize_batch(x)),
                                 seed=stable_seed("noise-images", seed) if source == "noise" else seed)
 
         others = images("others", [])
@@ -133,7 +133,7 @@ def score(results: Path, seeds: list[int], n_images: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- rules
-MIXED_SOURCES = (("others", "synth"), ("donor", "synth"))  # the measure on both image sets together
+MIXED_SOURCES = (("others", "synth"), ("donor", "synth"), ("others", "donor"))  # the measure on both image sets together
 
 
 def mixed_scores(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
@@ -311,7 +311,7 @@ def main() -> int:
     winner = ranked["rule"][0]
     out = {"select": args.select, "winner": winner, "selection": table, "ranked": ranked, "donors": donor_choice(sel["per_pair"])}
     if args.heldout:
-        keep = [winner, "outputs", "weights"]
+        keep = held_rules(ranked)
         held = evaluate(args.results, args.heldout, args.images, rules=keep)
         out["heldout"] = rule_table(held["per_pair"])
         out["heldout_donors"] = donor_choice(held["per_pair"])
@@ -323,6 +323,11 @@ def main() -> int:
     if args.report:
         write_report(args, out)
     return 0
+
+
+def held_rules(ranked: pl.DataFrame) -> list[str]:
+    """The rules read on the held-out seeds: the selected one, the runner-up, and the old data-free rules."""
+    return list(dict.fromkeys([*ranked["rule"][:2].to_list(), "outputs", "weights"]))
 
 
 def per_seed_table(per_pair: pl.DataFrame, rule: str) -> pl.DataFrame:
@@ -360,7 +365,7 @@ def _goal(table: pl.DataFrame, rule: str) -> list[str]:
 
 def render(args, out: dict) -> str:
     sel, held = args.select, args.heldout or []
-    winner = out["winner"]
+    winner, runner_up = out["winner"], out["ranked"]["rule"][1]
     cmd_score = (f"nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results {args.results} --seeds "
                  f"{' '.join(map(str, sel + held))} --score --images {args.images}")
     cmd_report = (f".venv/bin/python bench/zero_shot_lambda.py --results {args.results} --images {args.images} --select "
@@ -383,10 +388,13 @@ def render(args, out: dict) -> str:
         "- `outputs@S`, `agreement@S`, `features@S` (`outputs` alone: on noise): how far the patched, quantized receiver lands from the full-precision "
         "receiver on images S: mean KL of the class probabilities, share of top-1 disagreements, relative error of the "
         "pre-logit features (`qvlib.datafree.input_measures`, one forward pass per lambda).",
-        f"- images S ({args.images} per criterion): `noise` (standard-normal images, the old `outputs` rule), `donor` (the donor's "
+        f"- images S ({args.images} per source): `noise` (standard-normal images, the old `outputs` rule), `donor` (the donor's "
         "own training images; for the leave-one-out merged donor, its tasks'), `others` (training images of every task but the "
-        "receiver's). `qvlib.datafree.proxy_inputs` refuses the receiver's task before any image is read "
-        "(tests/test_datafree.py proves it for every receiver and source).",
+        "receiver's), `synth` (images synthesized from the receiver's model alone: class-conditional inversion, "
+        "`qvlib.datafree.synthesized_images`), and two sources together, `a+b` (both image sets: here the mean of the two "
+        "sets' scores, which is the measure on their union for `outputs` and `agreement`; for `features` the mean of two "
+        "ratios stands in for the pooled one). `qvlib.datafree.proxy_inputs` refuses the receiver's task before any image is "
+        "read (tests/test_datafree.py proves it for every receiver and source).",
         "",
         "Every rule is applied to the donor's three norm-matched random directions too: *specific gain* = donor gain - mean "
         "random-direction gain under the same rule (a rule that lifts random directions as well is not specific). The test "
@@ -400,7 +408,7 @@ def render(args, out: dict) -> str:
         "Commands (the workflow run, then the scoring and this report):",
         "",
         "```",
-        "nice -n 19 .venv/bin/snakemake --cores 2 --config 'seeds=[0,1,2,3,4,5]'   # one seed at a time: 'seeds=[0]', ...",
+        f"PATH=$PWD/.venv/bin:$PATH snakemake --cores 2 --config 'seeds=[{','.join(map(str, sel + held))}]'",
         cmd_score,
         cmd_report,
         "```",
@@ -419,10 +427,10 @@ def render(args, out: dict) -> str:
         "",
         f"Selected: **`{winner}`**.",
         "",
-        "### Selection seeds, the selected rule and the old ones in full",
+        "### Selection seeds, the selected rule, the runner-up and the old ones in full",
         "",
     ]
-    keep = [winner, "outputs", "weights"]
+    keep = held_rules(out["ranked"])
     for kind in ("single", "merged"):
         t = out["selection"].filter(pl.col("rule").is_in(pl.Series(keep).implode()) & (pl.col("kind") == kind))
         lines += [f"{kind} donors:", "", *_fmt(t, MAIN_COLS), ""]
@@ -433,8 +441,8 @@ def render(args, out: dict) -> str:
               *_fmt(out["donors"].filter(pl.col("rule").is_in(pl.Series(keep + [r for r in rules if r.startswith(winner.split('~')[0])]).implode())), DONOR_COLS), ""]
     if "heldout" in out:
         lines += [f"## Seeds {', '.join(map(str, held))}: not used for the selection", "",
-                  f"The selected rule `{winner}` beside the old data-free rules (`outputs`: KL on noise, `weights`), lambda = 1, "
-                  "calib and oracle; these seeds were read once, after the selection was fixed.", ""]
+                  f"The selected rule `{winner}` and the runner-up `{runner_up}` beside the old data-free rules (`outputs`: KL on "
+                  "noise, `weights`), lambda = 1, calib and oracle; these seeds were read once, after the selection was fixed.", ""]
         for kind in ("single", "merged"):
             t = out["heldout"].filter(pl.col("kind") == kind)
             lines += [f"{kind} donors:", "", *_fmt(t, MAIN_COLS), ""]

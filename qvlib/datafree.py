@@ -21,7 +21,7 @@ import torch
 
 from .quant import DEFAULT_POLICY, QuantPolicy, QuantSpec, fake_quant, quantized_patch
 from .registry import Registry
-from .sections import split_rule
+from .sections import Preprocess, source_parts, split_rule
 
 LAMBDA_CRITERIA: Registry = Registry("data-free lambda criterion")
 
@@ -175,26 +175,29 @@ def task_images(tasks: Sequence[str], n: int, train_split: Callable[[str], torch
     return torch.stack(images)
 
 
-def proxy_inputs(source: str, n: int, img_size: int, *, receiver: str, donor_tasks: Sequence[str] = (),
+def proxy_inputs(source: str, n: int, preprocess: Preprocess, *, receiver: str, donor_tasks: Sequence[str] = (),
                  all_tasks: Sequence[str] = (), train_split: Callable[[str], torch.utils.data.Dataset] | None = None,
-                 to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 model: torch.nn.Module | None = None) -> torch.Tensor:
-    """The normalised images an input-based criterion sees for one (receiver, donor) under
-    ``source`` (:data:`IMAGE_SOURCES`): noise, images synthesized from the receiver's ``model``
-    (:func:`synthesized_images`; ``to_model`` maps pixel values to its input), or training images of
-    :func:`proxy_tasks` read through ``train_split`` and prepared by ``to_model`` (uint8 batch ->
-    model input). The one door through which the workflow and the bench hand images to a criterion:
-    the receiver's task is never read."""
+                 seed: int = 0, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """The model inputs (on the CPU) an input-based criterion sees for one (receiver, donor) under
+    ``source`` (:data:`IMAGE_SOURCES`, or several joined by ``+``: ``n`` images of each, together):
+    noise, images synthesized from the receiver's ``model`` (:func:`synthesized_images`), or training
+    images of :func:`proxy_tasks` read through ``train_split`` (task name -> its training Dataset), each
+    brought to the model by the arch's ``preprocess`` (resize, then normalise). The one door through
+    which the workflow and the bench hand images to a criterion: the receiver's task is never read."""
+    parts = source_parts(source)
+    if len(parts) > 1:
+        return torch.cat([proxy_inputs(part, n, preprocess, receiver=receiver, donor_tasks=donor_tasks, all_tasks=all_tasks,
+                                       train_split=train_split, seed=seed, model=model) for part in parts])
     if source == "noise":
-        return noise_images(n, img_size, seed=seed)
+        return noise_images(n, preprocess.img_size, seed=seed)
     if source == "synth":
-        if model is None or to_model is None:
-            raise ValueError("image source 'synth' needs the receiver's model and its preprocessing")
-        return synthesized_images(model, n, img_size, to_model=to_model, seed=seed)
-    if train_split is None or to_model is None:
-        raise ValueError(f"image source {source!r} needs the tasks' training images (train_split) and the model's preprocessing")
+        if model is None:
+            raise ValueError("image source 'synth' needs the receiver's model")
+        return synthesized_images(model, n, preprocess.img_size, to_model=preprocess.normalize, seed=seed).cpu()
     tasks = proxy_tasks(source, receiver, donor_tasks, all_tasks)
-    return to_model(task_images(tasks, n, train_split, receiver=receiver, seed=seed))
+    if train_split is None:
+        raise ValueError(f"image source {source!r} needs the tasks' training images (train_split)")
+    return preprocess.normalize(preprocess.resize_batch(task_images(tasks, n, train_split, receiver=receiver, seed=seed)))
 
 
 def synthesized_images(model: torch.nn.Module, n: int, img_size: int, *, to_model: Callable[[torch.Tensor], torch.Tensor],

@@ -20,6 +20,7 @@ from .data.registry import LoadOptions, load_task, pretrain_mixture, stable_seed
 from .datafree import Rule, choose_lambda, folder_images, noise_images, proxy_inputs, score_lambdas
 from .evaluate import Engine, accuracy, load_split, search_lambda
 from .racing import race_splits
+from .sections import source_parts
 from .fileio import write_parquet
 from .models import backbone_state, build_vit, check_fits, task_model
 from .quant import QuantSpec, fake_quant
@@ -123,8 +124,7 @@ def proxy_images(cfg: Config, pre: Preprocess, receiver_task: str | None, images
     if sum(x is not None and x != [] for x in (images, tasks, synth_from)) > 1:
         raise ValueError("give one of --images, --task and --synth")
     if synth_from is not None:
-        x = proxy_inputs("synth", n_images, pre.img_size, receiver=receiver_task or "", model=synth_from,
-                         to_model=pre.normalize)
+        x = proxy_inputs("synth", n_images, pre, receiver=receiver_task or "", model=synth_from)
         return x, f"{len(x)} images synthesized from the receiver"
     if tasks:
         if receiver_task in tasks:
@@ -135,8 +135,7 @@ def proxy_images(cfg: Config, pre: Preprocess, receiver_task: str | None, images
             opts = cfg.load_options(task, pre) if task in cfg.task_names else LoadOptions(preprocess=pre, root=cfg.data_root)
             return load_task(task, opts).train
 
-        x = proxy_inputs("donor", n_images, pre.img_size, receiver=receiver_task or "", donor_tasks=tasks,
-                         train_split=train_split, to_model=lambda u: pre.normalize(pre.resize_batch(u)))
+        x = proxy_inputs("donor", n_images, pre, receiver=receiver_task or "", donor_tasks=tasks, train_split=train_split)
         return x, f"{len(x)} training images of {', '.join(tasks)}"
     if isinstance(images, (str, Path)):
         x = folder_images(images, n_images, pre.pil_transform())
@@ -312,8 +311,7 @@ def _datafree_inputs(cfg: Config, engine: Engine, names: list[str], receiver: st
 
     return {"receiver": {n: engine.base[n] for n in names}, "model": engine.model, "receiver_task": receiver,
             "inputs": noise_images(cfg.datafree_images, pre.img_size, seed=stable_seed("noise-images", cfg.seed)),
-            "train_split": train_split, "to_model": lambda x: pre.normalize(pre.resize_batch(x)).to(engine.device),
-            "n_proxy": cfg.datafree_proxy_images, "proxies": {}, "donor_tasks": [], "preprocess": pre}
+            "train_split": train_split, "n_proxy": cfg.datafree_proxy_images, "proxies": {}, "donor_tasks": [], "preprocess": pre}
 
 
 def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, float]:
@@ -326,14 +324,12 @@ def _datafree_picks(cfg: Config, datafree: dict, vector: dict) -> dict[str, floa
         rule = Rule.parse(text)
         inputs = datafree["inputs"]
         if rule.needs_images and rule.source != "noise":
-            key = (rule.source, tuple(datafree["donor_tasks"]) if rule.source == "donor" else ())
+            key = (rule.source, tuple(datafree["donor_tasks"]) if "donor" in source_parts(rule.source) else ())
             if key not in datafree["proxies"]:
-                pre = datafree["preprocess"]
                 try:
                     datafree["proxies"][key] = proxy_inputs(
-                        rule.source, datafree["n_proxy"], pre.img_size, receiver=datafree["receiver_task"], donor_tasks=key[1],
-                        all_tasks=cfg.task_names, train_split=datafree["train_split"], model=datafree["model"],
-                        to_model=pre.normalize if rule.source == "synth" else datafree["to_model"],
+                        rule.source, datafree["n_proxy"], datafree["preprocess"], receiver=datafree["receiver_task"],
+                        donor_tasks=key[1], all_tasks=cfg.task_names, train_split=datafree["train_split"], model=datafree["model"],
                         seed=cfg.seed)  # the sample bench/zero_shot_lambda.py scores
                 except ValueError:  # the self control: its only tasks are the receiver's
                     datafree["proxies"][key] = None

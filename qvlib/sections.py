@@ -825,6 +825,12 @@ class LambdaSection(Section):
 
 
 # ------------------------------------------------------------------ datafree
+def source_parts(source: str) -> tuple[str, ...]:
+    """The image sources a rule's ``@source`` joins with ``+`` (``others+donor``: both image sets
+    together), in order; a single source is a one-tuple."""
+    return tuple(str(source).split("+"))
+
+
 def split_rule(text: str) -> tuple[str, str, float]:
     """A data-free rule ``criterion[@source][~tolerance]`` as (criterion, image source, tolerance), the
     source ``noise`` where none is given; checked without torch (qvlib.datafree.Rule is built from it)."""
@@ -835,8 +841,14 @@ def split_rule(text: str) -> tuple[str, str, float]:
         raise ValueError(f"data-free rule {text!r}: unknown criterion {criterion!r}; known: {', '.join(names)}")
     if at and criterion not in INPUT_MEASURES:
         raise ValueError(f"data-free rule {text!r}: criterion {criterion!r} reads no images, so it takes no @source")
-    if at and source not in IMAGE_SOURCES:
-        raise ValueError(f"data-free rule {text!r}: unknown image source {source!r}; known: {', '.join(IMAGE_SOURCES)}")
+    if at:
+        parts = source_parts(source)
+        for part in parts:
+            if part not in IMAGE_SOURCES:
+                raise ValueError(f"data-free rule {text!r}: unknown image source {part!r}; known: {', '.join(IMAGE_SOURCES)} "
+                                 "(or several joined by +)")
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"data-free rule {text!r}: an image source is named twice in {source!r}")
     try:
         tolerance = float(tol) if tol else 0.0
     except ValueError:

@@ -174,10 +174,11 @@ def data_sections(raw: Mapping[str, Any], tasks: Sequence[str], keep_train: bool
 
 
 def image_sources(criteria: Sequence[str]) -> set[str]:
-    """The image sources of the data-free rules (``criterion@source~tolerance``) other than noise."""
-    from .sections import split_rule  # sections hashes with this module's digest_of
+    """The image sources of the data-free rules (``criterion@source~tolerance``, a joined ``a+b``
+    counting as both) other than noise."""
+    from .sections import source_parts, split_rule  # sections hashes with this module's digest_of
 
-    return {source for source in (split_rule(text)[1] for text in criteria) if source != "noise"}
+    return {part for text in criteria for part in source_parts(split_rule(text)[1]) if part != "noise"}
 
 
 class Plan:

@@ -1,11 +1,9 @@
 """Data-free lambda criteria on toy cases whose right lambda is known."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from qvlib.data.base import ArrayDataset
+from qvlib.data.base import ArrayDataset, Preprocess
 from qvlib.datafree import (choose_lambda, folder_images, input_measures, noise_images, output_divergence, proxy_inputs,
                             proxy_tasks, score_lambdas, synthesized_images, task_images, weight_error)
 from qvlib.models import build_vit
@@ -148,20 +146,42 @@ class _Recorder:
         return ArrayDataset(torch.full((20, 3, 16, 16), k, dtype=torch.uint8), torch.zeros(20, dtype=torch.long))
 
 
+# normalise to the pixel values themselves: a task image filled with k reaches the model as k
+IDENTITY_PIXELS = Preprocess(img_size=16, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+
+
 @pytest.mark.parametrize("source", ["donor", "others", "noise", "synth"])
 def test_proxy_inputs_cannot_see_the_receivers_task(source, tiny_arch):
     tasks = ["shapes", "glyphs", "dots", "mnist5k"]
     for receiver in tasks:
         for donor_tasks in ([t for t in tasks if t != receiver][:1], [t for t in tasks if t != receiver]):
             split = _Recorder(tasks, receiver)
-            x = proxy_inputs(source, 12, 16, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
-                             train_split=split, to_model=lambda u: u.float(), seed=0, model=build_vit(tiny_arch, 4, seed=0).eval())
+            x = proxy_inputs(source, 12, IDENTITY_PIXELS, receiver=receiver, donor_tasks=donor_tasks, all_tasks=tasks,
+                             train_split=split, seed=0, model=build_vit(tiny_arch, 4, seed=0).eval())
             assert len(x) == 12 and receiver not in split.read
             if source == "synth":  # made from the model alone: no task's images are read at all
                 assert split.read == []
             elif source != "noise":
                 assert set(x.unique().long().tolist()) <= {tasks.index(t) for t in tasks if t != receiver}
                 assert set(split.read) == set(donor_tasks if source == "donor" else [t for t in tasks if t != receiver])
+
+
+def test_joined_sources_are_each_source_in_turn_and_still_never_the_receiver():
+    tasks = ["shapes", "glyphs", "dots", "mnist5k"]
+    split = _Recorder(tasks, "shapes")
+    x = proxy_inputs("others+donor", 6, IDENTITY_PIXELS, receiver="shapes", donor_tasks=["dots"], all_tasks=tasks,
+                     train_split=split, seed=0)
+    assert x.shape == (12, 3, 16, 16) and "shapes" not in split.read
+    assert set(x[:6].unique().long().tolist()) == {1, 2, 3}  # others: every task but the receiver's, 2 images each
+    assert x[6:].unique().long().tolist() == [2]  # then the donor's own task
+    assert torch.equal(x[:6], proxy_inputs("others", 6, IDENTITY_PIXELS, receiver="shapes", all_tasks=tasks, train_split=split))
+    with_noise = proxy_inputs("donor+noise", 4, IDENTITY_PIXELS, receiver="shapes", donor_tasks=["dots"], train_split=split, seed=3)
+    assert torch.equal(with_noise[4:], noise_images(4, 16, seed=3))
+    with pytest.raises(ValueError, match="no task other than the receiver's"):  # the self control has no donor images
+        proxy_inputs("others+donor", 6, IDENTITY_PIXELS, receiver="shapes", donor_tasks=["shapes"], all_tasks=tasks, train_split=split)
+    with pytest.raises(ValueError, match="unknown image source 'self'"):
+        proxy_inputs("others+self", 6, IDENTITY_PIXELS, receiver="shapes", all_tasks=tasks, train_split=split)
+    assert "shapes" not in split.read
 
 
 def test_task_images_refuses_the_receivers_task_before_reading():
@@ -177,8 +197,6 @@ def test_task_images_refuses_the_receivers_task_before_reading():
 
 def test_folder_images(tmp_path):
     from PIL import Image
-
-    from qvlib.data.base import Preprocess
 
     for i in range(5):
         Image.new("RGB", (20, 24), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
@@ -268,7 +286,8 @@ def test_the_workflow_hands_rules_only_other_tasks_images(tmp_path, tiny_arch):
     from qvlib.pipeline import _datafree_picks
 
     cfg = Config.load(mini_config(tmp_path / "c.yaml", pretrain=False, tasks=["shapes", "dots", "blur"],
-                                  datafree={"criteria": ["weights", "outputs", "features@donor", "agreement@others~0.1"],
+                                  datafree={"criteria": ["weights", "outputs", "features@donor", "agreement@others~0.1",
+                                                         "outputs@others+donor~0.05"],
                                             "noise_images": 4, "proxy_images": 6}))
     spec = cfg.quant
     model, receiver, rho, policy = _on_grid_receiver(tiny_arch, spec)
@@ -276,12 +295,13 @@ def test_the_workflow_hands_rules_only_other_tasks_images(tmp_path, tiny_arch):
     for recv in tasks:
         split = _Recorder(tasks, recv)
         datafree = {"receiver": receiver, "model": model, "receiver_task": recv, "inputs": noise_images(4, 16),
-                    "train_split": split, "to_model": lambda u: u.float() / 255, "n_proxy": 6, "proxies": {},
-                    "preprocess": SimpleNamespace(img_size=16, normalize=lambda p: p / 255)}
+                    "train_split": split, "n_proxy": 6, "proxies": {},
+                    "preprocess": Preprocess(img_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))}
         for donor_tasks in ([t for t in tasks if t != recv][:1], [t for t in tasks if t != recv], [recv]):
             datafree["donor_tasks"] = donor_tasks
             picks = _datafree_picks(cfg, datafree, rho)
-            assert set(picks) == {"weights", "outputs", "agreement@others~0.1"} | ({"features@donor"} if donor_tasks != [recv] else set())
+            with_donor = {"features@donor", "outputs@others+donor~0.05"} if donor_tasks != [recv] else set()
+            assert set(picks) == {"weights", "outputs", "agreement@others~0.1"} | with_donor
             assert all(lam in cfg.lambdas for lam in picks.values())
         assert recv not in split.read and split.read
 
@@ -314,7 +334,7 @@ def test_synthesized_images_errors(tiny_arch):
     with pytest.raises(ValueError, match="integer >= 0"):
         _synth_inputs(model, steps=-1)
     with pytest.raises(ValueError, match="needs the receiver's model"):
-        proxy_inputs("synth", 4, 16, receiver="shapes", to_model=lambda u: u.float())
+        proxy_inputs("synth", 4, IDENTITY_PIXELS, receiver="shapes")
 
 
 def test_outputs_on_synthesized_images_find_the_lambda_that_restores_the_receiver(tiny_arch):

@@ -322,7 +322,7 @@ def test_datafree_section():
 @pytest.mark.parametrize("value,match", [
     ({"criteria": ["loss"]}, r"^datafree\.criteria\[0\]: data-free rule 'loss': unknown criterion 'loss'; known: weights, outputs"),
     ({"criteria": ["weights@donor"]}, r"^datafree\.criteria\[0\]: .*criterion 'weights' reads no images, so it takes no @source$"),
-    ({"criteria": ["outputs", "outputs@self"]}, r"^datafree\.criteria\[1\]: .*unknown image source 'self'; known: noise, donor, others, synth$"),
+    ({"criteria": ["outputs", "outputs@self"]}, r"^datafree\.criteria\[1\]: .*unknown image source 'self'; known: noise, donor, others, synth \(or several joined by \+\)$"),
     ({"criteria": ["outputs~x"]}, r"^datafree\.criteria\[0\]: .*the tolerance after ~ must be a number, got 'x'$"),
     ({"criteria": ["outputs~inf"]}, r"^datafree\.criteria\[0\]: .*the tolerance must be a finite number >= 0$"),
     ({"criteria": "weights"}, r"^datafree\.criteria must be a list of rules, got 'weights'$"),
@@ -337,10 +337,14 @@ def test_datafree_section_refuses_by_key(value, match):
 def test_datafree_rules_are_checked_as_qvlib_datafree_parses_them():
     from qvlib.datafree import Rule
 
-    for text in ("weights", "outputs@noise", "features@donor~0.25", "agreement@others"):
+    for text in ("weights", "outputs@noise", "features@donor~0.25", "agreement@others", "outputs@others+donor~0.05"):
         DatafreeSection((text,))
         Rule.parse(text)
-    for text in ("weights@donor", "outputs@self", "outputs~x", "outputs~-1"):
+    assert Rule.parse("outputs@others+donor~0.05") == Rule("outputs", "others+donor", 0.05)
+    assert Rule.parse("outputs@others+donor~0.05").name == "outputs@others+donor~0.05"
+    refuses(r"image source 'self'; known: noise, donor, others, synth \(or several joined by \+\)", lambda: Rule.parse("outputs@others+self"))
+    refuses(r"an image source is named twice in 'donor\+donor'", lambda: Rule.parse("outputs@donor+donor"))
+    for text in ("weights@donor", "outputs@self", "outputs~x", "outputs~-1", "outputs@others+", "weights@others+donor"):
         refuses("data-free rule", lambda: DatafreeSection((text,)))
         refuses("data-free rule", lambda: Rule.parse(text))
 

@@ -247,6 +247,7 @@ def test_a_job_cannot_hold_or_read_a_section_its_kind_does_not_read(tmp_path):
 def test_image_sources_of_the_data_free_rules():
     assert image_sources(["weights", "outputs", "outputs@noise~0.1"]) == set()
     assert image_sources(["outputs@others~0.05", "features@donor"]) == {"others", "donor"}
+    assert image_sources(["outputs@others+donor~0.05", "outputs@synth+noise"]) == {"others", "donor", "synth"}
 
 
 def test_a_job_file_keeps_small_floats_numbers(tmp_path):
