@@ -402,7 +402,7 @@ def render(args, out: dict) -> str:
         "come from `qvlib.tables.pairs` on the same cells; intervals are `qvlib.stats.bootstrap_mean` over pairs within seeds.",
         "",
         f"**Selection on seeds {', '.join(map(str, sel))} only**; seeds {', '.join(map(str, held)) or '(none yet)'} "
-        "read once afterwards, with the selected rule. The selection score of a rule is the smaller of its single-donor and "
+        "read once afterwards, with the selected rule, the runner-up and the old rules. The selection score of a rule is the smaller of its single-donor and "
         "merged-donor shares of calib's pooled gain (ties: the better worst seed against lambda = 1).",
         "",
         "Commands (the workflow run, then the scoring and this report):",
