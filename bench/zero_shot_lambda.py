@@ -5,7 +5,7 @@
     #    synthesized from the receiver);
     #    cached in <results>/zero_shot_scores/<images>-seed<seed>.parquet (a scored seed is not redone;
     #    seeds can be scored by processes side by side)
-    nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --seeds 0 1 2 3 4 5 --score
+    nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --seeds 0 1 2 3 7 8 --score
     # 2. select on seeds 0-3, then report fresh seeds (7, 8) held out with the selected rules only;
     #    --report writes the doc
     .venv/bin/python bench/zero_shot_lambda.py --results results/default/vit_demo --select 0 1 2 3 --heldout 7 8 \\
@@ -21,6 +21,7 @@ too (specific gain = donor gain - mean random-control gain under the same rule).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,10 +50,11 @@ KEYS = ["seed", "receiver", "donor", "control", "control_seed"]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def run_config(results: Path, seeds: list[int]) -> Config:
-    """The run's config (written by its last job) with every studied seed among its replicates: the
-    workflow rewrites it per invocation, e.g. with seeds [1] while seed 0's files are already there."""
-    cfg = Config.load(results.parent / "config.yaml")
+def run_config(results: Path, seeds: list[int], config: Path | None = None) -> Config:
+    """The run's config (``config``, by default the one its last job wrote) with every studied seed
+    among its replicates: the workflow rewrites it per invocation, e.g. with seeds [1] while seed 0's
+    files are already there. Another config finds the store's files of the run made with it."""
+    cfg = Config.load(config or results.parent / "config.yaml")
     return Config({**cfg.raw, "seeds": sorted(set(cfg.seeds) | set(seeds))}, cfg.path)
 
 
@@ -110,8 +112,8 @@ def scores_file(results: Path, n_images: int, seed: int) -> Path:
     return results / "zero_shot_scores" / f"{n_images}-seed{seed}.parquet"
 
 
-def score(results: Path, seeds: list[int], n_images: int) -> None:
-    cfg = run_config(results, seeds)
+def score(results: Path, seeds: list[int], n_images: int, config: Path | None = None) -> None:
+    cfg = run_config(results, seeds, config)
     todo = [s for s in seeds if not scores_file(results, n_images, s).exists()]
     if not todo:
         print(f"seeds {seeds} already scored")
@@ -175,9 +177,10 @@ def load_cells(results: Path, cfg: Config, seeds: list[int]) -> pl.DataFrame:
     return with_gain(read_all(cells), read_all(base))
 
 
-def evaluate(results: Path, seeds: list[int], n_images: int, rules: list[str] | None = None) -> dict:
+def evaluate(results: Path, seeds: list[int], n_images: int, rules: list[str] | None = None,
+             config: Path | None = None) -> dict:
     """Per rule: the pooled tables of the study on ``seeds``."""
-    cfg = run_config(results, seeds)
+    cfg = run_config(results, seeds, config)
     transfer = load_cells(results, cfg, seeds)
     ref = pairs(transfer)  # lambda = 1, calib, oracle, per (pair, control), random controls averaged
     ref = ref.rename({"donor": "donor"}).select("seed", "receiver", "donor", "control", "gain_lambda1", "gain_calib", "gain_oracle")
@@ -194,7 +197,8 @@ def evaluate(results: Path, seeds: list[int], n_images: int, rules: list[str] | 
     per_pair = (chosen.group_by(["seed", "receiver", "donor", "control", "rule"])
                 .agg(pl.col("gain").mean(), pl.col("lambda").mean(), pl.col("rank_score").mean())
                 .join(ref, on=["seed", "receiver", "donor", "control"], how="left")
-                .with_columns(pl.when(pl.col("donor") == MERGED).then(pl.lit("merged")).otherwise(pl.lit("single")).alias("kind")))
+                .with_columns(pl.when(pl.col("donor") == MERGED).then(pl.lit("merged")).otherwise(pl.lit("single")).alias("kind"))
+                .sort(["seed", "receiver", "donor", "control", "rule"]))  # one order, so that the bootstrap draws repeat
     return {"per_pair": per_pair, "cfg": cfg}
 
 
@@ -214,7 +218,7 @@ def rule_table(per_pair: pl.DataFrame) -> pl.DataFrame:
                                                                        pl.col("gain").alias("random_gain"),
                                                                        pl.col("rank_score").alias("random_rank"))
     both = donor.join(rand, on=["seed", "receiver", "donor", "rule"], how="inner").with_columns(
-        (pl.col("gain") - pl.col("random_gain")).alias("specific"))
+        (pl.col("gain") - pl.col("random_gain")).alias("specific")).sort(["seed", "receiver", "donor", "rule"])
     rows = []
     for (rule, kind), g in both.group_by(["rule", "kind"], maintain_order=True):
         iv = bootstrap_mean(g["gain"].to_list(), g["seed"].to_list())
@@ -229,7 +233,7 @@ def rule_table(per_pair: pl.DataFrame) -> pl.DataFrame:
                      "worst_seed_vs_lambda1": per_seed["d"].min(), "median_lambda": g["lambda"].median(),
                      "auroc": _auroc(rs[s], rs[~s]),
                      "auroc_vs_random": _auroc(*(lambda v: (v[s], v[~s]))(g["random_rank"].to_numpy() - g["rank_score"].to_numpy()))})
-    return pl.DataFrame(rows).sort(["kind", "gain"], descending=[False, True])
+    return pl.DataFrame(rows).sort(["kind", "gain", "rule"], descending=[False, True, False])
 
 
 def donor_choice(per_pair: pl.DataFrame) -> pl.DataFrame:
@@ -244,13 +248,13 @@ def donor_choice(per_pair: pl.DataFrame) -> pl.DataFrame:
             pl.col("gain").mean().alias("mean_single"), pl.col("gain_oracle").max().alias("best_single_oracle"),
             pl.col("gain").max().alias("best_single_rule"))
         merged = g.filter(pl.col("kind") == "merged").select("seed", "receiver", pl.col("gain").alias("merged"))
-        t = top.join(single, on=["seed", "receiver"]).join(merged, on=["seed", "receiver"])
+        t = top.join(single, on=["seed", "receiver"]).join(merged, on=["seed", "receiver"]).sort(["seed", "receiver"])
         iv = bootstrap_mean(t["gain"].to_list(), t["seed"].to_list())
         rows.append({"rule": rule, "receivers": len(t), "top_ranked": iv.mean, "low": iv.low, "high": iv.high,
                      "mean_single": t["mean_single"].mean(), "best_single_rule": t["best_single_rule"].mean(),
                      "best_single_oracle": t["best_single_oracle"].mean(), "merged": t["merged"].mean(),
                      "top_is_merged": float((t["donor"] == MERGED).mean())})
-    return pl.DataFrame(rows).sort("top_ranked", descending=True)
+    return pl.DataFrame(rows).sort(["top_ranked", "rule"], descending=[True, False])
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -279,7 +283,7 @@ def selection_score(table: pl.DataFrame) -> pl.DataFrame:
     wide = table.group_by("rule").agg(pl.col("of_calib").min().alias("min_of_calib"),
                                       pl.col("worst_seed_vs_lambda1").min().alias("worst_seed"),
                                       pl.col("specific_low").min().alias("min_specific_low"))
-    return wide.sort(["min_of_calib", "worst_seed"], descending=True)
+    return wide.sort(["min_of_calib", "worst_seed", "rule"], descending=[True, True, False])  # the name: ties in one order
 
 
 def main() -> int:
@@ -291,14 +295,16 @@ def main() -> int:
     ap.add_argument("--select", type=int, nargs="+", default=None, help="selection seeds: every rule, ranked")
     ap.add_argument("--heldout", type=int, nargs="+", default=None, help="held-out seeds: the selected rules only")
     ap.add_argument("--report", type=Path, default=None, help="write the study (markdown) here")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="the config the run was made with (default: <results>/../config.yaml, the last job's)")
     ap.add_argument("--note", action="append", default=[], help="a line added to the report's setup (where the seeds ran)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.score:
-        score(args.results, args.seeds, args.images)
+        score(args.results, args.seeds, args.images, args.config)
     if not args.select:
         return 0
-    sel = evaluate(args.results, args.select, args.images)
+    sel = evaluate(args.results, args.select, args.images, config=args.config)
     table = rule_table(sel["per_pair"])
     ranked = selection_score(table)
     print(f"selection seeds {args.select}:")
@@ -312,7 +318,7 @@ def main() -> int:
     out = {"select": args.select, "winner": winner, "selection": table, "ranked": ranked, "donors": donor_choice(sel["per_pair"])}
     if args.heldout:
         keep = held_rules(ranked)
-        held = evaluate(args.results, args.heldout, args.images, rules=keep)
+        held = evaluate(args.results, args.heldout, args.images, rules=keep, config=args.config)
         out["heldout"] = rule_table(held["per_pair"])
         out["heldout_donors"] = donor_choice(held["per_pair"])
         out["heldout_per_seed"] = per_seed_table(held["per_pair"], winner)
@@ -369,7 +375,8 @@ def render(args, out: dict) -> str:
     cmd_score = (f"nice -n 19 .venv/bin/python bench/zero_shot_lambda.py --results {args.results} --seeds "
                  f"{' '.join(map(str, sel + held))} --score --images {args.images}")
     cmd_report = (f".venv/bin/python bench/zero_shot_lambda.py --results {args.results} --images {args.images} --select "
-                  f"{' '.join(map(str, sel))}" + (f" --heldout {' '.join(map(str, held))}" if held else "") + f" --report {args.report}")
+                  f"{' '.join(map(str, sel))}" + (f" --heldout {' '.join(map(str, held))}" if held else "") + f" --report {args.report}"
+                  + "".join(f" --note {shlex.quote(n)}" for n in args.note))
     rules = sorted(out["selection"]["rule"].unique().to_list())
     lines = [
         "# Zero-shot lambda: choosing lambda (and the donor) without the receiver's data",

@@ -416,8 +416,8 @@ def _choose_args(p):
                         "its model): no image of any task is read")
     p.add_argument("--n-images", type=int_in(1), default=256, help="proxy images drawn from --images DIR or --task, or synthesized")
     p.add_argument("--tolerance", type=_tolerance_arg, default=0.0,
-                   help="the lambda nearest 1 among those scoring within (1 + tolerance) x the lowest (the study's "
-                        "best rule, KL on other tasks' images, uses 0.05)")
+                   help="the lambda nearest 1 among those scoring within (1 + tolerance) x the lowest (the demo's "
+                        "data-free rules use 0.05: docs/zero-shot-lambda.md)")
     p.add_argument("--controls", type=int_in(0, what="controls"), default=1,
                    help="norm-matched random directions scored beside each vector (how sure: a donor should leave a "
                         "smaller share of PTQ's score than its random directions); 0: none")

@@ -186,6 +186,8 @@ def proxy_inputs(source: str, n: int, preprocess: Preprocess, *, receiver: str, 
     which the workflow and the bench hand images to a criterion: the receiver's task is never read."""
     parts = source_parts(source)
     if len(parts) > 1:
+        for part in parts:  # every part's tasks checked before any image is read (the self control has no donor images)
+            proxy_tasks(part, receiver, donor_tasks, all_tasks)
         return torch.cat([proxy_inputs(part, n, preprocess, receiver=receiver, donor_tasks=donor_tasks, all_tasks=all_tasks,
                                        train_split=train_split, seed=seed, model=model) for part in parts])
     if source == "noise":

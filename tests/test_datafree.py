@@ -177,8 +177,10 @@ def test_joined_sources_are_each_source_in_turn_and_still_never_the_receiver():
     assert torch.equal(x[:6], proxy_inputs("others", 6, IDENTITY_PIXELS, receiver="shapes", all_tasks=tasks, train_split=split))
     with_noise = proxy_inputs("donor+noise", 4, IDENTITY_PIXELS, receiver="shapes", donor_tasks=["dots"], train_split=split, seed=3)
     assert torch.equal(with_noise[4:], noise_images(4, 16, seed=3))
+    read = list(split.read)
     with pytest.raises(ValueError, match="no task other than the receiver's"):  # the self control has no donor images
         proxy_inputs("others+donor", 6, IDENTITY_PIXELS, receiver="shapes", donor_tasks=["shapes"], all_tasks=tasks, train_split=split)
+    assert split.read == read  # refused before the others' images were read
     with pytest.raises(ValueError, match="unknown image source 'self'"):
         proxy_inputs("others+self", 6, IDENTITY_PIXELS, receiver="shapes", all_tasks=tasks, train_split=split)
     assert "shapes" not in split.read

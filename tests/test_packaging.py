@@ -86,7 +86,7 @@ def test_cli_doc_python_example_runs(tmp_path, monkeypatch, tiny_arch):
 
 def test_schema_choices_are_the_registries():
     """A merge method or data-free criterion registered in qvlib is selectable in a config, and only those."""
-    from qvlib.datafree import LAMBDA_CRITERIA
+    from qvlib.datafree import IMAGE_SOURCES, LAMBDA_CRITERIA
     from qvlib.merging import MERGE_METHODS
 
     props = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
@@ -95,6 +95,9 @@ def test_schema_choices_are_the_registries():
     assert all(re.fullmatch(pattern, c) for c in LAMBDA_CRITERIA)
     assert set(re.findall(r"[a-z]+", pattern.split("@")[0])) == set(LAMBDA_CRITERIA)
     assert not re.fullmatch(pattern, "psychic") and not re.fullmatch(pattern, "weights@donor")
+    sources = re.findall(r"\(([a-z|]+)\)", pattern.split("@", 1)[1])  # the first source, then each joined by +
+    assert [group.split("|") for group in sources] == [list(IMAGE_SOURCES)] * 2
+    assert re.fullmatch(pattern, "outputs@others+donor~0.05") and not re.fullmatch(pattern, "outputs@others+self")
 
 
 def test_the_public_api_loads_lazily_and_light_commands_skip_timm():
