@@ -346,3 +346,15 @@ def test_outputs_on_synthesized_images_find_the_lambda_that_restores_the_receive
     scores = score_lambdas("outputs", receiver, rho, spec, [0.25, 1.0, 2.0], policy, model=model, inputs=inputs)
     assert scores[0.25] == pytest.approx(0.0, abs=1e-6) and scores[2.0] > 0
     assert choose_lambda(scores) == 0.25
+
+
+def test_outputs_on_a_joined_source_find_the_lambda_that_restores_the_receiver(tiny_arch):
+    spec = QuantSpec(bits=2)
+    model, receiver, rho, policy = _on_grid_receiver(tiny_arch, spec)
+    tasks = ["shapes", "glyphs", "dots"]
+    inputs = proxy_inputs("others+donor", 8, Preprocess(img_size=16), receiver="shapes", donor_tasks=["dots"], all_tasks=tasks,
+                          train_split=_Recorder(tasks, "shapes"))
+    assert inputs.shape == (16, 3, 16, 16)
+    scores = score_lambdas("outputs", receiver, rho, spec, [0.25, 1.0, 2.0], policy, model=model, inputs=inputs)
+    assert scores[0.25] == pytest.approx(0.0, abs=1e-6) and scores[2.0] > 0
+    assert choose_lambda(scores) == 0.25
